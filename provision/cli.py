@@ -1,0 +1,142 @@
+"""The `provision` command line: each command parses, calls one function, prints.
+
+Errors a user can act on (ProvisionError) become one line on stderr and their own exit code;
+a traceback only with -v.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+
+from provision import sandbox as sandboxes
+from provision import views
+from provision.connection import Connection, connect
+from provision.errors import InventoryError, ProvisionError
+from provision.facts import gather_facts
+from provision.inventory import Inventory, inventory_path, load_inventory
+from provision.target import resolve_target
+from provision.templating import render
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                  help="Provision GPU servers for Stable Diffusion 3.5 FP8 team work, over SSH.")
+sandbox_app = typer.Typer(no_args_is_help=True, help="A local throwaway target host.")
+app.add_typer(sandbox_app, name="sandbox")
+
+out = Console()
+err = Console(stderr=True)
+
+
+@dataclass
+class Settings:
+    inventory: Path
+    ssh_config: Path
+    verbose: bool
+    accept_new_host_key: bool
+    ask_sudo_pass: bool
+
+    def load(self, *, missing_ok: bool = False) -> Inventory:
+        return load_inventory(self.inventory, missing_ok=missing_ok)
+
+    def connect(self, host: str, inventory: Inventory) -> Connection:
+        target = resolve_target(host, inventory, self.ssh_config)
+        password = (getpass.getpass(f"sudo password for {target.user} on {host}: ")
+                    if self.ask_sudo_pass else None)
+        return connect(target, sudo_password=password,
+                       accept_new_host_key=self.accept_new_host_key)
+
+
+@app.callback()
+def options(
+    ctx: typer.Context,
+    inventory: Annotated[Path | None, typer.Option(
+        "--inventory", help="The inventory [default: ./provision.toml, or $PROVISION_INVENTORY]",
+        show_default=False)] = None,
+    ssh_config: Annotated[Path, typer.Option(help="ssh client config for host aliases")] = Path(
+        "~/.ssh/config"),
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Full errors")] = False,
+    accept_new_host_key: Annotated[bool, typer.Option(
+        help="Trust an unknown host key on first use and record it in known_hosts")] = False,
+    ask_sudo_pass: Annotated[bool, typer.Option(
+        help="Prompt for the admin's sudo password (never logged or put on a command line)")
+    ] = False,
+) -> None:
+    ctx.obj = Settings(inventory_path(inventory), ssh_config.expanduser(), verbose,
+                       accept_new_host_key, ask_sudo_pass)
+
+
+@app.command()
+def init(ctx: typer.Context, dir: Annotated[Path, typer.Option(
+        "--dir", help="Where to write provision.toml")] = Path(".")) -> None:
+    """Write a commented provision.toml to start from."""
+    path = dir / "provision.toml"
+    if path.exists():
+        raise InventoryError(f"{path} exists", "edit it, or pass --dir for another place")
+    dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(render("provision.toml.j2"))
+    out.print(f"wrote {path}")
+
+
+@app.command()
+def facts(ctx: typer.Context, host: str,
+          as_json: Annotated[bool, typer.Option("--json", help="One JSON document")] = False
+          ) -> None:
+    """What the tool sees on HOST, read in one round trip."""
+    settings: Settings = ctx.obj
+    inventory = settings.load(missing_ok=True)
+    with settings.connect(host, inventory) as conn:
+        host_facts = gather_facts(conn, inventory)
+    if as_json:
+        print(json.dumps(host_facts.to_json(), indent=2))
+    else:
+        out.print(views.facts_table(host, host_facts))
+
+
+NameOption = Annotated[str, typer.Option("--name", help="The sandbox's name and host alias")]
+
+
+@sandbox_app.command("up")
+def sandbox_up(ctx: typer.Context, name: NameOption = "sandbox") -> None:
+    """Start a local target host (systemd + sshd on 127.0.0.1) and add it to the inventory."""
+    sandboxes.up(name, ctx.obj.inventory, log=err.print)
+
+
+@sandbox_app.command("down")
+def sandbox_down(ctx: typer.Context, name: NameOption = "sandbox") -> None:
+    """Remove the sandbox and everything `up` made for it."""
+    if not sandboxes.down(name, ctx.obj.inventory, log=err.print):
+        err.print(f"no sandbox named {name!r}")
+
+
+@sandbox_app.command("status")
+def sandbox_status(ctx: typer.Context, name: NameOption = "sandbox") -> None:
+    """Whether the sandbox runs, and how to reach it."""
+    print(json.dumps(sandboxes.status(name, ctx.obj.inventory), indent=2))
+
+
+def main() -> None:
+    verbose = "-v" in sys.argv[1:] or "--verbose" in sys.argv[1:]
+    try:
+        app(standalone_mode=False)
+    except ProvisionError as exc:
+        if verbose:
+            err.print_exception()
+        err.print(f"error: {exc.line()}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+

@@ -1,0 +1,265 @@
+"""Run scripts on a host as root: over SSH (Fabric/paramiko) or on this machine (@local).
+
+Every call is one round trip: the script travels on stdin to `sh -s`, wrapped so that a
+non-root admin goes through sudo. A sudo password, when one is needed, is the first line of
+stdin (`sudo -S`), so it never reaches a command line, a process list or a log.
+"""
+
+from __future__ import annotations
+
+import shlex
+import socket
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import fabric
+import paramiko
+
+from provision.errors import (
+    AuthenticationFailed,
+    HostKeyChanged,
+    HostKeyUnknown,
+    HostUnreachable,
+    RemoteCommandFailed,
+    SudoPasswordRequired,
+)
+from provision.target import Target
+
+KEEPALIVE_SECONDS = 15
+# Root runs the script directly; anyone else goes through sudo, never prompting on a terminal.
+_AS_ROOT = 'if [ "$(id -u)" -eq 0 ]; then {root}; else {sudo}; fi'
+_SUDO_NO_PASSWORD = "exec sudo -n -H -- sh -s"
+_SUDO_PASSWORD_ON_STDIN = "exec sudo -S -p '' -H -- sh -s"
+
+
+@dataclass(frozen=True)
+class Result:
+    stdout: str
+    stderr: str
+    exit_code: int
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+class Connection:
+    """A host the tool can run root scripts on. Subclasses move the bytes."""
+
+    def __init__(self, target: Target, sudo_password: str | None = None) -> None:
+        self.target = target
+        self.sudo_password = sudo_password
+        self.round_trips = 0
+
+    @property
+    def name(self) -> str:
+        return self.target.alias
+
+    def run(self, script: str, *, env: dict[str, str] | None = None, root: bool = True,
+            timeout: float | None = None, check: bool = True, what: str = "script") -> Result:
+        """Run `script` with sh on the host, as root unless told otherwise."""
+        preamble = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in (env or {}).items())
+        stdin = preamble + script
+        if root:
+            command, stdin = self._root_command(stdin)
+        else:
+            command = "sh -s"
+        self.round_trips += 1
+        result = self._execute(command, stdin, timeout)
+        if root:
+            self._raise_for_sudo(result)
+        if check and not result.ok:
+            detail = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:] or [""]
+            raise RemoteCommandFailed(
+                f"{self.name}: {what} failed with exit code {result.exit_code}: {detail[0]}",
+                "rerun with -v for the full output",
+            )
+        return result
+
+    def _root_command(self, stdin: str) -> tuple[str, str]:
+        if self.sudo_password is None:
+            return _AS_ROOT.format(root="exec sh -s", sudo=_SUDO_NO_PASSWORD), stdin
+        # Root has no use for the password line: read it off stdin before the script starts.
+        command = _AS_ROOT.format(root="read -r _; exec sh -s", sudo=_SUDO_PASSWORD_ON_STDIN)
+        return command, f"{self.sudo_password}\n{stdin}"
+
+    def _raise_for_sudo(self, result: Result) -> None:
+        sudo_lines = [ln for ln in result.stderr.splitlines() if ln.startswith("sudo:")]
+        if result.exit_code != 1 or not sudo_lines:
+            return
+        message = sudo_lines[-1]
+        if "password is required" in message:
+            raise SudoPasswordRequired(
+                f"{self.name}: sudo needs a password for {self.target.user}",
+                "rerun with --ask-sudo-pass, or allow NOPASSWD sudo for this admin",
+            )
+        if "incorrect password" in message:
+            raise AuthenticationFailed(f"{self.name}: sudo rejected the password",
+                                       "rerun with --ask-sudo-pass and the right password")
+        raise AuthenticationFailed(f"{self.name}: {message}",
+                                   f"give {self.target.user} sudo rights or log in as root")
+
+    def _execute(self, command: str, stdin: str, timeout: float | None) -> Result:
+        raise NotImplementedError
+
+    def open(self) -> Connection:
+        return self
+
+    def close(self) -> None:
+        """Nothing to release by default."""
+
+    def __enter__(self) -> Connection:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class LocalConnection(Connection):
+    """@local: the tool runs on the host itself (e.g. on the GPU server, or a lent machine)."""
+
+    def _execute(self, command: str, stdin: str, timeout: float | None) -> Result:
+        try:
+            done = subprocess.run(["sh", "-c", command], input=stdin, capture_output=True,
+                                  text=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            raise RemoteCommandFailed(f"@local: command ran past {timeout} s") from None
+        return Result(done.stdout, done.stderr, done.returncode)
+
+
+class KnownHostsPolicy(paramiko.MissingHostKeyPolicy):
+    """Refuse unknown host keys, or (trust on first use) record them when the user says so.
+
+    Fabric installs AutoAddPolicy, which accepts any key silently (fabric #2071); this replaces it.
+    """
+
+    def __init__(self, record_in: str | None, accept_new: bool) -> None:
+        self.record_in = record_in
+        self.accept_new = accept_new
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str,
+                         key: paramiko.PKey) -> None:
+        fingerprint = key.fingerprint
+        if not self.accept_new or not self.record_in:
+            raise HostKeyUnknown(
+                f"{hostname}: host key {fingerprint} is not in known_hosts",
+                "check the fingerprint with the host's owner, then rerun with "
+                "--accept-new-host-key to trust and record it",
+            )
+        path = Path(self.record_in)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with path.open("a") as known:
+            known.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+        client.get_host_keys().add(hostname, key.get_name(), key)
+
+
+class SSHConnection(Connection):
+    """A host reached over SSH, host keys checked, with transport keepalive."""
+
+    def __init__(self, target: Target, *, sudo_password: str | None = None,
+                 accept_new_host_key: bool = False) -> None:
+        super().__init__(target, sudo_password)
+        self.accept_new_host_key = accept_new_host_key
+        self._fabric = self._connection_for(target)
+
+    def _connection_for(self, target: Target) -> fabric.Connection:
+        gateway = None
+        for hop in target.jumps:
+            gateway = self._hardened(hop, gateway)
+        return self._hardened(target, gateway)
+
+    def _hardened(self, target: Target, gateway: fabric.Connection | None) -> fabric.Connection:
+        config = fabric.Config(overrides={"load_ssh_configs": False})
+        connect_kwargs: dict[str, object] = {"banner_timeout": target.connect_timeout,
+                                             "auth_timeout": target.connect_timeout}
+        if target.identity_files:
+            connect_kwargs["key_filename"] = [str(Path(p).expanduser())
+                                              for p in target.identity_files]
+        conn = fabric.Connection(
+            host=target.hostname, user=target.user, port=target.port, config=config,
+            gateway=gateway, connect_timeout=int(target.connect_timeout),
+            connect_kwargs=connect_kwargs,
+        )
+        for path in target.known_hosts:
+            if Path(path).is_file():
+                conn.client.load_host_keys(path)
+        conn.client.set_missing_host_key_policy(KnownHostsPolicy(
+            target.known_hosts[0] if target.known_hosts else None, self.accept_new_host_key))
+        return conn
+
+    def open(self) -> SSHConnection:
+        where = self.target.describe()
+        try:
+            self._fabric.open()
+        except (HostKeyUnknown, HostKeyChanged):
+            raise
+        except paramiko.BadHostKeyException as exc:
+            raise HostKeyChanged(
+                f"{where}: host key changed ({exc.key.fingerprint}, expected "
+                f"{exc.expected_key.fingerprint}): possible man-in-the-middle attack",
+                "if the host was really reinstalled, remove its old line from known_hosts "
+                f"({', '.join(self.target.known_hosts[:1])}) and check the new fingerprint",
+            ) from None
+        except paramiko.AuthenticationException as exc:
+            raise AuthenticationFailed(
+                f"{where}: authentication failed ({exc})",
+                "check the user and IdentityFile in ~/.ssh/config or the inventory, or load "
+                "the key into ssh-agent",
+            ) from None
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            reason = str(exc) or type(exc).__name__
+            if isinstance(exc, socket.timeout):
+                reason = f"no answer within {self.target.connect_timeout:g} s"
+            raise HostUnreachable(
+                f"{where}: unreachable ({reason})",
+                "check that the host is up, the address and port are right, and sshd runs",
+            ) from None
+        self._fabric.transport.set_keepalive(KEEPALIVE_SECONDS)
+        return self
+
+    def _execute(self, command: str, stdin: str, timeout: float | None) -> Result:
+        """One exec channel. Not Fabric's `run`: invoke feeds stdin one byte per 10 ms."""
+        try:
+            channel = self.transport.open_session(timeout=self.target.connect_timeout)
+            channel.settimeout(timeout)
+            channel.exec_command(command)
+            with ThreadPoolExecutor(2) as pool:
+                # Feed stdin and drain stderr beside stdout, so no full window can stall us.
+                sent = pool.submit(_send_and_close, channel, stdin.encode())
+                stderr = pool.submit(channel.makefile_stderr("rb").read)
+                stdout = channel.makefile("rb").read()
+                sent.result()
+                exit_code = channel.recv_exit_status()
+                return Result(stdout.decode(errors="replace"),
+                              stderr.result().decode(errors="replace"), exit_code)
+        except TimeoutError:
+            raise RemoteCommandFailed(f"{self.name}: command ran past {timeout} s",
+                                      "check the host's load, or rerun") from None
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise HostUnreachable(f"{self.name}: connection lost ({exc or type(exc).__name__})",
+                                  "rerun; every step is safe to repeat") from None
+
+    @property
+    def transport(self) -> paramiko.Transport:
+        if not self._fabric.is_connected:
+            self.open()
+        return self._fabric.transport
+
+    def close(self) -> None:
+        self._fabric.close()
+
+
+def _send_and_close(channel: paramiko.Channel, data: bytes) -> None:
+    channel.sendall(data)
+    channel.shutdown_write()
+
+
+def connect(target: Target, *, sudo_password: str | None = None,
+            accept_new_host_key: bool = False) -> Connection:
+    """The right connection for the target, opened (so a bad host fails here, not later)."""
+    if target.is_local:
+        return LocalConnection(target, sudo_password)
+    return SSHConnection(target, sudo_password=sudo_password,
+                         accept_new_host_key=accept_new_host_key).open()

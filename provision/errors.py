@@ -1,0 +1,77 @@
+"""Failures a user can act on.
+
+Each type carries the remedy and its own exit code, so the CLI can turn any of them into
+one line on stderr and a distinct status without knowing where it came from.
+"""
+
+from __future__ import annotations
+
+
+class ProvisionError(Exception):
+    """Base of every error the CLI reports as one line (never with a traceback)."""
+
+    exit_code = 1
+
+    def __init__(self, problem: str, remedy: str = "") -> None:
+        self.problem = problem
+        self.remedy = remedy
+        super().__init__(self.line())
+
+    def line(self) -> str:
+        return f"{self.problem}: {self.remedy}" if self.remedy else self.problem
+
+
+class InventoryError(ProvisionError):
+    """The inventory (provision.toml) or an argument naming part of it is invalid."""
+
+    exit_code = 2
+
+
+class HostUnreachable(ProvisionError):
+    exit_code = 3
+
+
+class AuthenticationFailed(ProvisionError):
+    exit_code = 4
+
+
+class HostKeyUnknown(ProvisionError):
+    exit_code = 5
+
+
+class HostKeyChanged(ProvisionError):
+    exit_code = 6
+
+
+class SudoPasswordRequired(ProvisionError):
+    exit_code = 7
+
+
+class RemoteCommandFailed(ProvisionError):
+    """A script on the host exited non-zero where the tool needed it to succeed."""
+
+    exit_code = 8
+
+
+class HostLocked(ProvisionError):
+    """Another provision run holds the host-side lock."""
+
+    exit_code = 9
+
+
+class DockerUnavailable(ProvisionError):
+    """The local Docker engine the sandbox needs does not answer."""
+
+    exit_code = 10
+
+
+class StepFailed(ProvisionError):
+    """A converge step failed on a host; the message says what was and was not applied."""
+
+    exit_code = 11
+
+
+class PendingChanges(ProvisionError):
+    """`--check` found changes to make (drift), for CI to act on."""
+
+    exit_code = 12

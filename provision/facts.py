@@ -1,0 +1,436 @@
+"""What the tool sees on a host: one remote script, one round trip, one pure parse.
+
+Like a pyinfra fact, each section is a command whose raw output is kept; `parse_facts` turns
+the whole transcript into a frozen `HostFacts` tree. Tests feed it transcripts recorded on
+Ubuntu 22.04/24.04 (with and without an H100) and Debian 12.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from provision.connection import Connection
+from provision.inventory import Inventory
+
+SECTION = "@@@provision:"
+STATE_FILE = "/var/lib/provision/state.json"
+DAEMON_JSON = "/etc/docker/daemon.json"
+DPKG_LOCKS = ("/var/lib/dpkg/lock-frontend", "/var/lib/dpkg/lock", "/var/lib/apt/lists/lock")
+
+# POSIX sh: runs on any target, never stops at a failing probe, prints every section.
+FACTS_SCRIPT = r"""
+set +e
+export LC_ALL=C PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH"
+sec() { printf '\n@@@provision:%s\n' "$1"; }
+home_of() { getent passwd "$1" | cut -d: -f6; }
+# Members a previous run managed stay of interest after they leave the inventory (offboarding).
+PROVISION_ACCOUNTS="$PROVISION_ACCOUNTS $(sed -n 's/.*"members": *\[\([^]]*\)\].*/\1/p' /var/lib/provision/state.json 2>/dev/null | tr -d '",')"
+sec os-release; cat /etc/os-release 2>/dev/null
+sec uname; uname -m; uname -r; hostname
+sec init; cat /proc/1/comm 2>/dev/null; systemctl is-system-running 2>/dev/null
+sec identity; echo "uid=$(id -u)"; echo "sudo_user=${SUDO_USER:-}"
+sec passwd; getent passwd
+sec group; getent group
+sec account-status; for u in $PROVISION_ACCOUNTS; do passwd -S "$u" 2>/dev/null; done
+sec sshd-test; sshd -t 2>&1; echo "exit=$?"
+sec sshd-effective; sshd -T 2>/dev/null | grep -iE '^(clientalive|port |permitrootlogin|passwordauthentication|authorizedkeysfile)'
+sec sshd-include; grep -iE '^[[:space:]]*Include' /etc/ssh/sshd_config 2>/dev/null
+sec cache-dir; stat -c '%F|%U|%G|%a' "$PROVISION_CACHE_DIR" 2>/dev/null
+sec cache-acl; getfacl -cp "$PROVISION_CACHE_DIR" 2>/dev/null
+sec cache-tokens; find "$PROVISION_CACHE_DIR" -maxdepth 2 -name token -type f 2>/dev/null
+sec disk
+p="$PROVISION_CACHE_DIR"; while [ ! -e "$p" ]; do p=$(dirname "$p"); done
+df -P -B1 "$p" 2>/dev/null | tail -n 1
+sec member-caches
+for u in $PROVISION_ACCOUNTS; do
+  h=$(home_of "$u"); [ -n "$h" ] || continue; l="$h/.cache/huggingface"
+  if [ -L "$l" ]; then echo "$u|symlink|$(readlink "$l")"
+  elif [ -d "$l" ]; then echo "$u|dir|$(du -sb "$l" 2>/dev/null | cut -f1)"
+  elif [ -e "$l" ]; then echo "$u|file|"
+  else echo "$u|missing|"; fi
+done
+sec files
+printf '%s\n' "$PROVISION_FILES" | while IFS= read -r f; do
+  [ -n "$f" ] || continue
+  case "$f" in "~"*) u=${f%%/*}; u=${u#\~}; h=$(home_of "$u"); [ -n "$h" ] || continue; p="$h/${f#*/}";; *) p=$f;; esac
+  if [ -f "$p" ]; then echo "$f|$(stat -c '%a|%U|%G' "$p")|$(base64 -w0 < "$p")"; else echo "$f|missing"; fi
+done
+sec docker
+command -v docker
+docker version --format '{{.Server.Version}}' 2>/dev/null
+echo "active=$(systemctl is-active docker 2>/dev/null)"
+echo "enabled=$(systemctl is-enabled docker 2>/dev/null)"
+echo "running=$(docker ps -q 2>/dev/null | wc -l)"
+sec docker-runtimes; docker info --format '{{json .Runtimes}}' 2>/dev/null
+sec nvidia-pci
+for d in /sys/bus/pci/devices/*; do
+  [ "$(cat "$d/vendor" 2>/dev/null)" = 0x10de ] || continue
+  case "$(cat "$d/class" 2>/dev/null)" in 0x03*) echo "${d##*/}";; esac
+done
+sec nvidia-smi
+nvidia-smi --query-gpu=index,name,driver_version,compute_cap,memory.total,uuid --format=csv,noheader,nounits 2>&1
+echo "exit=$?"
+sec nvidia-ctk; nvidia-ctk --version 2>/dev/null | head -n 1
+sec apt-locks
+for f in /var/lib/dpkg/lock-frontend /var/lib/dpkg/lock /var/lib/apt/lists/lock; do
+  [ -e "$f" ] && echo "inode $f $(stat -c %i "$f")"
+done
+awk '{print "lock " $5 " " $6}' /proc/locks 2>/dev/null | while read -r _ pid dev; do
+  echo "lock $pid ${dev##*:} $(cat "/proc/$pid/comm" 2>/dev/null)"
+done
+sec end
+"""
+
+
+@dataclass(frozen=True)
+class OSInfo:
+    id: str
+    version_id: str
+    codename: str
+    pretty_name: str
+    arch: str
+    kernel: str
+    hostname: str
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str
+    uid: int
+    gid: int
+    home: str
+    shell: str
+    locked: bool | None = None  # None: not asked (only accounts of interest are)
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str
+    gid: int
+    members: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class FileState:
+    path: str
+    content: str | None  # None: the file does not exist
+    mode: str = ""
+    owner: str = ""
+    group: str = ""
+
+
+@dataclass(frozen=True)
+class Sshd:
+    test_ok: bool
+    test_error: str
+    effective: dict[str, str]
+    includes_dropins: bool
+
+    @property
+    def client_alive_interval(self) -> int | None:
+        value = self.effective.get("clientaliveinterval")
+        return int(value) if value and value.isdigit() else None
+
+    @property
+    def client_alive_count_max(self) -> int | None:
+        value = self.effective.get("clientalivecountmax")
+        return int(value) if value and value.isdigit() else None
+
+
+@dataclass(frozen=True)
+class CacheDir:
+    path: str
+    exists: bool
+    kind: str = ""
+    owner: str = ""
+    group: str = ""
+    mode: str = ""
+    acl: tuple[str, ...] = ()
+    token_files: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class MemberCache:
+    name: str
+    state: str  # symlink | dir | file | missing
+    detail: str = ""  # the link target, or the directory's size in bytes
+
+
+@dataclass(frozen=True)
+class Disk:
+    path: str
+    total_bytes: int
+    free_bytes: int
+
+
+@dataclass(frozen=True)
+class Docker:
+    installed: bool
+    version: str | None
+    active: bool
+    enabled: bool
+    running_containers: int
+    runtimes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: int
+    name: str
+    driver: str
+    compute_capability: str
+    memory_mib: int
+    uuid: str
+
+
+@dataclass(frozen=True)
+class Nvidia:
+    pci_devices: tuple[str, ...]
+    gpus: tuple[Gpu, ...]
+    smi_error: str
+    ctk_version: str | None
+
+    @property
+    def has_gpu(self) -> bool:
+        return bool(self.pci_devices or self.gpus)
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    os: OSInfo
+    init: str
+    system_state: str
+    uid: int
+    sudo_user: str
+    accounts: dict[str, Account]
+    groups: dict[str, Group]
+    sshd: Sshd
+    cache: CacheDir
+    member_caches: dict[str, MemberCache]
+    disk: Disk | None
+    files: dict[str, FileState]
+    docker: Docker
+    nvidia: Nvidia
+    apt_lock_holder: str | None
+    state: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def file(self, path: str) -> FileState:
+        return self.files.get(path, FileState(path, None))
+
+    def groups_of(self, user: str) -> set[str]:
+        primary = {g.name for g in self.groups.values()
+                   if user in self.accounts and g.gid == self.accounts[user].gid}
+        return primary | {g.name for g in self.groups.values() if user in g.members}
+
+
+def facts_request(inventory: Inventory, extra_files: tuple[str, ...] = ()) -> dict[str, str]:
+    """The environment the facts script reads: which accounts, cache dir and files matter."""
+    accounts = sorted(m.name for m in inventory.members)
+    files = [STATE_FILE, DAEMON_JSON, *extra_files]
+    return {
+        "PROVISION_ACCOUNTS": " ".join(accounts),
+        "PROVISION_CACHE_DIR": inventory.defaults.cache_dir,
+        "PROVISION_FILES": "\n".join(files),
+    }
+
+
+def gather_facts(conn: Connection, inventory: Inventory,
+                 extra_files: tuple[str, ...] = ()) -> HostFacts:
+    """One round trip: run the facts script as root and parse what it printed."""
+    result = conn.run(FACTS_SCRIPT, env=facts_request(inventory, extra_files), what="facts")
+    return parse_facts(result.stdout, inventory.defaults.cache_dir)
+
+
+def split_sections(transcript: str) -> dict[str, list[str]]:
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in transcript.splitlines():
+        if line.startswith(SECTION):
+            current = sections.setdefault(line[len(SECTION):].strip(), [])
+        elif current is not None:
+            current.append(line)
+    if "end" not in sections:
+        raise ValueError("facts transcript is incomplete (no end marker)")
+    return {name: [ln for ln in lines if ln.strip()] for name, lines in sections.items()}
+
+
+def parse_facts(transcript: str, cache_dir: str) -> HostFacts:
+    """Pure: the facts script's output → HostFacts."""
+    s = split_sections(transcript)
+    files = _files(s.get("files", []))
+    state_text = files.get(STATE_FILE, FileState(STATE_FILE, None)).content
+    accounts = _accounts(s.get("passwd", []), s.get("account-status", []))
+    identity = _key_values(s.get("identity", []), "=")
+    init_lines = s.get("init", [])
+    return HostFacts(
+        os=_os(s),
+        init=init_lines[0].strip() if init_lines else "",
+        system_state=init_lines[1].strip() if len(init_lines) > 1 else "",
+        uid=int(identity.get("uid", "-1")),
+        sudo_user=identity.get("sudo_user", ""),
+        accounts=accounts,
+        groups=_groups(s.get("group", [])),
+        sshd=_sshd(s),
+        cache=_cache(cache_dir, s),
+        member_caches=_member_caches(s.get("member-caches", [])),
+        disk=_disk(s.get("disk", [])),
+        files=files,
+        docker=_docker(s.get("docker", []), s.get("docker-runtimes", [])),
+        nvidia=_nvidia(s),
+        apt_lock_holder=_apt_lock_holder(s.get("apt-locks", [])),
+        state=_json_or_empty(state_text),
+    )
+
+
+def _key_values(lines: list[str], sep: str) -> dict[str, str]:
+    pairs = (ln.partition(sep) for ln in lines if sep in ln)
+    return {k.strip(): v.strip().strip('"') for k, _, v in pairs}
+
+
+def _os(s: dict[str, list[str]]) -> OSInfo:
+    release = _key_values(s.get("os-release", []), "=")
+    uname = [*s.get("uname", []), "", "", ""]
+    return OSInfo(
+        id=release.get("ID", "unknown"),
+        version_id=release.get("VERSION_ID", ""),
+        codename=release.get("VERSION_CODENAME", ""),
+        pretty_name=release.get("PRETTY_NAME", ""),
+        arch=uname[0].strip(), kernel=uname[1].strip(), hostname=uname[2].strip(),
+    )
+
+
+def _accounts(passwd: list[str], status: list[str]) -> dict[str, Account]:
+    # `passwd -S` prints "name L|P|NP …"; L means the password is locked.
+    locked = {p[0]: p[1] == "L" for p in (ln.split() for ln in status) if len(p) > 1}
+    accounts = {}
+    for line in passwd:
+        parts = line.split(":")
+        if len(parts) < 7:
+            continue
+        accounts[parts[0]] = Account(parts[0], int(parts[2]), int(parts[3]), parts[5], parts[6],
+                                     locked.get(parts[0]))
+    return accounts
+
+
+def _groups(lines: list[str]) -> dict[str, Group]:
+    groups = {}
+    for line in lines:
+        parts = line.split(":")
+        if len(parts) == 4:
+            members = tuple(m for m in parts[3].split(",") if m)
+            groups[parts[0]] = Group(parts[0], int(parts[2]), members)
+    return groups
+
+
+def _sshd(s: dict[str, list[str]]) -> Sshd:
+    test = s.get("sshd-test", [])
+    exit_line = next((ln for ln in reversed(test) if ln.startswith("exit=")), "exit=1")
+    effective = {}
+    for line in s.get("sshd-effective", []):
+        key, _, value = line.partition(" ")
+        effective[key.lower()] = value.strip()
+    includes = any("sshd_config.d" in ln for ln in s.get("sshd-include", []))
+    return Sshd(test_ok=exit_line == "exit=0",
+                test_error="\n".join(ln for ln in test if not ln.startswith("exit=")),
+                effective=effective, includes_dropins=includes)
+
+
+def _cache(path: str, s: dict[str, list[str]]) -> CacheDir:
+    stat = s.get("cache-dir", [])
+    tokens = tuple(s.get("cache-tokens", []))
+    if not stat:
+        return CacheDir(path=path, exists=False, token_files=tokens)
+    kind, owner, group, mode = ([*stat[0].split("|"), "", "", "", ""])[:4]
+    acl = tuple(ln for ln in s.get("cache-acl", []) if not ln.startswith("#"))
+    return CacheDir(path, True, kind, owner, group, mode, acl, tokens)
+
+
+def _member_caches(lines: list[str]) -> dict[str, MemberCache]:
+    caches = {}
+    for line in lines:
+        name, state, detail = ([*line.split("|", 2), "", ""])[:3]
+        caches[name] = MemberCache(name, state, detail)
+    return caches
+
+
+def _disk(lines: list[str]) -> Disk | None:
+    if not lines:
+        return None
+    parts = lines[-1].split()
+    if len(parts) < 6 or not parts[1].isdigit():
+        return None
+    return Disk(path=parts[5], total_bytes=int(parts[1]), free_bytes=int(parts[3]))
+
+
+def _files(lines: list[str]) -> dict[str, FileState]:
+    files = {}
+    for line in lines:
+        parts = line.split("|")
+        if len(parts) == 2 and parts[1] == "missing":
+            files[parts[0]] = FileState(parts[0], None)
+        elif len(parts) == 5:
+            content = base64.b64decode(parts[4]).decode("utf-8", errors="replace")
+            files[parts[0]] = FileState(parts[0], content, parts[1], parts[2], parts[3])
+    return files
+
+
+def _docker(lines: list[str], runtime_lines: list[str]) -> Docker:
+    values = _key_values([ln for ln in lines if "=" in ln], "=")
+    plain = [ln.strip() for ln in lines if "=" not in ln]
+    installed = any(ln.endswith("/docker") for ln in plain)
+    version = next((ln for ln in plain if re.match(r"^\d+\.\d+", ln)), None)
+    try:
+        runtimes = tuple(sorted(json.loads(runtime_lines[0]))) if runtime_lines else ()
+    except (json.JSONDecodeError, TypeError):
+        runtimes = ()
+    running = values.get("running", "0")
+    return Docker(installed=installed, version=version, active=values.get("active") == "active",
+                  enabled=values.get("enabled") == "enabled",
+                  running_containers=int(running) if running.isdigit() else 0,
+                  runtimes=runtimes)
+
+
+def _nvidia(s: dict[str, list[str]]) -> Nvidia:
+    smi = s.get("nvidia-smi", [])
+    ok = bool(smi) and smi[-1] == "exit=0"
+    gpus = []
+    if ok:
+        for line in smi[:-1]:
+            cells = [c.strip() for c in line.split(",")]
+            if len(cells) >= 6 and cells[0].isdigit():
+                memory = cells[4].split()[0]
+                gpus.append(Gpu(int(cells[0]), cells[1], cells[2], cells[3],
+                                int(memory) if memory.isdigit() else 0, cells[5]))
+    error = "" if ok else "\n".join(ln for ln in smi if not ln.startswith("exit="))
+    ctk = s.get("nvidia-ctk", [])
+    ctk_version = ctk[0].split()[-1] if ctk else None
+    return Nvidia(tuple(s.get("nvidia-pci", [])), tuple(gpus), error, ctk_version)
+
+
+def _apt_lock_holder(lines: list[str]) -> str | None:
+    """Match the dpkg/apt lock files' inodes against /proc/locks: who holds apt right now."""
+    inodes = {p[2]: p[1] for p in (ln.split() for ln in lines if ln.startswith("inode "))
+              if len(p) == 3}
+    for line in lines:
+        parts = line.split(maxsplit=4)
+        if parts[0] == "lock" and len(parts) >= 3 and parts[2] in inodes:
+            comm = parts[3] if len(parts) > 3 else "?"
+            return f"{comm} (pid {parts[1]}) holds {inodes[parts[2]]}"
+    return None
+
+
+def _json_or_empty(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -1,0 +1,282 @@
+"""Load and validate `provision.toml` into plain frozen data.
+
+Everything is checked here, before any host is touched: a bad inventory must never leave a
+host half-converged. Errors name the file, the line where it can be found, the key and the fix.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paramiko
+
+from provision.errors import InventoryError
+
+INVENTORY_ENV = "PROVISION_INVENTORY"
+DEFAULT_INVENTORY = "provision.toml"
+
+MEMBER_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+GPUS = re.compile(r"^(all|none|\d+(,\d+)*)$")
+
+# Accounts that exist on stock Debian/Ubuntu images (base-passwd, systemd, openssh, docker):
+# turning one of them into a team member would hand out a system identity.
+SYSTEM_ACCOUNTS = frozenset(
+    """root daemon bin sys sync games man lp mail news uucp proxy www-data backup list irc
+    gnats nobody nogroup _apt messagebus sshd syslog uuidd tcpdump tss landscape pollinate
+    lxd ubuntu debian admin sudo docker adm staff users systemd-network systemd-resolve
+    systemd-timesync systemd-journal systemd-coredump dnsmasq usbmux fwupd-refresh polkitd
+    _chrony ntp postfix""".split()
+)
+DOCKER_SOURCES = ("auto", "docker-ce", "distro")
+
+
+@dataclass(frozen=True)
+class Defaults:
+    cache_dir: str = "/data/cache/huggingface"
+    cache_group: str = "hfcache"
+    keepalive_interval: int = 60
+    keepalive_count_max: int = 3
+    docker_source: str = "auto"
+    workspace_dir: str = "sd35-fp8"
+
+
+@dataclass(frozen=True)
+class HostEntry:
+    """A host table; None means 'take it from ~/.ssh/config, then SSH's defaults'."""
+
+    alias: str
+    hostname: str | None = None
+    user: str | None = None
+    port: int | None = None
+    identity_file: str | None = None
+    known_hosts: str | None = None
+    proxy_jump: str | None = None
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str
+    keys: tuple[str, ...]
+    sudo: tuple[str, ...] = ()
+    gpus: str = "all"
+
+
+@dataclass(frozen=True)
+class Inventory:
+    path: Path
+    defaults: Defaults = field(default_factory=Defaults)
+    hosts: dict[str, HostEntry] = field(default_factory=dict)
+    members: tuple[Member, ...] = ()
+
+    def member(self, name: str) -> Member:
+        for member in self.members:
+            if member.name == name:
+                return member
+        raise InventoryError(
+            f"{self.path}: no member named {name!r}",
+            f"members are {', '.join(m.name for m in self.members) or 'none yet'}",
+        )
+
+
+def inventory_path(given: str | os.PathLike[str] | None) -> Path:
+    """The inventory the user means: the flag, else $PROVISION_INVENTORY, else ./provision.toml."""
+    return Path(given or os.environ.get(INVENTORY_ENV) or DEFAULT_INVENTORY)
+
+
+def load_inventory(path: Path, *, missing_ok: bool = False) -> Inventory:
+    """Read and validate the inventory; a missing file is an empty one only when allowed."""
+    if not path.exists():
+        if missing_ok:
+            return Inventory(path=path)
+        raise InventoryError(
+            f"{path}: no such inventory",
+            "run 'provision init' to write one, or pass --inventory PATH",
+        )
+    text = path.read_text()
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InventoryError(f"{path}: not valid TOML ({exc})", "fix the syntax") from None
+    return parse_inventory(data, path, text)
+
+
+def parse_inventory(data: dict[str, Any], path: Path, text: str = "") -> Inventory:
+    """Validate parsed TOML; pure, so tests can feed it dictionaries."""
+    where = _Locator(path, text)
+    where.unknown_keys(data, {"defaults", "hosts", "members"}, table=None)
+    defaults = _parse_defaults(data.get("defaults", {}), where)
+    hosts_data = data.get("hosts", {})
+    if not isinstance(hosts_data, dict):
+        raise where.error("hosts", "must be a table of [hosts.ALIAS] tables")
+    hosts = {alias: _parse_host(alias, table, where) for alias, table in hosts_data.items()}
+    members_data = data.get("members", [])
+    if not isinstance(members_data, list):
+        raise where.error("members", "must be an array of [[members]] tables")
+    members = tuple(_parse_member(i, m, path.parent, where) for i, m in enumerate(members_data))
+    seen: set[str] = set()
+    for member in members:
+        if member.name in seen:
+            raise where.error("name", f"member {member.name!r} is listed twice", needle=member.name)
+        seen.add(member.name)
+    return Inventory(path=path, defaults=defaults, hosts=hosts, members=members)
+
+
+def _parse_defaults(table: Any, where: _Locator) -> Defaults:
+    if not isinstance(table, dict):
+        raise where.error("defaults", "must be a table")
+    fields = Defaults.__dataclass_fields__
+    where.unknown_keys(table, set(fields), table="defaults")
+    values = {**{k: f.default for k, f in fields.items()}, **table}
+    for key in ("cache_dir", "cache_group", "docker_source", "workspace_dir"):
+        if not isinstance(values[key], str):
+            raise where.error(key, "must be a string")
+    for key, low, high in (("keepalive_interval", 1, 3600), ("keepalive_count_max", 1, 100)):
+        value = values[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise where.error(key, f"must be a whole number from {low} to {high}, not {value!r}")
+    if not values["cache_dir"].startswith("/") or ".." in values["cache_dir"].split("/"):
+        raise where.error("cache_dir", "must be an absolute path without '..'")
+    if not MEMBER_NAME.match(values["cache_group"]):
+        raise where.error("cache_group", f"must match {MEMBER_NAME.pattern}")
+    if values["docker_source"] not in DOCKER_SOURCES:
+        raise where.error("docker_source", f"must be one of {', '.join(DOCKER_SOURCES)}")
+    workspace = values["workspace_dir"]
+    if workspace.startswith("/") or ".." in workspace.split("/") or not workspace:
+        raise where.error("workspace_dir", "must be a path relative to the member's home")
+    return Defaults(**values)
+
+
+def _parse_host(alias: str, table: Any, where: _Locator) -> HostEntry:
+    if not isinstance(table, dict):
+        raise where.error(alias, "a host must be a [hosts.ALIAS] table")
+    fields = HostEntry.__dataclass_fields__
+    where.unknown_keys(table, set(fields) - {"alias"}, table=f"hosts.{alias}")
+    if alias.startswith("@"):
+        raise where.error(alias, "host aliases may not start with '@' (reserved for @local)")
+    port = table.get("port")
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int)
+                             or not 1 <= port <= 65535):
+        raise where.error("port", f"must be a port number from 1 to 65535, not {port!r}")
+    for key in set(table) - {"port"}:
+        if not isinstance(table[key], str) or not table[key]:
+            raise where.error(key, "must be a non-empty string")
+    return HostEntry(alias=alias, **table)
+
+
+def _parse_member(index: int, table: Any, base: Path, where: _Locator) -> Member:
+    label = f"[[members]] #{index + 1}"
+    if not isinstance(table, dict):
+        raise where.error("members", f"{label} must be a table")
+    where.unknown_keys(table, {"name", "keys", "sudo", "gpus"}, table="members")
+    name = table.get("name")
+    if not isinstance(name, str):
+        raise where.error("name", f"{label} needs a name (a string)")
+    validate_member_name(name, where)
+    keys = table.get("keys", [])
+    if not isinstance(keys, list) or not keys or not all(isinstance(k, str) for k in keys):
+        raise where.error("keys", f"member {name!r} needs keys = [\"path or public key\", …]",
+                          needle=name)
+    sudo = table.get("sudo", [])
+    if not isinstance(sudo, list) or not all(isinstance(c, str) and c.startswith("/")
+                                             for c in sudo):
+        raise where.error("sudo", f"member {name!r}: sudo must list commands by absolute path",
+                          needle=name)
+    if any(bad in c for c in sudo for bad in ("\n", ",", "\\", ":")):
+        raise where.error("sudo", f"member {name!r}: a sudo command may not hold ',', ':', "
+                                  "'\\' or a newline", needle=name)
+    gpus = table.get("gpus", "all")
+    if not isinstance(gpus, str) or not GPUS.match(gpus):
+        raise where.error("gpus", f"member {name!r}: gpus must be 'all', 'none' or indexes "
+                                  f"like \"0\" or \"0,1\", not {gpus!r}", needle=name)
+    parsed = tuple(read_public_key(k, base, where, name) for k in keys)
+    return Member(name=name, keys=parsed, sudo=tuple(sudo), gpus=gpus)
+
+
+def validate_member_name(name: str, where: _Locator | None = None) -> None:
+    where = where or _Locator(Path(DEFAULT_INVENTORY), "")
+    if not MEMBER_NAME.match(name):
+        raise where.error("name", f"{name!r} is not a valid account name: use lowercase "
+                                  f"letters, digits, '-' and '_' ({MEMBER_NAME.pattern})",
+                          needle=name)
+    if name in SYSTEM_ACCOUNTS or name.startswith("systemd-"):
+        raise where.error("name", f"{name!r} is a system account; pick the person's own login",
+                          needle=name)
+
+
+def read_public_key(value: str, base: Path, where: _Locator, owner: str) -> str:
+    """An inline key or a path to a .pub file → the normalised `type base64 comment` line.
+
+    A private key is refused without echoing any of it.
+    """
+    text, source = value, "inline key"
+    if not _looks_inline(value):
+        path = Path(value).expanduser()
+        path = path if path.is_absolute() else base / path
+        if not path.is_file():
+            raise where.error("keys", f"member {owner!r}: key file {path} not found", needle=value)
+        text, source = path.read_text(errors="replace"), str(path)
+    if "PRIVATE KEY" in text:
+        raise where.error("keys", f"member {owner!r}: {source} is a private key; give the "
+                                  "public key (.pub) instead (its content is not shown)",
+                          needle=value if source != "inline key" else owner)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    if len(lines) != 1:
+        raise where.error("keys", f"member {owner!r}: {source} must hold exactly one public key",
+                          needle=owner)
+    return parse_public_key_line(lines[0], source, where, owner)
+
+
+def parse_public_key_line(line: str, source: str, where: _Locator, owner: str) -> str:
+    parts = line.split(None, 2)
+    try:
+        blob = base64.b64decode(parts[1], validate=True)
+        paramiko.PKey.from_type_string(parts[0], blob)
+    except (IndexError, binascii.Error, ValueError, paramiko.SSHException) as exc:
+        reason = str(exc) or type(exc).__name__
+        raise where.error("keys", f"member {owner!r}: {source} is not an SSH public key "
+                                  f"({reason[:60]})", needle=owner) from None
+    comment = parts[2] if len(parts) > 2 else f"{owner}@provision"
+    return f"{parts[0]} {parts[1]} {comment}"
+
+
+def _looks_inline(value: str) -> bool:
+    return value.startswith(("ssh-", "ecdsa-", "sk-")) or "PRIVATE KEY" in value
+
+
+class _Locator:
+    """Finds the line a key sits on, so errors point where the user must look."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.path = path
+        self.lines = text.splitlines()
+
+    def line_of(self, key: str, needle: str | None = None) -> int | None:
+        pattern = re.compile(rf"^\s*\"?{re.escape(key)}\"?\s*=")
+        candidates = [i for i, ln in enumerate(self.lines, 1) if pattern.search(ln)]
+        if needle:
+            near = [i for i, ln in enumerate(self.lines, 1) if needle in ln]
+            if near:
+                # The key occurrence closest to (at or after the start of) the needle's table.
+                after = [c for c in candidates if c >= near[0]]
+                return after[0] if after else near[0]
+        header = [i for i, ln in enumerate(self.lines, 1)
+                  if re.match(rf"^\s*\[+\s*(hosts\.)?\"?{re.escape(key)}\"?\s*\]", ln)]
+        return (candidates or header or [None])[0]
+
+    def error(self, key: str, message: str, needle: str | None = None) -> InventoryError:
+        line = self.line_of(key, needle)
+        place = f"{self.path}:{line}" if line else str(self.path)
+        return InventoryError(f"{place}: {key}: {message}")
+
+    def unknown_keys(self, data: dict[str, Any], known: set[str], *, table: str | None) -> None:
+        for key in sorted(set(data) - known):
+            scope = f"[{table}]" if table else "the top level"
+            raise self.error(key, f"unknown key in {scope}; known keys are "
+                                  f"{', '.join(sorted(known))}")

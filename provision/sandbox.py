@@ -1,0 +1,333 @@
+"""A throwaway local target host: a container with systemd, a real sshd and room for Docker.
+
+Reachable only on 127.0.0.1. `up` makes a fresh admin key pair, records the host's own keys
+in a known_hosts file of its own, and registers the host under its name in the inventory, so
+`provision host NAME` works next. `down` removes exactly what `up` made. The same code is the
+test bed (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import docker
+import docker.errors
+import tomlkit
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from provision.errors import DockerUnavailable, InventoryError, ProvisionError
+from provision.templating import raw, render
+
+ADMIN_USER = "admin"
+LABEL = "io.provision.sandbox"
+BASE_PULL = "debian:bookworm"
+BASE_IMPORTED = "provision/debian:bookworm-minbase"
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+BOOT_TIMEOUT = 90.0
+
+# What TESTBED.md found to run systemd and a Docker engine inside a container where plain
+# --privileged fails ("unable to apply caps"): every capability but SYS_RESOURCE, and
+# `--security-opt systempaths=unconfined`, which the API spells as empty masked/read-only paths.
+HOST_CONFIG = {
+    "cap_add": ["ALL"],
+    "cap_drop": ["SYS_RESOURCE"],
+    "security_opt": ["seccomp=unconfined", "apparmor=unconfined"],
+    "device_cgroup_rules": ["a *:* rwm"],
+    "cgroupns": "host",
+    "tmpfs": {"/run": "", "/run/lock": ""},
+}
+UNMASKED_PATHS = {"MaskedPaths": [], "ReadonlyPaths": []}
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    name: str
+    container: str
+    volume: str
+    port: int
+    image: str
+    state_dir: str
+    inventory: str
+    created_inventory: bool
+
+    @property
+    def identity_file(self) -> Path:
+        return Path(self.state_dir) / "id_ed25519"
+
+    @property
+    def known_hosts(self) -> Path:
+        return Path(self.state_dir) / "known_hosts"
+
+
+def docker_client() -> docker.DockerClient:
+    try:
+        client = docker.from_env(timeout=300)
+        client.ping()
+    except docker.errors.DockerException as exc:
+        raise DockerUnavailable(
+            f"the local Docker engine does not answer ({str(exc)[:80]})",
+            "install Docker and start it (systemctl start docker, or dockerd &)",
+        ) from None
+    return client
+
+
+def state_dir_for(inventory: Path, name: str) -> Path:
+    return inventory.resolve().parent / ".provision" / "sandboxes" / name
+
+
+def container_name(name: str) -> str:
+    return f"provision-sandbox-{name}"
+
+
+def base_image(client: docker.DockerClient, log=print) -> str:
+    """debian:bookworm when a registry answers, else one built offline with debootstrap."""
+    for tag in (BASE_IMPORTED, BASE_PULL):
+        if _image_exists(client, tag):
+            return tag
+    try:
+        client.images.pull(BASE_PULL)
+        return BASE_PULL
+    except docker.errors.APIError:
+        log(f"no registry answers: building {BASE_IMPORTED} offline with debootstrap")
+    if shutil.which("debootstrap") is None:
+        raise ProvisionError("no registry answers and debootstrap is not installed",
+                             "apt-get install debootstrap (or give Docker registry access)")
+    with tempfile.TemporaryDirectory(prefix="provision-rootfs-") as tmp:
+        rootfs, archive = Path(tmp) / "rootfs", Path(tmp) / "rootfs.tar"
+        subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(rootfs),
+                        DEBIAN_MIRROR], check=True, capture_output=True)
+        subprocess.run(["tar", "-C", str(rootfs), "-cf", str(archive), "."], check=True)
+        repository, tag = BASE_IMPORTED.split(":")
+        client.api.import_image_from_file(str(archive), repository=repository, tag=tag)
+    return BASE_IMPORTED
+
+
+def host_image(client: docker.DockerClient, log=print) -> str:
+    """The sandbox host image, tagged by the hash of what it is built from (a cache key)."""
+    base = base_image(client, log)
+    dockerfile = render("sandbox/Dockerfile.j2", base_image=base, admin_user=ADMIN_USER)
+    unit = raw("sandbox/provision-hostkeys.service")
+    digest = hashlib.sha256((dockerfile + unit).encode()).hexdigest()[:12]
+    tag = f"provision/sandbox-host:{digest}"
+    if _image_exists(client, tag):
+        return tag
+    log(f"building {tag}")
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as tar:
+        for name, text in (("Dockerfile", dockerfile), ("provision-hostkeys.service", unit)):
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    context.seek(0)
+    try:
+        client.images.build(fileobj=context, custom_context=True, tag=tag, rm=True)
+    except docker.errors.BuildError as exc:
+        tail = [str(line.get("stream", "")).strip() for line in exc.build_log][-3:]
+        raise ProvisionError(f"sandbox image build failed: {' '.join(tail)}",
+                             "check that the Debian archive is reachable from Docker") from None
+    return tag
+
+
+def _image_exists(client: docker.DockerClient, tag: str) -> bool:
+    try:
+        client.images.get(tag)
+    except docker.errors.ImageNotFound:
+        return False
+    return True
+
+
+def new_key_pair(directory: Path) -> str:
+    """A fresh ed25519 admin key pair; returns the public key line."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                           serialization.PublicFormat.OpenSSH).decode()
+    public = f"{public} provision-sandbox-admin"
+    path = directory / "id_ed25519"
+    path.touch(mode=0o600)
+    path.write_bytes(private)
+    (directory / "id_ed25519.pub").write_text(public + "\n")
+    return public
+
+
+def up(name: str, inventory: Path, log=print) -> Sandbox:
+    """Start sandbox `name` (or return it if it runs) and register it in the inventory."""
+    client = docker_client()
+    existing = find(name, inventory)
+    if existing is not None:
+        log(f"sandbox {name!r} already runs on 127.0.0.1:{existing.port}")
+        return existing
+    _check_name_free(inventory, name)
+    image = host_image(client, log)
+    state_dir = state_dir_for(inventory, name)
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    public_key = new_key_pair(state_dir)
+    container = start_container(client, name, image, public_key)
+    try:
+        port = wait_for_sshd(client, container)
+        write_known_hosts(client, container, port, state_dir / "known_hosts")
+        created = register(inventory, name, port, state_dir)
+    except BaseException:
+        _remove_container(client, container_name(name))
+        raise
+    sandbox = Sandbox(name, container_name(name), f"{container_name(name)}-docker", port, image,
+                      str(state_dir), str(inventory.resolve()), created)
+    (state_dir / "sandbox.json").write_text(json.dumps(asdict(sandbox), indent=2) + "\n")
+    log(f"sandbox {name!r} is up: ssh {ADMIN_USER}@127.0.0.1 -p {port}")
+    return sandbox
+
+
+def start_container(client: docker.DockerClient, name: str, image: str, public_key: str) -> str:
+    """Create, put the admin key in place, start: sshd accepts the key from its first breath."""
+    cname = container_name(name)
+    host_config = client.api.create_host_config(
+        port_bindings={22: ("127.0.0.1", None)},
+        binds={f"{cname}-docker": {"bind": "/var/lib/docker", "mode": "rw"},
+               "/sys/fs/cgroup": {"bind": "/sys/fs/cgroup", "mode": "rw"}},
+        **HOST_CONFIG,
+    )
+    host_config.update(UNMASKED_PATHS)
+    try:
+        created = client.api.create_container(
+            image, name=cname, hostname=name, labels={LABEL: name}, ports=[22],
+            host_config=host_config)
+    except docker.errors.APIError as exc:
+        raise ProvisionError(f"cannot create sandbox container {cname}: {exc.explanation}",
+                             "check the Docker engine (docker info)") from None
+    container = client.containers.get(created["Id"])
+    data = (public_key + "\n").encode()
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        info = tarfile.TarInfo("authorized_keys")
+        info.size, info.mode, info.uid, info.gid = len(data), 0o600, 1000, 1000
+        tar.addfile(info, io.BytesIO(data))
+    container.put_archive(f"/home/{ADMIN_USER}/.ssh", archive.getvalue())
+    container.start()
+    return cname
+
+
+def wait_for_sshd(client: docker.DockerClient, cname: str, timeout: float = BOOT_TIMEOUT) -> int:
+    """Wait (bounded) until systemd has started sshd; return the published loopback port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        container = client.containers.get(cname)
+        if container.status == "exited":
+            raise ProvisionError(f"sandbox container {cname} exited while booting",
+                                 f"see 'docker logs {cname}'")
+        code, _ = container.exec_run(["systemctl", "is-active", "ssh.service"])
+        ports = container.attrs["NetworkSettings"]["Ports"].get("22/tcp") or []
+        if code == 0 and ports:
+            return int(ports[0]["HostPort"])
+        time.sleep(0.5)
+    raise ProvisionError(f"sandbox {cname}: sshd did not start within {timeout:g} s",
+                         f"see 'docker exec {cname} journalctl -u ssh'")
+
+
+def write_known_hosts(client: docker.DockerClient, cname: str, port: int, path: Path) -> None:
+    """Trust the sandbox's keys as read through Docker, never as offered over the network."""
+    code, output = client.containers.get(cname).exec_run(
+        ["sh", "-c", "cat /etc/ssh/ssh_host_*_key.pub"])
+    if code != 0:
+        raise ProvisionError(f"sandbox {cname}: cannot read its host keys", "recreate it")
+    lines = [ln.split()[:2] for ln in output.decode().splitlines() if ln.strip()]
+    path.write_text("".join(f"[127.0.0.1]:{port} {kind} {blob}\n" for kind, blob in lines))
+
+
+def register(inventory: Path, name: str, port: int, state_dir: Path) -> bool:
+    """Add [hosts.NAME] to the inventory (created if missing); True when the file was created."""
+    created = not inventory.exists()
+    document = (tomlkit.parse(inventory.read_text()) if not created
+                else tomlkit.parse(render("provision.toml.j2")))
+    hosts = document.setdefault("hosts", tomlkit.table(is_super_table=True))
+    entry = tomlkit.table()
+    entry.add(tomlkit.comment(f"local sandbox made by 'provision sandbox up --name {name}'"))
+    base = inventory.resolve().parent
+    entry["hostname"] = "127.0.0.1"
+    entry["port"] = port
+    entry["user"] = ADMIN_USER
+    entry["identity_file"] = str((state_dir / "id_ed25519").relative_to(base))
+    entry["known_hosts"] = str((state_dir / "known_hosts").relative_to(base))
+    hosts[name] = entry
+    inventory.write_text(tomlkit.dumps(document))
+    return created
+
+
+def _check_name_free(inventory: Path, name: str) -> None:
+    if inventory.exists():
+        document = tomlkit.parse(inventory.read_text())
+        if name in document.get("hosts", {}):
+            raise InventoryError(f"{inventory}: [hosts.{name}] exists and is not a sandbox",
+                                 "pick another --name, or remove that table first")
+
+
+def find(name: str, inventory: Path) -> Sandbox | None:
+    record = state_dir_for(inventory, name) / "sandbox.json"
+    if not record.is_file():
+        return None
+    return Sandbox(**json.loads(record.read_text()))
+
+
+def status(name: str, inventory: Path) -> dict[str, object]:
+    sandbox = find(name, inventory)
+    if sandbox is None:
+        return {"name": name, "state": "absent"}
+    try:
+        container = docker_client().containers.get(sandbox.container)
+        state = container.status
+    except docker.errors.NotFound:
+        state = "missing"
+    return {"name": name, "state": state, "port": sandbox.port, "image": sandbox.image,
+            "ssh": f"ssh -i {sandbox.identity_file} -p {sandbox.port} {ADMIN_USER}@127.0.0.1"}
+
+
+def down(name: str, inventory: Path, log=print) -> bool:
+    """Remove the container, its Docker volume, its key files and its inventory entry."""
+    sandbox = find(name, inventory)
+    client = docker_client()
+    removed = _remove_container(client, container_name(name))
+    with contextlib.suppress(docker.errors.NotFound):
+        client.volumes.get(f"{container_name(name)}-docker").remove(force=True)
+    if sandbox is None:
+        return removed
+    unregister(inventory, name, delete_if_created=sandbox.created_inventory)
+    shutil.rmtree(sandbox.state_dir, ignore_errors=True)
+    log(f"sandbox {name!r} removed")
+    return True
+
+
+def unregister(inventory: Path, name: str, delete_if_created: bool) -> None:
+    if not inventory.exists():
+        return
+    document = tomlkit.parse(inventory.read_text())
+    hosts = document.get("hosts", {})
+    if name in hosts:
+        del hosts[name]
+    if not hosts and "hosts" in document:
+        del document["hosts"]
+    text = tomlkit.dumps(document)
+    # A file `up` created and nobody has added to since is `up`'s to delete.
+    if delete_if_created and text.strip() == render("provision.toml.j2").strip():
+        inventory.unlink()
+    else:
+        inventory.write_text(text)
+
+
+def _remove_container(client: docker.DockerClient, cname: str) -> bool:
+    try:
+        client.containers.get(cname).remove(force=True)
+    except docker.errors.NotFound:
+        return False
+    return True

@@ -1,0 +1,105 @@
+"""The test bed: real target hosts made by `provision.sandbox`, reached over SSH on 127.0.0.1.
+
+Each sandbox lives in its own temporary inventory directory; every one made in a session is
+removed at its end, by name, whatever the tests did to it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from provision import sandbox as sandboxes
+from provision.errors import DockerUnavailable
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def error_lines(self) -> list[str]:
+        return [ln for ln in self.stderr.splitlines() if ln.strip()]
+
+
+def run_cli(*args: str, inventory: Path, home: Path, stdin: str | None = None,
+            timeout: float = 600) -> CliResult:
+    """The real CLI in a subprocess, with its own HOME so no user file leaks in."""
+    env = {**os.environ, "HOME": str(home), "PROVISION_INVENTORY": str(inventory),
+           "COLUMNS": "200"}
+    done = subprocess.run([sys.executable, "-m", "provision", *args], input=stdin,
+                          capture_output=True, text=True, env=env, timeout=timeout,
+                          cwd=inventory.parent, check=False)
+    return CliResult(done.returncode, done.stdout, done.stderr)
+
+
+@dataclass
+class Host:
+    """A running sandbox, the inventory that names it, and a home for the CLI's user files."""
+
+    sandbox: sandboxes.Sandbox
+    inventory: Path
+    home: Path
+
+    @property
+    def name(self) -> str:
+        return self.sandbox.name
+
+    def cli(self, *args: str, **kwargs) -> CliResult:
+        return run_cli(*args, inventory=self.inventory, home=self.home, **kwargs)
+
+    def exec(self, command: str, user: str = "root") -> tuple[int, str]:
+        """Run a command inside the sandbox through Docker (the test's back door, not SSH)."""
+        container = sandboxes.docker_client().containers.get(self.sandbox.container)
+        code, output = container.exec_run(["sh", "-c", command], user=user)
+        return code, output.decode(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> None:
+    try:
+        sandboxes.docker_client()
+    except DockerUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs a Docker engine: {exc.line()}")
+        pytest.skip(f"no Docker engine here: {exc.line()}")
+
+
+_names = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def make_host(docker_engine, tmp_path_factory) -> Iterator[Callable[[], Host]]:
+    """Start fresh sandboxes on demand; all are removed when the session ends."""
+    made: list[Host] = []
+
+    def make() -> Host:
+        name = f"t{os.getpid()}-{next(_names)}"
+        base = tmp_path_factory.mktemp(name)
+        inventory, home = base / "provision.toml", base / "home"
+        home.mkdir()
+        host = Host(sandboxes.up(name, inventory, log=lambda *_: None), inventory, home)
+        made.append(host)
+        return host
+
+    yield make
+    for host in made:
+        sandboxes.down(host.name, host.inventory, log=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
+def shared_host(make_host) -> Host:
+    """One sandbox for tests that only read."""
+    return make_host()

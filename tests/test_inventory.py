@@ -1,0 +1,151 @@
+"""Inventory validation: every mistake is one line naming the file, the line and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from provision.errors import InventoryError
+from provision.inventory import load_inventory
+from provision.sandbox import new_key_pair
+from provision.target import resolve_target
+from tests.conftest import run_cli
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Path:
+    directory = tmp_path / "keys"
+    directory.mkdir()
+    new_key_pair(directory)
+    return directory
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "provision.toml"
+    path.write_text(text)
+    return path
+
+
+GOOD = """
+[defaults]
+cache_dir = "/srv/hf"
+keepalive_interval = 30
+
+[hosts.gpu-01]
+hostname = "203.0.113.10"
+user = "ubuntu"
+
+[[members]]
+name = "alice"
+keys = ["keys/id_ed25519.pub"]
+sudo = ["/usr/bin/nvidia-smi"]
+gpus = "0"
+"""
+
+
+def test_a_good_inventory_loads(tmp_path: Path, keys: Path) -> None:
+    inventory = load_inventory(write(tmp_path, GOOD))
+    assert inventory.defaults.cache_dir == "/srv/hf"
+    assert inventory.defaults.keepalive_interval == 30
+    assert inventory.defaults.keepalive_count_max == 3
+    alice = inventory.member("alice")
+    assert alice.sudo == ("/usr/bin/nvidia-smi",) and alice.gpus == "0"
+    assert alice.keys[0] == (keys / "id_ed25519.pub").read_text().strip()
+
+
+@pytest.mark.parametrize(("change", "line", "needle"), [
+    (('name = "alice"', 'name = "Alice"'), 11, "not a valid account name"),
+    (('name = "alice"', 'name = "root"'), 11, "is a system account"),
+    (('name = "alice"', 'name = "daemon"'), 11, "is a system account"),
+    (('gpus = "0"', 'gpus = "0"\nshell = "zsh"'), 15, "unknown key in [members]"),
+    (('keepalive_interval = 30', 'keepalive_interval = 0'), 4, "from 1 to 3600"),
+    (('cache_dir = "/srv/hf"', 'cache_dir = "srv/hf"'), 3, "absolute path"),
+    (('user = "ubuntu"', 'user = "ubuntu"\nprot = 22'), 9, "unknown key in [hosts.gpu-01]"),
+    (('gpus = "0"', 'gpus = "first"'), 14, "gpus must be"),
+    (('sudo = ["/usr/bin/nvidia-smi"]', 'sudo = ["nvidia-smi"]'), 13, "absolute path"),
+])
+def test_bad_inventory_is_one_clear_line(tmp_path: Path, keys: Path, change, line: int,
+                                         needle: str) -> None:
+    path = write(tmp_path, GOOD.replace(*change))
+    with pytest.raises(InventoryError) as caught:
+        load_inventory(path)
+    assert caught.value.line().startswith(f"{path}:{line}:")
+    assert needle in caught.value.line()
+
+
+def test_a_private_key_is_refused_and_never_echoed(tmp_path: Path, keys: Path) -> None:
+    secret = (keys / "id_ed25519").read_text()
+    path = write(tmp_path, GOOD.replace("id_ed25519.pub", "id_ed25519"))
+    result = run_cli("facts", "gpu-01", inventory=path, home=tmp_path)
+    assert result.exit_code == 2
+    assert "is a private key" in result.stderr
+    body = "".join(secret.splitlines()[1:-1])
+    assert body[:40] not in result.stderr + result.stdout
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_inline_private_key_is_refused_too(tmp_path: Path, keys: Path) -> None:
+    secret = (keys / "id_ed25519").read_text().replace("\n", "\\n")
+    path = write(tmp_path, GOOD.replace('"keys/id_ed25519.pub"', f'"{secret}"'))
+    with pytest.raises(InventoryError, match="is a private key") as caught:
+        load_inventory(path)
+    assert secret[40:80] not in caught.value.line()
+
+
+def test_a_garbled_public_key_is_refused(tmp_path: Path, keys: Path) -> None:
+    (keys / "id_ed25519.pub").write_text("ssh-ed25519 AAAAnotbase64!! alice\n")
+    with pytest.raises(InventoryError, match="is not an SSH public key"):
+        load_inventory(write(tmp_path, GOOD))
+
+
+def test_invalid_toml_names_the_problem(tmp_path: Path) -> None:
+    result = run_cli("facts", "gpu-01", inventory=write(tmp_path, "[defaults\n"),
+                     home=tmp_path)
+    assert result.exit_code == 2 and "not valid TOML" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_host_alias_names_the_fix(tmp_path: Path, keys: Path) -> None:
+    result = run_cli("facts", "nowhere", inventory=write(tmp_path, GOOD), home=tmp_path)
+    assert result.exit_code == 2
+    assert "unknown host 'nowhere'" in result.stderr and "[hosts.nowhere]" in result.stderr
+
+
+def test_ssh_config_fills_what_the_inventory_leaves_out(tmp_path: Path, keys: Path) -> None:
+    ssh_config = tmp_path / "ssh_config"
+    ssh_config.write_text(
+        "Host gpu-01\n  HostName 198.51.100.7\n  Port 2222\n  IdentityFile ~/.ssh/team\n"
+        "  ProxyJump jumper@bastion:2200\n  ConnectTimeout 4\n"
+        "Host bastion\n  HostName 192.0.2.1\n"
+        "Host only-in-ssh-config\n  HostName 192.0.2.9\n  User ops\n")
+    inventory = load_inventory(write(tmp_path, GOOD.replace('hostname = "203.0.113.10"\n', "")))
+    target = resolve_target("gpu-01", inventory, ssh_config)
+    assert (target.hostname, target.port, target.user) == ("198.51.100.7", 2222, "ubuntu")
+    assert target.identity_files == (str(Path("~/.ssh/team").expanduser()),)
+    assert target.connect_timeout == 4
+    (jump,) = target.jumps
+    assert (jump.hostname, jump.port, jump.user) == ("192.0.2.1", 2200, "jumper")
+    other = resolve_target("only-in-ssh-config", inventory, ssh_config)
+    assert (other.hostname, other.user, other.port) == ("192.0.2.9", "ops", 22)
+
+
+def test_init_writes_a_file_that_loads(tmp_path: Path) -> None:
+    result = run_cli("init", "--dir", str(tmp_path / "team"), inventory=tmp_path / "x.toml",
+                     home=tmp_path)
+    assert result.exit_code == 0, result.stderr
+    written = tmp_path / "team" / "provision.toml"
+    inventory = load_inventory(written)
+    assert inventory.members == () and inventory.defaults.cache_group == "hfcache"
+    assert "# One [[members]] table per teammate." in written.read_text()
+    again = run_cli("init", "--dir", str(tmp_path / "team"), inventory=tmp_path / "x.toml",
+                    home=tmp_path)
+    assert again.exit_code == 2 and "exists" in again.stderr
+
+
+def test_public_key_types_paramiko_knows_are_accepted(tmp_path: Path) -> None:
+    rsa = paramiko.RSAKey.generate(2048)
+    line = f"{rsa.get_name()} {rsa.get_base64()} bob@laptop"
+    text = GOOD.replace('"keys/id_ed25519.pub"', f'"{line}"')
+    assert load_inventory(write(tmp_path, text)).member("alice").keys == (line,)
