@@ -16,13 +16,15 @@ from typing import Annotated
 import click
 import typer
 from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn
 
-from provision import sandbox as sandboxes
 from provision import views
 from provision.connection import Connection, connect
-from provision.errors import InventoryError, ProvisionError
+from provision.engine import HostReport, converge_host, run_hosts
+from provision.errors import InventoryError, PendingChanges, ProvisionError, StepFailed
 from provision.facts import gather_facts
 from provision.inventory import Inventory, inventory_path, load_inventory
+from provision.steps import select_steps
 from provision.target import resolve_target
 from provision.templating import render
 
@@ -46,11 +48,17 @@ class Settings:
     def load(self, *, missing_ok: bool = False) -> Inventory:
         return load_inventory(self.inventory, missing_ok=missing_ok)
 
+    sudo_password: str | None = None
+
+    def ask_password(self) -> None:
+        """Ask once, before any work starts (several hosts run in threads)."""
+        if self.ask_sudo_pass and self.sudo_password is None:
+            self.sudo_password = getpass.getpass("sudo password (admin on the host): ")
+
     def connect(self, host: str, inventory: Inventory) -> Connection:
         target = resolve_target(host, inventory, self.ssh_config)
-        password = (getpass.getpass(f"sudo password for {target.user} on {host}: ")
-                    if self.ask_sudo_pass else None)
-        return connect(target, sudo_password=password,
+        self.ask_password()
+        return connect(target, sudo_password=self.sudo_password,
                        accept_new_host_key=self.accept_new_host_key)
 
 
@@ -100,18 +108,90 @@ def facts(ctx: typer.Context, host: str,
         out.print(views.facts_table(host, host_facts))
 
 
+@app.command("host")
+def host_command(
+    ctx: typer.Context,
+    hosts: Annotated[list[str], typer.Argument(help="Host aliases (inventory or ~/.ssh/config)")],
+    plan: Annotated[bool, typer.Option("--plan", help="Show every change; change nothing")
+                    ] = False,
+    check: Annotated[bool, typer.Option(
+        "--check", help="Like --plan, and exit non-zero when changes are pending (CI)")] = False,
+    only: Annotated[str | None, typer.Option(help="Only these steps (comma-separated)")
+                    ] = None,
+    skip: Annotated[str | None, typer.Option(help="Skip these steps (comma-separated)")
+                    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document")] = False,
+) -> None:
+    """Converge HOSTs: plan each step, show it, apply it, re-read and confirm."""
+    settings: Settings = ctx.obj
+    inventory = settings.load()
+    steps = select_steps(_names(only), _names(skip))
+    for alias in hosts:
+        resolve_target(alias, inventory, settings.ssh_config)
+    settings.ask_password()
+    apply = not (plan or check)
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=err,
+                  transient=True) as bar:
+        tasks = {alias: bar.add_task(alias) for alias in hosts}
+
+        def progress(alias: str, text: str) -> None:
+            bar.update(tasks[alias], description=f"{alias}: {text}")
+
+        def work(alias: str) -> HostReport:
+            try:
+                with settings.connect(alias, inventory) as conn:
+                    return converge_host(conn, inventory, steps, apply=apply,
+                                         progress=progress)
+            except ProvisionError as exc:
+                return HostReport(alias, error=exc)
+
+        reports = run_hosts(hosts, work)
+    if as_json:
+        print(json.dumps({"ok": all(r.ok for r in reports), "applied": apply,
+                          "hosts": [r.to_json() for r in reports]}, indent=2))
+    else:
+        for report in reports:
+            out.print(views.plan_lines(report))
+        out.print(views.summary_table(reports))
+    _raise_for_reports(reports, check)
+
+
+def _names(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def _raise_for_reports(reports: list[HostReport], check: bool) -> None:
+    failed = [r for r in reports if not r.ok]
+    if len(reports) == 1 and failed and failed[0].error:
+        raise failed[0].error
+    if failed:
+        raise StepFailed(f"{len(failed)} of {len(reports)} host(s) failed: " + "; ".join(
+            r.error.line() if r.error else
+            f"{r.host} did not converge ({'; '.join(c.summary for c in r.drift)})"
+            for r in failed))
+    if check and any(r.pending for r in reports):
+        pending = sum(len(s.changes) for r in reports for s in r.steps)
+        raise PendingChanges(f"{pending} change(s) pending",
+                             "run without --check to apply them")
+
+
 NameOption = Annotated[str, typer.Option("--name", help="The sandbox's name and host alias")]
 
 
 @sandbox_app.command("up")
 def sandbox_up(ctx: typer.Context, name: NameOption = "sandbox") -> None:
     """Start a local target host (systemd + sshd on 127.0.0.1) and add it to the inventory."""
+    from provision import sandbox as sandboxes  # the Docker SDK costs every other command 0.1 s
+
     sandboxes.up(name, ctx.obj.inventory, log=err.print)
 
 
 @sandbox_app.command("down")
 def sandbox_down(ctx: typer.Context, name: NameOption = "sandbox") -> None:
     """Remove the sandbox and everything `up` made for it."""
+    from provision import sandbox as sandboxes
+
     if not sandboxes.down(name, ctx.obj.inventory, log=err.print):
         err.print(f"no sandbox named {name!r}")
 
@@ -119,6 +199,8 @@ def sandbox_down(ctx: typer.Context, name: NameOption = "sandbox") -> None:
 @sandbox_app.command("status")
 def sandbox_status(ctx: typer.Context, name: NameOption = "sandbox") -> None:
     """Whether the sandbox runs, and how to reach it."""
+    from provision import sandbox as sandboxes
+
     print(json.dumps(sandboxes.status(name, ctx.obj.inventory), indent=2))
 
 

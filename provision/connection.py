@@ -10,6 +10,7 @@ from __future__ import annotations
 import shlex
 import socket
 import subprocess
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,14 @@ class Result:
         return self.exit_code == 0
 
 
+@dataclass
+class Held:
+    """A script left running on the host; `first_line` is what it reported."""
+
+    first_line: str
+    release: Callable[[], None]
+
+
 class Connection:
     """A host the tool can run root scripts on. Subclasses move the bytes."""
 
@@ -60,12 +69,7 @@ class Connection:
     def run(self, script: str, *, env: dict[str, str] | None = None, root: bool = True,
             timeout: float | None = None, check: bool = True, what: str = "script") -> Result:
         """Run `script` with sh on the host, as root unless told otherwise."""
-        preamble = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in (env or {}).items())
-        stdin = preamble + script
-        if root:
-            command, stdin = self._root_command(stdin)
-        else:
-            command = "sh -s"
+        command, stdin = self._command(script, env, root)
         self.round_trips += 1
         result = self._execute(command, stdin, timeout)
         if root:
@@ -77,6 +81,23 @@ class Connection:
                 "rerun with -v for the full output",
             )
         return result
+
+    def hold(self, script: str, timeout: float = 30) -> Held:
+        """Start `script` as root and keep its stdin open until the handle is released.
+
+        For host-side locks: the script reports on its first line, then waits for stdin to
+        close, which happens on release or when this connection dies, never later.
+        """
+        command, stdin = self._command(script, None, True)
+        self.round_trips += 1
+        return self._hold(command, stdin, timeout)
+
+    def _command(self, script: str, env: dict[str, str] | None, root: bool) -> tuple[str, str]:
+        preamble = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in (env or {}).items())
+        # sh runs a function only once it has read all of it: a script cut short in transit
+        # (a dropped connection) is a syntax error, never half a script run.
+        stdin = f"{preamble}provision_main() {{\n{script}\n}}\nprovision_main\n"
+        return self._root_command(stdin) if root else ("sh -s", stdin)
 
     def _root_command(self, stdin: str) -> tuple[str, str]:
         if self.sudo_password is None:
@@ -104,6 +125,9 @@ class Connection:
     def _execute(self, command: str, stdin: str, timeout: float | None) -> Result:
         raise NotImplementedError
 
+    def _hold(self, command: str, stdin: str, timeout: float) -> Held:
+        raise NotImplementedError
+
     def open(self) -> Connection:
         return self
 
@@ -127,6 +151,20 @@ class LocalConnection(Connection):
         except subprocess.TimeoutExpired:
             raise RemoteCommandFailed(f"@local: command ran past {timeout} s") from None
         return Result(done.stdout, done.stderr, done.returncode)
+
+    def _hold(self, command: str, stdin: str, timeout: float) -> Held:
+        process = subprocess.Popen(["sh", "-c", command], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert process.stdin and process.stdout
+        process.stdin.write(stdin)
+        process.stdin.flush()
+        line = process.stdout.readline().strip()
+
+        def release() -> None:
+            process.stdin.close()
+            process.wait(timeout)
+
+        return Held(line, release)
 
 
 class KnownHostsPolicy(paramiko.MissingHostKeyPolicy):
@@ -240,6 +278,18 @@ class SSHConnection(Connection):
         except (OSError, paramiko.SSHException, EOFError) as exc:
             raise HostUnreachable(f"{self.name}: connection lost ({exc or type(exc).__name__})",
                                   "rerun; every step is safe to repeat") from None
+
+    def _hold(self, command: str, stdin: str, timeout: float) -> Held:
+        try:
+            channel = self.transport.open_session(timeout=self.target.connect_timeout)
+            channel.settimeout(timeout)
+            channel.exec_command(command)
+            channel.sendall(stdin.encode())
+            line = channel.makefile("rb").readline().decode(errors="replace").strip()
+        except (TimeoutError, OSError, paramiko.SSHException) as exc:
+            raise HostUnreachable(f"{self.name}: lost while taking the host lock ({exc})",
+                                  "rerun") from None
+        return Held(line, channel.close)
 
     @property
     def transport(self) -> paramiko.Transport:

@@ -27,6 +27,8 @@ set +e
 export LC_ALL=C PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH"
 sec() { printf '\n@@@provision:%s\n' "$1"; }
 home_of() { getent passwd "$1" | cut -d: -f6; }
+# "~name/rest" → that account's home + rest; fails for an account that does not exist.
+expand() { case "$1" in "~"*) u=${1%%/*}; h=$(home_of "${u#\~}"); [ -n "$h" ] && echo "$h/${1#*/}";; *) echo "$1";; esac; }
 # Members a previous run managed stay of interest after they leave the inventory (offboarding).
 PROVISION_ACCOUNTS="$PROVISION_ACCOUNTS $(sed -n 's/.*"members": *\[\([^]]*\)\].*/\1/p' /var/lib/provision/state.json 2>/dev/null | tr -d '",')"
 sec os-release; cat /etc/os-release 2>/dev/null
@@ -35,7 +37,13 @@ sec init; cat /proc/1/comm 2>/dev/null; systemctl is-system-running 2>/dev/null
 sec identity; echo "uid=$(id -u)"; echo "sudo_user=${SUDO_USER:-}"
 sec passwd; getent passwd
 sec group; getent group
-sec account-status; for u in $PROVISION_ACCOUNTS; do passwd -S "$u" 2>/dev/null; done
+sec account-status
+today=$(( $(date +%s) / 86400 ))
+for u in $PROVISION_ACCOUNTS; do
+  k=$(grep -cE '^[^#[:space:]]' "$(home_of "$u")/.ssh/authorized_keys" 2>/dev/null)
+  getent shadow "$u" | awk -F: -v t="$today" -v k="${k:-0}" '{print $1, ($8 != "" && $8 <= t) ? "expired" : "active", k}'
+done
+sec sudoers-d; ls -1 /etc/sudoers.d 2>/dev/null
 sec sshd-test; sshd -t 2>&1; echo "exit=$?"
 sec sshd-effective; sshd -T 2>/dev/null | grep -iE '^(clientalive|port |permitrootlogin|passwordauthentication|authorizedkeysfile)'
 sec sshd-include; grep -iE '^[[:space:]]*Include' /etc/ssh/sshd_config 2>/dev/null
@@ -53,12 +61,17 @@ for u in $PROVISION_ACCOUNTS; do
   elif [ -e "$l" ]; then echo "$u|file|"
   else echo "$u|missing|"; fi
 done
-sec files
-printf '%s\n' "$PROVISION_FILES" | while IFS= read -r f; do
+sec paths
+printf '%s\n' "$PROVISION_PATHS" | while IFS= read -r f; do
   [ -n "$f" ] || continue
-  case "$f" in "~"*) u=${f%%/*}; u=${u#\~}; h=$(home_of "$u"); [ -n "$h" ] || continue; p="$h/${f#*/}";; *) p=$f;; esac
-  if [ -f "$p" ]; then echo "$f|$(stat -c '%a|%U|%G' "$p")|$(base64 -w0 < "$p")"; else echo "$f|missing"; fi
+  p=$(expand "$f") || { echo "$f|missing"; continue; }
+  if [ -L "$p" ]; then echo "$f|link|$(stat -c '%U|%G|%a' "$p")|$(readlink "$p")"
+  elif [ -f "$p" ]; then echo "$f|file|$(stat -c '%U|%G|%a' "$p")|$(head -c 262144 "$p" | base64 -w0)"
+  elif [ -d "$p" ]; then echo "$f|directory|$(stat -c '%U|%G|%a' "$p")|"
+  elif [ -e "$p" ]; then echo "$f|other|$(stat -c '%U|%G|%a' "$p")|"
+  else echo "$f|missing"; fi
 done
+sec tools; for c in setfacl visudo flock sshd systemctl apt-get; do command -v "$c" >/dev/null && echo "$c"; done
 sec docker
 command -v docker
 docker version --format '{{.Server.Version}}' 2>/dev/null
@@ -104,7 +117,10 @@ class Account:
     gid: int
     home: str
     shell: str
-    locked: bool | None = None  # None: not asked (only accounts of interest are)
+    # Login disabled by account expiry (how offboarding locks); None: not asked, since only
+    # accounts of interest are.
+    locked: bool | None = None
+    authorized_keys: int | None = None  # key lines in ~/.ssh/authorized_keys, when asked
 
 
 @dataclass(frozen=True)
@@ -115,12 +131,20 @@ class Group:
 
 
 @dataclass(frozen=True)
-class FileState:
+class PathState:
+    """A path on the host: its kind, owner, group, mode, a link's target, a file's text."""
+
     path: str
-    content: str | None  # None: the file does not exist
-    mode: str = ""
+    kind: str  # file | directory | link | other | missing
     owner: str = ""
     group: str = ""
+    mode: str = ""
+    target: str = ""
+    content: str | None = None
+
+    @property
+    def exists(self) -> bool:
+        return self.kind != "missing"
 
 
 @dataclass(frozen=True)
@@ -212,7 +236,9 @@ class HostFacts:
     cache: CacheDir
     member_caches: dict[str, MemberCache]
     disk: Disk | None
-    files: dict[str, FileState]
+    paths: dict[str, PathState]
+    tools: tuple[str, ...]
+    sudoers_d: tuple[str, ...]
     docker: Docker
     nvidia: Nvidia
     apt_lock_holder: str | None
@@ -221,8 +247,12 @@ class HostFacts:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
-    def file(self, path: str) -> FileState:
-        return self.files.get(path, FileState(path, None))
+    def path(self, path: str) -> PathState:
+        """What the facts saw at `path` (asked for through facts_request)."""
+        return self.paths.get(path, PathState(path, "missing"))
+
+    def text(self, path: str) -> str | None:
+        return self.path(path).content
 
     def groups_of(self, user: str) -> set[str]:
         primary = {g.name for g in self.groups.values()
@@ -230,21 +260,21 @@ class HostFacts:
         return primary | {g.name for g in self.groups.values() if user in g.members}
 
 
-def facts_request(inventory: Inventory, extra_files: tuple[str, ...] = ()) -> dict[str, str]:
-    """The environment the facts script reads: which accounts, cache dir and files matter."""
-    accounts = sorted(m.name for m in inventory.members)
-    files = [STATE_FILE, DAEMON_JSON, *extra_files]
+def facts_request(inventory: Inventory, paths: tuple[str, ...] = ()) -> dict[str, str]:
+    """The environment the facts script reads: which accounts, cache dir and paths matter."""
     return {
-        "PROVISION_ACCOUNTS": " ".join(accounts),
+        "PROVISION_ACCOUNTS": " ".join(sorted(m.name for m in inventory.members)),
         "PROVISION_CACHE_DIR": inventory.defaults.cache_dir,
-        "PROVISION_FILES": "\n".join(files),
+        "PROVISION_PATHS": "\n".join((STATE_FILE, DAEMON_JSON, *paths)),
     }
 
 
-def gather_facts(conn: Connection, inventory: Inventory,
-                 extra_files: tuple[str, ...] = ()) -> HostFacts:
-    """One round trip: run the facts script as root and parse what it printed."""
-    result = conn.run(FACTS_SCRIPT, env=facts_request(inventory, extra_files), what="facts")
+def gather_facts(conn: Connection, inventory: Inventory, paths: tuple[str, ...] = ()) -> HostFacts:
+    """One round trip: run the facts script as root and parse what it printed.
+
+    `paths` (absolute, or `~name/…` inside an account's home) are stat'ed, files also read.
+    """
+    result = conn.run(FACTS_SCRIPT, env=facts_request(inventory, paths), what="facts")
     return parse_facts(result.stdout, inventory.defaults.cache_dir)
 
 
@@ -264,8 +294,8 @@ def split_sections(transcript: str) -> dict[str, list[str]]:
 def parse_facts(transcript: str, cache_dir: str) -> HostFacts:
     """Pure: the facts script's output → HostFacts."""
     s = split_sections(transcript)
-    files = _files(s.get("files", []))
-    state_text = files.get(STATE_FILE, FileState(STATE_FILE, None)).content
+    paths = _paths(s.get("paths", []))
+    state_text = paths[STATE_FILE].content if STATE_FILE in paths else None
     accounts = _accounts(s.get("passwd", []), s.get("account-status", []))
     identity = _key_values(s.get("identity", []), "=")
     init_lines = s.get("init", [])
@@ -281,7 +311,9 @@ def parse_facts(transcript: str, cache_dir: str) -> HostFacts:
         cache=_cache(cache_dir, s),
         member_caches=_member_caches(s.get("member-caches", [])),
         disk=_disk(s.get("disk", [])),
-        files=files,
+        paths=paths,
+        tools=tuple(ln.strip() for ln in s.get("tools", [])),
+        sudoers_d=tuple(ln.strip() for ln in s.get("sudoers-d", [])),
         docker=_docker(s.get("docker", []), s.get("docker-runtimes", [])),
         nvidia=_nvidia(s),
         apt_lock_holder=_apt_lock_holder(s.get("apt-locks", [])),
@@ -307,15 +339,16 @@ def _os(s: dict[str, list[str]]) -> OSInfo:
 
 
 def _accounts(passwd: list[str], status: list[str]) -> dict[str, Account]:
-    # `passwd -S` prints "name L|P|NP …"; L means the password is locked.
-    locked = {p[0]: p[1] == "L" for p in (ln.split() for ln in status) if len(p) > 1}
+    asked = {p[0]: p for p in (ln.split() for ln in status) if len(p) == 3}
     accounts = {}
     for line in passwd:
         parts = line.split(":")
         if len(parts) < 7:
             continue
+        status = asked.get(parts[0])
         accounts[parts[0]] = Account(parts[0], int(parts[2]), int(parts[3]), parts[5], parts[6],
-                                     locked.get(parts[0]))
+                                     status[1] == "expired" if status else None,
+                                     int(status[2]) if status and status[2].isdigit() else None)
     return accounts
 
 
@@ -369,16 +402,19 @@ def _disk(lines: list[str]) -> Disk | None:
     return Disk(path=parts[5], total_bytes=int(parts[1]), free_bytes=int(parts[3]))
 
 
-def _files(lines: list[str]) -> dict[str, FileState]:
-    files = {}
+def _paths(lines: list[str]) -> dict[str, PathState]:
+    paths = {}
     for line in lines:
         parts = line.split("|")
-        if len(parts) == 2 and parts[1] == "missing":
-            files[parts[0]] = FileState(parts[0], None)
-        elif len(parts) == 5:
-            content = base64.b64decode(parts[4]).decode("utf-8", errors="replace")
-            files[parts[0]] = FileState(parts[0], content, parts[1], parts[2], parts[3])
-    return files
+        if len(parts) == 6:
+            name, kind, owner, group, mode, extra = parts
+            content = (base64.b64decode(extra).decode("utf-8", errors="replace")
+                       if kind == "file" else None)
+            target = extra if kind == "link" else ""
+            paths[name] = PathState(name, kind, owner, group, mode, target, content)
+        elif parts[0]:
+            paths[parts[0]] = PathState(parts[0], "missing")
+    return paths
 
 
 def _docker(lines: list[str], runtime_lines: list[str]) -> Docker:

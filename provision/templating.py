@@ -28,8 +28,8 @@ def environment() -> jinja2.Environment:
     )
 
 
-def render(name: str, **variables: Any) -> str:
-    return environment().get_template(name).render(**variables)
+def render(template: str, **variables: Any) -> str:
+    return environment().get_template(template).render(**variables)
 
 
 def raw(name: str) -> str:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
+from provision.engine import HostReport
 from provision.facts import HostFacts
 
 
@@ -41,4 +44,54 @@ def facts_table(host: str, facts: HostFacts) -> Table:
     ]
     for key, value in rows:
         table.add_row(key, value)
+    return table
+
+
+STATUS_STYLE = {"changed": "green", "unchanged": "dim", "pending": "yellow", "failed": "red",
+                "not run": "dim red"}
+
+
+def plan_lines(report: HostReport) -> Group:
+    """Every change of every step, with warnings and file diffs, as a user reads a plan."""
+    parts: list[object] = [Text(f"{report.host}", style="bold")]
+    for step in report.steps:
+        for change in step.changes:
+            verb = "~" if step.status == "pending" else "+"
+            parts.append(Text(f"  {verb} [{step.name}] {change.summary}"))
+            if change.warning:
+                parts.append(Text(f"      warning: {change.warning}", style="yellow"))
+            parts.extend(Text(f"      {line}", style=_diff_style(line))
+                         for line in change.diff().splitlines())
+    if not any(step.changes for step in report.steps) and report.error is None:
+        parts.append(Text("  nothing to change", style="dim"))
+    return Group(*parts)
+
+
+def _diff_style(line: str) -> str:
+    if line.startswith(("+++", "---", "@@")):
+        return "bold"
+    return {"+": "green", "-": "red"}.get(line[:1], "")
+
+
+def summary_table(reports: list[HostReport]) -> Table:
+    table = Table(title="provision host: summary")
+    table.add_column("host", style="bold")
+    table.add_column("step")
+    table.add_column("status")
+    table.add_column("changes", justify="right")
+    table.add_column("time", justify="right")
+    for report in reports:
+        for step in report.steps:
+            table.add_row(report.host, step.name, Text(step.status,
+                                                       style=STATUS_STYLE[step.status]),
+                          str(len(step.changes)), f"{step.seconds:.2f} s")
+        if report.error:
+            table.add_row(report.host, "", Text(report.error.line(), style="red"), "",
+                          f"{report.seconds:.2f} s")
+        elif report.drift:
+            table.add_row(report.host, "", Text("not converged: " + "; ".join(
+                c.summary for c in report.drift), style="red"), "", "")
+        else:
+            table.add_row(report.host, "", Text("ok", style="green"), "",
+                          f"{report.seconds:.2f} s")
     return table

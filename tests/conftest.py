@@ -7,6 +7,7 @@ removed at its end, by name, whatever the tests did to it.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -14,10 +15,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import paramiko
 import pytest
 
 from provision import sandbox as sandboxes
 from provision.errors import DockerUnavailable
+from provision.sandbox import new_key_pair
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -60,6 +63,43 @@ class Host:
     def cli(self, *args: str, **kwargs) -> CliResult:
         return run_cli(*args, inventory=self.inventory, home=self.home, **kwargs)
 
+    @property
+    def testinfra(self):
+        """testinfra's view of the host (through Docker), to assert state as the field does."""
+        import testinfra
+
+        return testinfra.get_host(f"docker://{self.sandbox.container}")
+
+    def add_members(self, names: list[str], **fields: object) -> dict[str, Path]:
+        """Append [[members]] with fresh key pairs; returns each member's private key path."""
+        keys = {}
+        lines = []
+        for name in names:
+            directory = self.inventory.parent / "keys" / name
+            directory.mkdir(parents=True, exist_ok=True)
+            new_key_pair(directory)
+            keys[name] = directory / "id_ed25519"
+            extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in fields.items())
+            lines.append(f'\n[[members]]\nname = "{name}"\n'
+                         f'keys = ["keys/{name}/id_ed25519.pub"]\n{extra}')
+        with self.inventory.open("a") as inventory:
+            inventory.write("".join(lines))
+        return keys
+
+    def ssh(self, user: str, key: Path, command: str) -> tuple[int, str]:
+        """Log in as `user` with `key` over real SSH (host key checked) and run `command`."""
+        client = paramiko.SSHClient()
+        client.load_host_keys(str(self.sandbox.known_hosts))
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        client.connect("127.0.0.1", self.sandbox.port, username=user, key_filename=str(key),
+                       allow_agent=False, look_for_keys=False, timeout=10)
+        try:
+            _, stdout, stderr = client.exec_command(command, timeout=60)
+            output = stdout.read().decode() + stderr.read().decode()
+            return stdout.channel.recv_exit_status(), output
+        finally:
+            client.close()
+
     def exec(self, command: str, user: str = "root") -> tuple[int, str]:
         """Run a command inside the sandbox through Docker (the test's back door, not SSH)."""
         container = sandboxes.docker_client().containers.get(self.sandbox.container)
@@ -92,6 +132,8 @@ def make_host(docker_engine, tmp_path_factory) -> Iterator[Callable[[], Host]]:
         home.mkdir()
         host = Host(sandboxes.up(name, inventory, log=lambda *_: None), inventory, home)
         made.append(host)
+        # sudo leaves this marker on its first use: sudo's doing, which host snapshots ignore.
+        host.exec("touch ~/.sudo_as_admin_successful", user="admin")
         return host
 
     yield make

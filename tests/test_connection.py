@@ -62,7 +62,8 @@ def test_facts_json_over_ssh_has_every_field(shared_host: Host) -> None:
     assert facts["docker"]["installed"] is False
     assert facts["nvidia"]["gpus"] == [] and facts["nvidia"]["pci_devices"] == []
     assert facts["apt_lock_holder"] is None
-    assert facts["files"]["/var/lib/provision/state.json"]["content"] is None
+    assert facts["paths"]["/var/lib/provision/state.json"]["kind"] == "missing"
+    assert {"flock", "sshd", "visudo", "systemctl", "apt-get"} <= set(facts["tools"])
 
 
 def test_facts_take_one_round_trip(shared_host: Host) -> None:

@@ -1,0 +1,89 @@
+"""What a step wants done on a host: plain data a user can read before anything happens.
+
+A `Change` is a sentence, the ordered actions that carry it out (files written atomically,
+shell commands run as root) and, for files, a unified diff of old against new. Steps build
+them; only the engine turns them into a script.
+"""
+
+from __future__ import annotations
+
+import base64
+import difflib
+import shlex
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WriteFile:
+    """Write `content` to `path` atomically: temp file, owner and mode, validate, rename."""
+
+    path: str
+    content: str
+    old: str | None  # what is there now (None: no file), for the diff
+    owner: str = "root"
+    group: str = "root"
+    mode: str = "0644"
+    # A command run on the temp file before it replaces the old one; `{}` is its path.
+    validate: str | None = None
+
+    def diff(self) -> str:
+        old = (self.old or "").splitlines(keepends=True)
+        new = self.content.splitlines(keepends=True)
+        before = self.path if self.old is not None else "/dev/null"
+        return "".join(difflib.unified_diff(old, new, before, self.path))
+
+    def script(self) -> str:
+        data = base64.b64encode(self.content.encode()).decode()
+        validate = ""
+        if self.validate:
+            check = self.validate.replace("{}", '"$tmp"')
+            validate = (f"{check} >&2 || {{ rm -f \"$tmp\"; "
+                        f"echo \"invalid new {self.path}\" >&2; exit 3; }}\n")
+        path = shlex.quote(self.path)
+        return (
+            f"mkdir -p \"$(dirname {path})\"\n"
+            f"tmp=$(mktemp \"$(dirname {path})/.provision.XXXXXX\")\n"
+            f"printf %s {data} | base64 -d > \"$tmp\"\n"
+            f"chown {self.owner}:{self.group} \"$tmp\"\n"
+            f"chmod {self.mode} \"$tmp\"\n"
+            f"{validate}"
+            f"mv -f \"$tmp\" {path}\n"
+        )
+
+
+@dataclass(frozen=True)
+class Run:
+    """A shell command (or a few lines of sh) run as root."""
+
+    command: str
+
+    def script(self) -> str:
+        return self.command.rstrip("\n") + "\n"
+
+
+Action = WriteFile | Run
+
+
+@dataclass(frozen=True)
+class Change:
+    step: str
+    summary: str
+    actions: tuple[Action, ...]
+    warning: str | None = None
+
+    def diff(self) -> str:
+        return "".join(a.diff() for a in self.actions if isinstance(a, WriteFile))
+
+    def script(self) -> str:
+        return "".join(a.script() for a in self.actions)
+
+    def to_json(self) -> dict[str, object]:
+        return {"step": self.step, "summary": self.summary, "warning": self.warning,
+                "diff": self.diff(),
+                "commands": [a.command for a in self.actions if isinstance(a, Run)],
+                "files": [a.path for a in self.actions if isinstance(a, WriteFile)]}
+
+
+def run(step: str, summary: str, *commands: str, warning: str | None = None) -> Change:
+    """A change made of shell commands only."""
+    return Change(step, summary, tuple(Run(c) for c in commands), warning)

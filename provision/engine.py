@@ -1,0 +1,189 @@
+"""The one place that locks, applies, re-reads and reports. Safety lives here, once.
+
+Per host: take the host lock → read facts (one round trip) → for each step, plan (pure) and,
+when applying, run all of that step's changes as one script, then re-read facts so the next
+step plans on what is really there → record state → re-plan everything to confirm that
+nothing is left to do. A failure stops that host's remaining steps; other hosts go on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from provision import __version__
+from provision.changes import Change, WriteFile
+from provision.connection import Connection
+from provision.errors import HostLocked, ProvisionError, RemoteCommandFailed
+from provision.facts import STATE_FILE, HostFacts, gather_facts
+from provision.inventory import Inventory
+from provision.steps import Step, StepBlocked, former_members
+
+# An applying run holds the lock exclusively; a planning one shares it and writes nothing
+# (on a host never converged there is no lock file, and nothing to race with).
+LOCK_EXCLUSIVE = """mkdir -p -m 0700 /var/lib/provision
+exec 9>/var/lib/provision/lock
+if ! flock -n 9; then echo "busy $(cat /var/lib/provision/lock.owner 2>/dev/null)"; exit 0; fi
+echo "${SUDO_USER:-$(id -un)} since $(date -u +%H:%M:%SZ)" > /var/lib/provision/lock.owner
+# A run whose client died may have left an apply script finishing: let it end first.
+exec 8>/var/lib/provision/apply.lock
+flock -w 600 8 && flock -u 8
+echo locked
+cat >/dev/null"""
+LOCK_SHARED = """if [ -e /var/lib/provision/lock ]; then
+  exec 9</var/lib/provision/lock
+  flock -s -n 9 || { echo "busy $(cat /var/lib/provision/lock.owner 2>/dev/null)"; exit 0; }
+fi
+echo locked
+cat >/dev/null"""
+
+# Each step's changes run as one script that holds the apply lock, ignores the hang-up of a
+# dropped connection and logs to a file: once received it runs to its end, and files are
+# only ever replaced by rename, so a killed client leaves no half-written file behind.
+APPLY_SCRIPT = """mkdir -p -m 0700 /var/lib/provision
+exec 8>/var/lib/provision/apply.lock
+flock 8
+trap '' HUP PIPE
+log=/var/lib/provision/apply-{step}.log
+(
+set -e
+umask 022
+{body}
+) >"$log" 2>&1
+rc=$?
+cat "$log"
+exit $rc"""
+
+Progress = Callable[[str, str], None]
+
+
+@dataclass
+class StepReport:
+    name: str
+    status: str  # unchanged | pending | changed | failed | not run
+    changes: list[Change] = field(default_factory=list)
+    seconds: float = 0.0
+    message: str = ""
+
+    def to_json(self) -> dict[str, object]:
+        return {"step": self.name, "status": self.status, "seconds": round(self.seconds, 3),
+                "message": self.message, "changes": [c.to_json() for c in self.changes]}
+
+
+@dataclass
+class HostReport:
+    host: str
+    steps: list[StepReport] = field(default_factory=list)
+    error: ProvisionError | None = None
+    drift: list[Change] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def pending(self) -> bool:
+        return any(s.status == "pending" for s in self.steps)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.drift
+
+    def to_json(self) -> dict[str, object]:
+        return {"host": self.host, "ok": self.ok, "seconds": round(self.seconds, 3),
+                "error": self.error.line() if self.error else None,
+                "drift": [c.to_json() for c in self.drift],
+                "steps": [s.to_json() for s in self.steps]}
+
+
+def apply_script(step: str, changes: list[Change]) -> str:
+    body = "".join(f"echo {json.dumps('== ' + c.summary)}\n{c.script()}" for c in changes)
+    return APPLY_SCRIPT.format(step=step, body=body)
+
+
+def state_change(facts: HostFacts, inventory: Inventory, applied: list[str]) -> Change | None:
+    """The state record, when it would say something new (members, inventory, steps)."""
+    members = sorted({m.name for m in inventory.members}
+                     | {n for n in former_members(facts, inventory) if n in facts.accounts})
+    digest = hashlib.sha256(inventory.path.read_bytes()).hexdigest() if inventory.path.exists() \
+        else ""
+    old = facts.state
+    if not applied and old.get("members") == members and old.get("inventory_digest") == digest:
+        return None
+    record = {
+        "tool_version": __version__, "inventory_digest": digest, "members": members,
+        "applied_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "steps_applied": applied,
+    }
+    # One line: the facts script reads "members" from it with sed.
+    content = json.dumps(record) + "\n"
+    return Change("state", "record what was applied",
+                  (WriteFile(STATE_FILE, content, facts.text(STATE_FILE), mode="0600"),))
+
+
+def converge_host(conn: Connection, inventory: Inventory, steps: tuple[Step, ...], *,
+                  apply: bool, progress: Progress = lambda host, text: None) -> HostReport:
+    """Plan (and apply) `steps` on one connected host; never raises, the report says all."""
+    report = HostReport(conn.name)
+    started = time.monotonic()
+    paths = tuple(p for step in steps for p in step.paths(inventory))
+    try:
+        held = conn.hold(LOCK_EXCLUSIVE if apply else LOCK_SHARED)
+        if held.first_line != "locked":
+            owner = held.first_line.removeprefix("busy").strip() or "another run"
+            held.release()
+            raise HostLocked(f"{conn.name}: another provision run holds the host lock "
+                             f"({owner})", "wait for it to finish, then rerun")
+        try:
+            _run_steps(conn, inventory, steps, paths, apply, report, progress)
+        finally:
+            held.release()
+    except ProvisionError as exc:
+        report.error = exc
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _run_steps(conn: Connection, inventory: Inventory, steps: tuple[Step, ...],
+               paths: tuple[str, ...], apply: bool, report: HostReport,
+               progress: Progress) -> None:
+    progress(conn.name, "reading facts")
+    facts = gather_facts(conn, inventory, paths)
+    applied: list[str] = []
+    for index, step in enumerate(steps):
+        progress(conn.name, step.name)
+        started = time.monotonic()
+        entry = StepReport(step.name, "unchanged")
+        report.steps.append(entry)
+        try:
+            entry.changes = step.plan(facts, inventory)
+            if entry.changes and not apply:
+                entry.status = "pending"
+            elif entry.changes:
+                conn.run(apply_script(step.name, entry.changes), what=f"step {step.name}")
+                entry.status = "changed"
+                applied.append(step.name)
+                facts = gather_facts(conn, inventory, paths)
+        except (StepBlocked, RemoteCommandFailed) as exc:
+            entry.status, entry.message = "failed", exc.line()
+            report.steps.extend(StepReport(s.name, "not run") for s in steps[index + 1:])
+            report.error = exc
+            return
+        finally:
+            entry.seconds = time.monotonic() - started
+    if not apply:
+        return
+    record = state_change(facts, inventory, applied)
+    if record is not None:
+        conn.run(apply_script("state", [record]), what="state record")
+    progress(conn.name, "confirming")
+    report.drift = [c for step in steps for c in step.plan(facts, inventory)]
+
+
+def run_hosts(hosts: list[str], work: Callable[[str], HostReport],
+              parallel: int = 8) -> list[HostReport]:
+    """`work` on every host at once (bounded); one host's failure never stops another."""
+    with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(hosts)))) as pool:
+        return list(pool.map(work, hosts))

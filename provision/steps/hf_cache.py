@@ -1,0 +1,131 @@
+"""hf-cache: one Hugging Face cache for the team, writable by all, tokens private to each.
+
+The cache directory is `root:<cache_group>` 2775 with default ACLs, so whatever a member
+writes there stays group-writable. Each member's `~/.cache/huggingface` becomes a symlink to
+it. A real directory already there is merged without losing a byte: it is renamed aside,
+every file the shared cache lacks is moved in, the token goes to the member's private token
+path, and what is left (files the cache already holds) stays in the renamed directory.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+from provision.changes import Change, WriteFile, run
+from provision.facts import HostFacts, PathState
+from provision.inventory import Inventory, Member
+from provision.steps import Step, StepBlocked, apt_install, home_of, primary_group
+from provision.templating import render
+
+NAME = "hf-cache"
+PROFILE = "/etc/profile.d/provision-hf.sh"
+CACHE_LINK = ".cache/huggingface"
+TOKEN_DIR = ".config/huggingface"
+
+MERGE = """src={src}; dst={dst}; left="$src.provision-leftovers-$(date +%Y%m%d%H%M%S)"
+mv "$src" "$left"
+(cd "$left" && find . ! -type d ! -path ./token ! -path './stored_tokens' -print) |
+while IFS= read -r f; do
+  f=${{f#./}}
+  if [ ! -e "$dst/$f" ] && [ ! -L "$dst/$f" ]; then
+    mkdir -p "$dst/$(dirname "$f")"
+    mv "$left/$f" "$dst/$f"
+    chgrp -h {group} "$dst/$f"
+    [ -L "$dst/$f" ] || chmod g+rw "$dst/$f"
+  fi
+done
+if [ -f "$left/token" ] && [ ! -e {token} ]; then mv "$left/token" {token}; fi
+find "$left" -depth -type d -empty -delete
+[ ! -d "$left" ] || echo "kept what the shared cache already had in $left" >&2"""
+
+
+def paths(inventory: Inventory) -> tuple[str, ...]:
+    per_member = (p for m in inventory.members
+                  for p in (f"~{m.name}/.cache", f"~{m.name}/{CACHE_LINK}",
+                            f"~{m.name}/.config", f"~{m.name}/{TOKEN_DIR}"))
+    return (inventory.defaults.cache_dir, PROFILE, *per_member)
+
+
+def wanted_acl(group: str) -> set[str]:
+    """The getfacl -c lines that keep new files group-writable for `group`."""
+    return {f"group:{group}:rwx", f"default:group:{group}:rwx", "default:group::rwx",
+            "default:mask::rwx"}
+
+
+def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
+    defaults = inventory.defaults
+    cache, group = defaults.cache_dir, defaults.cache_group
+    q = shlex.quote(cache)
+    changes = []
+    if "setfacl" not in facts.tools:
+        changes.append(run(NAME, "install acl (setfacl) for the cache's default ACLs",
+                           apt_install("acl")))
+    state = facts.path(cache)
+    if not state.exists:
+        changes.append(run(NAME, f"create {cache} (root:{group}, 2775)",
+                           f"mkdir -p {q}\nchown root:{group} {q}\nchmod 2775 {q}"))
+    elif state.kind != "directory":
+        raise StepBlocked(f"{cache} exists and is not a directory ({state.kind})",
+                          "move it away or set another cache_dir")
+    elif (state.owner, state.group, state.mode) != ("root", group, "2775"):
+        changes.append(run(NAME, f"{cache}: root:{group} 2775 (was {state.owner}:"
+                                 f"{state.group} {state.mode})",
+                           f"chown root:{group} {q}\nchmod 2775 {q}"))
+    if not state.exists or not wanted_acl(group) <= set(facts.cache.acl):
+        changes.append(run(NAME, f"{cache}: default ACLs keep members' files group-writable",
+                           f"setfacl -R -m g:{group}:rwX,d:g:{group}:rwX,d:g::rwX,d:m::rwX {q}"))
+    profile = render("host/hf-profile.sh.j2", cache_dir=cache, cache_group=group)
+    current = facts.path(PROFILE)
+    if current.content != profile:
+        changes.append(Change(NAME, "HF_TOKEN_PATH per member for login shells (tokens stay "
+                                    "out of the shared cache)",
+                              (WriteFile(PROFILE, profile, current.content),)))
+    for member in inventory.members:
+        changes.extend(_member(facts, inventory, member))
+    return changes
+
+
+def _member(facts: HostFacts, inventory: Inventory, member: Member) -> list[Change]:
+    name, home = member.name, home_of(facts, member.name)
+    group = primary_group(facts, name)
+    cache = inventory.defaults.cache_dir
+    link, token_dir = f"{home}/{CACHE_LINK}", f"{home}/{TOKEN_DIR}"
+    changes = []
+    state = facts.path(f"~{name}/{TOKEN_DIR}")
+    if (state.kind, state.owner, state.mode) != ("directory", name, "700"):
+        changes.append(run(NAME, f"{token_dir}: {name}'s private token directory (0700)",
+                           _own_dir(f"{home}/.config", name, group, facts.path(f"~{name}/.config"))
+                           + f"install -d -m 0700 -o {name} -g {group} {shlex.quote(token_dir)}"))
+    current = facts.path(f"~{name}/{CACHE_LINK}")
+    make_link = (f"ln -sfn {shlex.quote(cache)} {shlex.quote(link)}\n"
+                 f"chown -h {name}:{group} {shlex.quote(link)}")
+    if current.kind == "link" and current.target == cache:
+        return changes
+    if current.kind == "link":
+        changes.append(run(NAME, f"{link}: point to {cache} (was -> {current.target})",
+                           make_link))
+    elif current.kind == "missing":
+        changes.append(run(NAME, f"{link} -> {cache}",
+                           _own_dir(f"{home}/.cache", name, group, facts.path(f"~{name}/.cache"))
+                           + make_link))
+    elif current.kind == "directory":
+        merge = MERGE.format(src=shlex.quote(link), dst=shlex.quote(cache),
+                             group=inventory.defaults.cache_group,
+                             token=shlex.quote(f"{token_dir}/token"))
+        changes.append(run(NAME, f"{link}: merge {name}'s own cache into {cache} (nothing "
+                                 "deleted; the token stays private), then link it", merge,
+                           make_link))
+    else:
+        raise StepBlocked(f"{link} is a {current.kind}, not a directory or link",
+                          f"move it away so {name}'s cache can link to {cache}")
+    return changes
+
+
+def _own_dir(path: str, owner: str, group: str, state: PathState) -> str:
+    """Create a parent directory owned by the member, leaving an existing one alone."""
+    if state.exists:
+        return ""
+    return f"install -d -o {owner} -g {group} {shlex.quote(path)}\n"
+
+
+STEP = Step(NAME, plan, paths)

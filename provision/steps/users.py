@@ -1,0 +1,146 @@
+"""users: team accounts, their keys (in a managed block), groups and a limited sudo.
+
+Offboarding lives here too: a member who left the inventory is locked (account expiry, which
+sshd honours for key logins), her keys are moved aside, her sudo rule and groups go, and her
+home stays where it is.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+from provision.changes import Change, WriteFile, run
+from provision.facts import HostFacts
+from provision.inventory import Inventory, Member
+from provision.steps import Step, StepBlocked, former_members, home_of, primary_group
+from provision.templating import render
+
+NAME = "users"
+BEGIN = "# BEGIN provision managed keys (edits between these lines are overwritten)"
+END = "# END provision managed keys"
+DOCKER_GROUP = "docker"
+DOCKER_WARNING = ("the docker group is root-equivalent: its members can start a container "
+                  "that mounts / and act as root on this host")
+FIRST_REGULAR_UID = 1000
+
+
+def sudoers_path(name: str) -> str:
+    # sudo skips drop-ins whose name holds a '.', so the member name is used as it is.
+    return f"/etc/sudoers.d/provision-{name}"
+
+
+def paths(inventory: Inventory) -> tuple[str, ...]:
+    return tuple(p for m in inventory.members for p in (
+        f"~{m.name}/.ssh", f"~{m.name}/.ssh/authorized_keys", sudoers_path(m.name)))
+
+
+def managed_keys(current: str | None, keys: tuple[str, ...]) -> str:
+    """The authorized_keys text with our block set to `keys`; lines outside it are kept."""
+    lines = (current or "").splitlines()
+    block = [BEGIN, *keys, END]
+    if BEGIN in lines and END in lines[lines.index(BEGIN):]:
+        start = lines.index(BEGIN)
+        end = lines.index(END, start)
+        lines[start:end + 1] = block
+    else:
+        lines.extend(block)
+    return "\n".join(lines) + "\n"
+
+
+def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
+    changes = []
+    for group, system in ((inventory.defaults.cache_group, False), (DOCKER_GROUP, True)):
+        if group not in facts.groups:
+            flag = "--system " if system else ""
+            changes.append(run(NAME, f"create group {group}", f"groupadd {flag}{group}"))
+    for member in inventory.members:
+        changes.extend(_member(facts, inventory, member))
+    for name in former_members(facts, inventory):
+        changes.extend(_offboard(facts, inventory, name))
+    return changes
+
+
+def _member(facts: HostFacts, inventory: Inventory, member: Member) -> list[Change]:
+    name = member.name
+    account = facts.accounts.get(name)
+    changes = []
+    if account is None:
+        changes.append(run(NAME, f"create account {name} (home, bash)",
+                           f"useradd --create-home --shell /bin/bash --user-group {name}"))
+    elif account.uid < FIRST_REGULAR_UID:
+        raise StepBlocked(f"{name} exists as a system account (uid {account.uid})",
+                          "give the member another name in the inventory")
+    elif account.locked:
+        changes.append(run(NAME, f"unlock returning member {name}",
+                           f"usermod --expiredate '' {name}"))
+    groups = facts.groups_of(name) if account else set()
+    wanted = [inventory.defaults.cache_group, DOCKER_GROUP]
+    missing = [g for g in wanted if g not in groups]
+    if missing:
+        changes.append(run(NAME, f"add {name} to {', '.join(missing)}",
+                           f"usermod --append --groups {','.join(missing)} {name}",
+                           warning=DOCKER_WARNING if DOCKER_GROUP in missing else None))
+    changes.extend(_keys(facts, member))
+    changes.extend(_sudo(facts, member))
+    return changes
+
+
+def _keys(facts: HostFacts, member: Member) -> list[Change]:
+    name, home = member.name, home_of(facts, member.name)
+    group = primary_group(facts, name)
+    changes = []
+    ssh_dir = facts.path(f"~{name}/.ssh")
+    if (ssh_dir.kind, ssh_dir.owner, ssh_dir.mode) != ("directory", name, "700"):
+        changes.append(run(NAME, f"{home}/.ssh for {name} (0700)",
+                           f"install -d -m 0700 -o {name} -g {group} {home}/.ssh"))
+    current = facts.path(f"~{name}/.ssh/authorized_keys")
+    wanted = managed_keys(current.content, member.keys)
+    if current.content != wanted or (current.owner, current.mode) != (name, "600"):
+        verb = "set" if current.exists else "create"
+        changes.append(Change(NAME, f"{verb} {name}'s managed authorized_keys block "
+                                    f"({len(member.keys)} key(s); lines outside it kept)",
+                              (WriteFile(f"{home}/.ssh/authorized_keys", wanted, current.content,
+                                         owner=name, group=group, mode="0600"),)))
+    return changes
+
+
+def _sudo(facts: HostFacts, member: Member) -> list[Change]:
+    path = sudoers_path(member.name)
+    current = facts.path(path)
+    if not member.sudo:
+        if current.exists:
+            return [run(NAME, f"remove {member.name}'s sudo rule", f"rm -f {path}")]
+        return []
+    wanted = render("host/sudoers.j2", name=member.name, commands=member.sudo)
+    if current.content == wanted and current.mode == "440":
+        return []
+    return [Change(NAME, f"sudo for {member.name}: only {', '.join(member.sudo)}",
+                   (WriteFile(path, wanted, current.content, mode="0440",
+                              validate="visudo -cf {}"),))]
+
+
+def _offboard(facts: HostFacts, inventory: Inventory, name: str) -> list[Change]:
+    account = facts.accounts.get(name)
+    if account is None:
+        return []
+    home = shlex.quote(account.home)
+    changes = []
+    if not account.locked:
+        changes.append(run(NAME, f"offboard {name}: lock the account (home kept)",
+                           f"usermod --lock --expiredate 1 {name}"))
+    if account.authorized_keys:
+        changes.append(run(NAME, f"offboard {name}: move her SSH keys aside",
+                           f"mv -f {home}/.ssh/authorized_keys "
+                           f"{home}/.ssh/authorized_keys.offboarded-$(date +%Y%m%d%H%M%S)"))
+    if f"provision-{name}" in facts.sudoers_d:
+        changes.append(run(NAME, f"offboard {name}: remove her sudo rule",
+                           f"rm -f {sudoers_path(name)}"))
+    member_of = facts.groups_of(name)
+    for group in (inventory.defaults.cache_group, DOCKER_GROUP):
+        if group in member_of:
+            changes.append(run(NAME, f"offboard {name}: leave group {group}",
+                               f"gpasswd --delete {name} {group} >/dev/null"))
+    return changes
+
+
+STEP = Step(NAME, plan, paths)

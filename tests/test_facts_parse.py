@@ -1,0 +1,473 @@
+"""parse_facts on recorded FACTS_SCRIPT transcripts: pure, no SSH.
+
+Each fixture under tests/fixtures/facts/ is what the facts script prints on one kind of host
+(Ubuntu 22.04/24.04 with and without an H100, Debian 12), run the way `Connection.run` runs
+it: the `export` preamble from `facts_request` (the two standard paths unless a fixture notes
+more), then the script on stdin to `sh -s` as root.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+from provision.facts import (
+    DAEMON_JSON,
+    FACTS_SCRIPT,
+    STATE_FILE,
+    Gpu,
+    Group,
+    HostFacts,
+    parse_facts,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "facts"
+CACHE_DIR = "/data/cache/huggingface"
+
+JAMMY_H100 = "ubuntu-22.04-h100"
+NOBLE_H100 = "ubuntu-24.04-h100"
+NOBLE_NOGPU = "ubuntu-24.04-nogpu"
+JAMMY_NODRIVER = "ubuntu-22.04-gpu-nodriver"
+DEBIAN = "debian-12"
+HOSTS = (JAMMY_H100, NOBLE_H100, NOBLE_NOGPU, JAMMY_NODRIVER, DEBIAN)
+
+UBUNTU_TOOLS = ("setfacl", "visudo", "flock", "sshd", "systemctl", "apt-get")
+CLOUD_SUDOERS = ("90-cloud-init-users", "README")
+RUNC_ONLY = ("io.containerd.runc.v2", "runc")
+
+
+def transcript(host: str) -> str:
+    return (FIXTURES / f"{host}.txt").read_text()
+
+
+@cache
+def facts(host: str) -> HostFacts:
+    return parse_facts(transcript(host), CACHE_DIR)
+
+
+def replace_section(text: str, name: str, body: str) -> str:
+    """The transcript with one section's output swapped for `body` (what another host printed)."""
+    pattern = re.compile(rf"(@@@provision:{re.escape(name)}\n).*?(\n@@@provision:)", re.S)
+    new, count = pattern.subn(lambda m: f"{m.group(1)}{body}\n{m.group(2)}", text)
+    assert count == 1, name
+    return new
+
+
+# --------------------------------------------------------------------------- the fixtures
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_fixture_has_the_scripts_sections_in_order(host: str) -> None:
+    # A fixture recorded from an older FACTS_SCRIPT would test a parser for output nobody prints.
+    text = transcript(host)
+    printed = re.findall(r"^@@@provision:(.*)$", text, re.M)
+    assert printed == re.findall(r"\bsec ([a-z-]+)", FACTS_SCRIPT)
+    assert text.startswith("\n@@@provision:os-release\n")
+    assert text.endswith("\n@@@provision:end\n")
+
+
+# --------------------------------------------------------------------------- system
+
+
+@pytest.mark.parametrize(
+    ("host", "os_id", "version_id", "codename", "pretty_name", "kernel", "hostname"),
+    [
+        (JAMMY_H100, "ubuntu", "22.04", "jammy", "Ubuntu 22.04.4 LTS", "5.15.0-105-generic",
+         "h100-jammy-01"),
+        (NOBLE_H100, "ubuntu", "24.04", "noble", "Ubuntu 24.04.1 LTS", "6.8.0-45-generic",
+         "h100-noble-01"),
+        (NOBLE_NOGPU, "ubuntu", "24.04", "noble", "Ubuntu 24.04.1 LTS", "6.8.0-45-generic",
+         "cpu-noble-01"),
+        (JAMMY_NODRIVER, "ubuntu", "22.04", "jammy", "Ubuntu 22.04.4 LTS", "5.15.0-119-generic",
+         "h100-nodrv-01"),
+        (DEBIAN, "debian", "12", "bookworm", "Debian GNU/Linux 12 (bookworm)", "6.1.0-26-amd64",
+         "deb12-box"),
+    ],
+)
+def test_os(host: str, os_id: str, version_id: str, codename: str, pretty_name: str,
+            kernel: str, hostname: str) -> None:
+    os = facts(host).os
+    assert (os.id, os.version_id, os.codename, os.pretty_name) == (
+        os_id, version_id, codename, pretty_name)
+    assert (os.arch, os.kernel, os.hostname) == ("x86_64", kernel, hostname)
+
+
+@pytest.mark.parametrize(
+    ("host", "system_state", "sudo_user"),
+    [
+        (JAMMY_H100, "running", "ubuntu"),
+        (NOBLE_H100, "running", "ubuntu"),
+        (NOBLE_NOGPU, "running", "ubuntu"),
+        (JAMMY_NODRIVER, "degraded", ""),  # the admin logs in as root: no SUDO_USER
+        (DEBIAN, "degraded", "debian"),
+    ],
+)
+def test_init_and_identity(host: str, system_state: str, sudo_user: str) -> None:
+    f = facts(host)
+    assert (f.init, f.system_state) == ("systemd", system_state)
+    assert (f.uid, f.sudo_user) == (0, sudo_user)
+
+
+@pytest.mark.parametrize(
+    ("host", "sudoers_d", "tools"),
+    [
+        (JAMMY_H100, CLOUD_SUDOERS, UBUNTU_TOOLS),
+        (NOBLE_H100, CLOUD_SUDOERS, UBUNTU_TOOLS),
+        (NOBLE_NOGPU, CLOUD_SUDOERS, UBUNTU_TOOLS),
+        (JAMMY_NODRIVER, ("README",), UBUNTU_TOOLS),
+        (DEBIAN, CLOUD_SUDOERS, ("visudo", "flock", "sshd", "systemctl", "apt-get")),
+    ],
+)
+def test_sudoers_d_and_tools(host: str, sudoers_d: tuple[str, ...], tools: tuple[str, ...]) -> None:
+    f = facts(host)
+    assert f.sudoers_d == sudoers_d
+    assert f.tools == tools
+
+
+# --------------------------------------------------------------------------- accounts
+
+
+@pytest.mark.parametrize(
+    ("host", "n_accounts", "asked", "not_created"),
+    [
+        # name: (uid, gid, home, locked (expired), authorized key lines)
+        (JAMMY_H100, 36, {"alice": (1001, 1001, "/home/alice", False, 2),
+                          "bob": (1002, 1002, "/home/bob", True, 1)}, ()),
+        # asked "alice dave" + state.json's "alice carol": alice's line comes twice, dave is new
+        (NOBLE_H100, 36, {"alice": (1001, 1001, "/home/alice", False, 1),
+                          "carol": (1002, 1002, "/home/carol", False, 1)}, ("dave",)),
+        (NOBLE_NOGPU, 34, {}, ("alice", "bob")),
+        (JAMMY_NODRIVER, 34, {"alice": (1001, 1001, "/home/alice", False, 3)}, ()),
+        (DEBIAN, 25, {"alice": (1001, 1001, "/home/alice", False, 1)}, ()),
+    ],
+)
+def test_accounts(host: str, n_accounts: int, asked: dict[str, tuple], not_created: tuple) -> None:
+    accounts = facts(host).accounts
+    assert len(accounts) == n_accounts  # every getent passwd line, GECOS with spaces and commas too
+    got = {name: (a.uid, a.gid, a.home, a.locked, a.authorized_keys)
+           for name, a in accounts.items() if a.locked is not None}
+    assert got == asked
+    assert all(accounts[name].shell == "/bin/bash" for name in asked)
+    assert not set(not_created) & set(accounts)
+    # Accounts nobody asked about carry no lock state and no key count.
+    assert (accounts["root"].locked, accounts["root"].authorized_keys) == (None, None)
+    assert (accounts["nobody"].uid, accounts["nobody"].home) == (65534, "/nonexistent")
+
+
+def test_system_account_with_commas_in_gecos() -> None:
+    account = facts(JAMMY_H100).accounts["systemd-network"]
+    assert (account.uid, account.gid, account.home, account.shell) == (
+        101, 102, "/run/systemd", "/usr/sbin/nologin")
+
+
+ADMIN_GROUPS_JAMMY = {"ubuntu", "adm", "dialout", "cdrom", "floppy", "sudo", "audio", "dip",
+                      "video", "plugdev", "lxd", "netdev"}
+
+
+@pytest.mark.parametrize(
+    ("host", "user", "groups"),
+    [
+        (JAMMY_H100, "ubuntu", ADMIN_GROUPS_JAMMY | {"docker"}),
+        (JAMMY_H100, "alice", {"alice", "docker"}),
+        (JAMMY_H100, "bob", {"bob"}),
+        (NOBLE_H100, "alice", {"alice", "hfcache"}),
+        (NOBLE_H100, "carol", {"carol", "hfcache"}),
+        (NOBLE_H100, "ubuntu", {"ubuntu", "adm", "dialout", "cdrom", "sudo", "audio", "dip",
+                                "video", "lxd"}),
+        (NOBLE_NOGPU, "alice", set()),  # no such account, in no group
+        (JAMMY_NODRIVER, "alice", {"alice", "sudo"}),
+        (JAMMY_NODRIVER, "root", {"root"}),
+        (DEBIAN, "debian", {"debian", "adm", "dialout", "cdrom", "floppy", "sudo", "audio", "dip",
+                            "video", "plugdev", "netdev"}),
+        (DEBIAN, "alice", {"alice"}),
+    ],
+)
+def test_groups_of(host: str, user: str, groups: set[str]) -> None:
+    assert facts(host).groups_of(user) == groups
+
+
+@pytest.mark.parametrize(
+    ("host", "n_groups", "group"),
+    [
+        (JAMMY_H100, 62, Group("docker", 999, ("ubuntu", "alice"))),
+        (NOBLE_H100, 63, Group("hfcache", 988, ("alice", "carol"))),
+        (NOBLE_NOGPU, 61, Group("docker", 988, ())),
+        (JAMMY_NODRIVER, 60, Group("sudo", 27, ("alice",))),
+        (DEBIAN, 52, Group("adm", 4, ("debian",))),
+    ],
+)
+def test_groups(host: str, n_groups: int, group: Group) -> None:
+    groups = facts(host).groups
+    assert len(groups) == n_groups
+    assert groups[group.name] == group
+
+
+# --------------------------------------------------------------------------- sshd
+
+
+@pytest.mark.parametrize(
+    ("host", "interval", "root_login"),
+    [
+        (JAMMY_H100, 0, "without-password"),
+        (NOBLE_H100, 60, "without-password"),  # provisioned: keepalive_interval = 60
+        (NOBLE_NOGPU, 0, "without-password"),
+        (JAMMY_NODRIVER, 0, "yes"),
+    ],
+)
+def test_sshd_ok(host: str, interval: int, root_login: str) -> None:
+    sshd = facts(host).sshd
+    assert (sshd.test_ok, sshd.test_error, sshd.includes_dropins) == (True, "", True)
+    assert (sshd.client_alive_interval, sshd.client_alive_count_max) == (interval, 3)
+    assert sshd.effective["permitrootlogin"] == root_login
+    assert sshd.effective["port"] == "22"
+    assert sshd.effective["passwordauthentication"] == "no"
+    # A value with spaces stays whole.
+    assert sshd.effective["authorizedkeysfile"] == ".ssh/authorized_keys .ssh/authorized_keys2"
+
+
+def test_sshd_broken_config_without_include() -> None:
+    sshd = facts(DEBIAN).sshd
+    assert not sshd.test_ok
+    assert sshd.test_error == (
+        "/etc/ssh/sshd_config: line 12: Bad configuration option: Foo\n"
+        "/etc/ssh/sshd_config: terminating, 1 bad configuration options")
+    assert not sshd.includes_dropins
+    # `sshd -T` fails on the same line: nothing effective is known.
+    assert sshd.effective == {}
+    assert (sshd.client_alive_interval, sshd.client_alive_count_max) == (None, None)
+
+
+def test_sshd_include_of_another_file_is_not_the_dropin_dir() -> None:
+    text = replace_section(transcript(DEBIAN), "sshd-include", "Include /etc/ssh/local.conf")
+    assert not parse_facts(text, CACHE_DIR).sshd.includes_dropins
+
+
+# --------------------------------------------------------------------------- cache, disk
+
+
+@pytest.mark.parametrize("host", [JAMMY_H100, NOBLE_NOGPU, JAMMY_NODRIVER, DEBIAN])
+def test_cache_dir_missing(host: str) -> None:
+    cache_dir = facts(host).cache
+    assert (cache_dir.path, cache_dir.exists) == (CACHE_DIR, False)
+    assert (cache_dir.kind, cache_dir.acl, cache_dir.token_files) == ("", (), ())
+
+
+def test_cache_dir_shared_with_default_acl() -> None:
+    cache_dir = facts(NOBLE_H100).cache
+    assert (cache_dir.path, cache_dir.exists) == (CACHE_DIR, True)
+    assert (cache_dir.kind, cache_dir.owner, cache_dir.group, cache_dir.mode) == (
+        "directory", "root", "hfcache", "2775")
+    assert cache_dir.acl == (
+        "user::rwx", "group::rwx", "group:hfcache:rwx", "mask::rwx", "other::r-x",
+        "default:user::rwx", "default:group::rwx", "default:group:hfcache:rwx",
+        "default:mask::rwx", "default:other::r-x",
+    )
+    # alice logged in through her symlinked cache: her token landed in the shared dir.
+    assert cache_dir.token_files == ("/data/cache/huggingface/token",)
+
+
+@pytest.mark.parametrize(
+    ("host", "caches"),
+    [
+        (JAMMY_H100, {"alice": ("dir", "1234567"), "bob": ("missing", "")}),
+        (NOBLE_H100, {"alice": ("symlink", CACHE_DIR), "carol": ("symlink", CACHE_DIR)}),
+        (NOBLE_NOGPU, {}),
+        (JAMMY_NODRIVER, {"alice": ("missing", "")}),
+        (DEBIAN, {"alice": ("missing", "")}),
+    ],
+)
+def test_member_caches(host: str, caches: dict[str, tuple[str, str]]) -> None:
+    got = facts(host).member_caches
+    assert {name: (c.state, c.detail) for name, c in got.items()} == caches
+    assert all(c.name == name for name, c in got.items())
+
+
+@pytest.mark.parametrize(
+    ("host", "mount", "total", "free"),
+    [
+        # the cache dir's nearest existing ancestor
+        (JAMMY_H100, "/data", 7681501126656, 6168627142656),
+        (NOBLE_H100, "/data", 3844124475392, 2736582701056),
+        (NOBLE_NOGPU, "/", 103865303040, 98448048128),
+        (JAMMY_NODRIVER, "/", 1888556142592, 1761989021696),
+        (DEBIAN, "/", 21002579968, 18060320768),
+    ],
+)
+def test_disk(host: str, mount: str, total: int, free: int) -> None:
+    disk = facts(host).disk
+    assert disk is not None
+    assert (disk.path, disk.total_bytes, disk.free_bytes) == (mount, total, free)
+
+
+# --------------------------------------------------------------------------- paths, state
+
+
+def test_paths_daemon_json_present_state_missing() -> None:
+    f = facts(JAMMY_H100)
+    assert not f.path(STATE_FILE).exists
+    assert f.text(STATE_FILE) is None
+    daemon = f.path(DAEMON_JSON)
+    assert (daemon.kind, daemon.owner, daemon.group, daemon.mode, daemon.target) == (
+        "file", "root", "root", "644", "")
+    assert json.loads(f.text(DAEMON_JSON) or "") == {
+        "runtimes": {"nvidia": {"args": [], "path": "nvidia-container-runtime"}}}
+    assert f.state == {}
+
+
+def test_paths_of_every_kind() -> None:
+    f = facts(NOBLE_H100)
+    assert list(f.paths) == [STATE_FILE, DAEMON_JSON, "~alice/.ssh/authorized_keys",
+                             "~dave/.ssh/authorized_keys", "~alice/.cache/huggingface",
+                             "/data/cache"]
+    keys = f.path("~alice/.ssh/authorized_keys")
+    assert (keys.kind, keys.owner, keys.group, keys.mode) == ("file", "alice", "alice", "600")
+    assert keys.content == ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHq0c8x3zYp6vQe2m1T9bKf7rJwLd4sN"
+                            "5uGhA0yXcVbE alice@laptop\n")
+    assert not f.path("~dave/.ssh/authorized_keys").exists  # dave has no account yet
+    link = f.path("~alice/.cache/huggingface")
+    assert (link.kind, link.owner, link.mode, link.target, link.content) == (
+        "link", "alice", "777", CACHE_DIR, None)
+    directory = f.path("/data/cache")
+    assert (directory.kind, directory.mode, directory.target, directory.content) == (
+        "directory", "755", "", None)
+    assert not f.path(DAEMON_JSON).exists
+    assert f.path("/etc/never-asked").kind == "missing"
+
+
+def test_state_from_state_json() -> None:
+    f = facts(NOBLE_H100)
+    state = f.path(STATE_FILE)
+    assert (state.kind, state.owner, state.mode) == ("file", "root", "644")
+    assert f.state == {"tool_version": "0.1.0", "members": ["alice", "carol"],
+                       "cache_dir": CACHE_DIR, "cache_group": "hfcache",
+                       "applied_at": "2024-10-02T14:31:07+00:00"}
+
+
+@pytest.mark.parametrize("host", [NOBLE_NOGPU, JAMMY_NODRIVER, DEBIAN])
+def test_paths_standard_both_missing(host: str) -> None:
+    f = facts(host)
+    assert {p: s.kind for p, s in f.paths.items()} == {STATE_FILE: "missing",
+                                                       DAEMON_JSON: "missing"}
+    assert f.state == {}
+
+
+# --------------------------------------------------------------------------- docker, nvidia, apt
+
+
+@pytest.mark.parametrize(
+    ("host", "installed", "version", "up", "containers", "runtimes"),
+    [
+        (JAMMY_H100, True, "27.3.1", True, 2, ("io.containerd.runc.v2", "nvidia", "runc")),
+        (NOBLE_H100, False, None, False, 0, ()),
+        (NOBLE_NOGPU, True, "24.0.7", True, 0, RUNC_ONLY),  # docker.io from the archive
+        (JAMMY_NODRIVER, True, "27.3.1", True, 0, RUNC_ONLY),
+        (DEBIAN, False, None, False, 0, ()),
+    ],
+)
+def test_docker(host: str, installed: bool, version: str | None, up: bool, containers: int,
+                runtimes: tuple[str, ...]) -> None:
+    docker = facts(host).docker
+    assert (docker.installed, docker.version) == (installed, version)
+    # systemctl says "inactive" and nothing for is-enabled when the unit does not exist.
+    assert (docker.active, docker.enabled) == (up, up)
+    assert docker.running_containers == containers
+    assert docker.runtimes == runtimes
+
+
+def test_docker_installed_enabled_but_daemon_down() -> None:
+    # dockerd failed to start (say, a bad daemon.json): the server version template prints
+    # nothing and `docker info --format` renders an empty Info, whose Runtimes is null.
+    text = replace_section(transcript(JAMMY_NODRIVER), "docker",
+                           "/usr/bin/docker\nactive=failed\nenabled=enabled\nrunning=0")
+    text = replace_section(text, "docker-runtimes", "null")
+    docker = parse_facts(text, CACHE_DIR).docker
+    assert (docker.installed, docker.version, docker.runtimes) == (True, None, ())
+    assert (docker.active, docker.enabled) == (False, True)
+
+
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def test_nvidia_two_h100() -> None:
+    nvidia = facts(JAMMY_H100).nvidia
+    assert nvidia.pci_devices == ("0000:18:00.0", "0000:2a:00.0")
+    assert nvidia.gpus == (
+        Gpu(0, H100, "550.54.15", "9.0", 81559, "GPU-7c2a9f4e-1b3d-6e8a-92f5-0d4c8b1a3e76"),
+        Gpu(1, H100, "550.54.15", "9.0", 81559, "GPU-e41b7d09-58c2-a3f6-1d9e-6b2f07c4a85d"),
+    )
+    assert (nvidia.smi_error, nvidia.ctk_version, nvidia.has_gpu) == ("", "1.16.2", True)
+
+
+def test_nvidia_one_h100_without_toolkit() -> None:
+    nvidia = facts(NOBLE_H100).nvidia
+    assert nvidia.pci_devices == ("0000:00:05.0",)
+    assert nvidia.gpus == (
+        Gpu(0, H100, "560.35.03", "9.0", 81559, "GPU-3a9d52c8-0f17-b4e2-8c6a-d19e4f72b035"),)
+    assert (nvidia.smi_error, nvidia.ctk_version, nvidia.has_gpu) == ("", None, True)
+
+
+@pytest.mark.parametrize(("host", "pci", "has_gpu"), [
+    (NOBLE_NOGPU, (), False),
+    (JAMMY_NODRIVER, ("0000:17:00.0",), True),  # on the bus, driver not installed
+    (DEBIAN, (), False),
+])
+def test_nvidia_without_nvidia_smi(host: str, pci: tuple[str, ...], has_gpu: bool) -> None:
+    nvidia = facts(host).nvidia
+    assert (nvidia.pci_devices, nvidia.gpus, nvidia.has_gpu) == (pci, (), has_gpu)
+    assert nvidia.smi_error == "sh: 68: nvidia-smi: not found"
+    assert nvidia.ctk_version is None
+
+
+def test_nvidia_driver_library_mismatch() -> None:
+    # After a driver upgrade without a reboot: nvidia-smi runs, NVML does not.
+    text = replace_section(transcript(NOBLE_H100), "nvidia-smi",
+                           "Failed to initialize NVML: Driver/library version mismatch\n"
+                           "NVML library version: 560.35\nexit=18")
+    nvidia = parse_facts(text, CACHE_DIR).nvidia
+    assert nvidia.gpus == ()
+    assert nvidia.smi_error == ("Failed to initialize NVML: Driver/library version mismatch\n"
+                                "NVML library version: 560.35")
+    assert nvidia.has_gpu
+
+
+@pytest.mark.parametrize(("host", "holder"), [
+    # /proc/locks holds other processes' locks too (dockerd, cron…): only dpkg/apt inodes count.
+    (JAMMY_H100, "unattended-upgr (pid 2817) holds /var/lib/dpkg/lock"),
+    (NOBLE_H100, None),
+    (NOBLE_NOGPU, None),
+    (JAMMY_NODRIVER, None),
+    (DEBIAN, None),
+])
+def test_apt_lock_holder(host: str, holder: str | None) -> None:
+    assert facts(host).apt_lock_holder == holder
+
+
+# --------------------------------------------------------------------------- whole transcript
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_to_json_is_serialisable(host: str) -> None:
+    f = facts(host)
+    data = json.loads(json.dumps(f.to_json()))
+    assert data["os"]["hostname"] == f.os.hostname
+    assert len(data["nvidia"]["gpus"]) == len(f.nvidia.gpus)
+    assert data["docker"]["runtimes"] == list(f.docker.runtimes)
+    assert set(data["paths"]) == set(f.paths)
+
+
+@pytest.mark.parametrize("host", HOSTS)
+@pytest.mark.parametrize("cut_before", ["@@@provision:end", "@@@provision:nvidia-smi"])
+def test_truncated_transcript_is_refused(host: str, cut_before: str) -> None:
+    text = transcript(host)
+    truncated = text[:text.index(cut_before)]
+    with pytest.raises(ValueError, match="no end marker"):
+        parse_facts(truncated, CACHE_DIR)
+
+
+def test_empty_transcript_is_refused() -> None:
+    with pytest.raises(ValueError, match="no end marker"):
+        parse_facts("", CACHE_DIR)
