@@ -327,3 +327,29 @@ def test_a_bad_inventory_leaves_the_host_untouched(shared_host: Host, bad: str) 
     assert result.exit_code == 2 and len(result.error_lines) == 1, result.stderr
     assert "Traceback" not in result.stderr and "PRIVATE" not in result.stderr
     assert shared_host.exec(SNAPSHOT) == before
+
+
+def test_many_hosts_converge_in_parallel_and_one_failure_stops_no_other(make_host,
+                                                                       tmp_path) -> None:
+    first, second = make_host(), make_host()
+    document = tomlkit.parse(first.inventory.read_text())
+    for host in (first, second):
+        entry = tomlkit.parse(host.inventory.read_text())["hosts"][host.name]
+        entry["identity_file"] = str(host.sandbox.identity_file)
+        entry["known_hosts"] = str(host.sandbox.known_hosts)
+        document["hosts"][host.name] = entry
+    document["hosts"]["gone"] = {"hostname": "127.0.0.1", "port": 1, "user": "admin"}
+    inventory = tmp_path / "provision.toml"
+    inventory.write_text(tomlkit.dumps(document))
+    team = Host(first.sandbox, inventory, first.home)
+    team.add_members(["alice"])
+
+    result = team.cli("host", first.name, "gone", second.name, "--json")
+    assert result.exit_code == 11, result.stderr
+    assert "1 of 3 host(s) failed: gone" in result.stderr and len(result.error_lines) == 1
+    reports = {r["host"]: r for r in json.loads(result.stdout)["hosts"]}
+    assert reports["gone"]["ok"] is False and "unreachable" in reports["gone"]["error"]
+    for host in (first, second):
+        assert reports[host.name]["ok"] is True
+        assert team.cli("host", host.name, "--check").exit_code == 0
+        assert host.testinfra.user("alice").exists

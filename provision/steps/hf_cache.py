@@ -12,7 +12,7 @@ from __future__ import annotations
 import shlex
 
 from provision.changes import Change, WriteFile, run
-from provision.facts import HostFacts, PathState
+from provision.facts import HostFacts, MemberCache, PathState
 from provision.inventory import Inventory, Member
 from provision.steps import Step, StepBlocked, apt_install, home_of, primary_group
 from provision.templating import render
@@ -41,8 +41,7 @@ find "$left" -depth -type d -empty -delete
 
 def paths(inventory: Inventory) -> tuple[str, ...]:
     per_member = (p for m in inventory.members
-                  for p in (f"~{m.name}/.cache", f"~{m.name}/{CACHE_LINK}",
-                            f"~{m.name}/.config", f"~{m.name}/{TOKEN_DIR}"))
+                  for p in (f"~{m.name}/.cache", f"~{m.name}/.config", f"~{m.name}/{TOKEN_DIR}"))
     return (inventory.defaults.cache_dir, PROFILE, *per_member)
 
 
@@ -96,19 +95,19 @@ def _member(facts: HostFacts, inventory: Inventory, member: Member) -> list[Chan
         changes.append(run(NAME, f"{token_dir}: {name}'s private token directory (0700)",
                            _own_dir(f"{home}/.config", name, group, facts.path(f"~{name}/.config"))
                            + f"install -d -m 0700 -o {name} -g {group} {shlex.quote(token_dir)}"))
-    current = facts.path(f"~{name}/{CACHE_LINK}")
+    current = facts.member_caches.get(name, MemberCache(name, "missing"))
     make_link = (f"ln -sfn {shlex.quote(cache)} {shlex.quote(link)}\n"
                  f"chown -h {name}:{group} {shlex.quote(link)}")
-    if current.kind == "link" and current.target == cache:
+    if current.state == "symlink" and current.detail == cache:
         return changes
-    if current.kind == "link":
-        changes.append(run(NAME, f"{link}: point to {cache} (was -> {current.target})",
+    if current.state == "symlink":
+        changes.append(run(NAME, f"{link}: point to {cache} (was -> {current.detail})",
                            make_link))
-    elif current.kind == "missing":
+    elif current.state == "missing":
         changes.append(run(NAME, f"{link} -> {cache}",
                            _own_dir(f"{home}/.cache", name, group, facts.path(f"~{name}/.cache"))
                            + make_link))
-    elif current.kind == "directory":
+    elif current.state == "dir":
         merge = MERGE.format(src=shlex.quote(link), dst=shlex.quote(cache),
                              group=inventory.defaults.cache_group,
                              token=shlex.quote(f"{token_dir}/token"))
@@ -116,7 +115,7 @@ def _member(facts: HostFacts, inventory: Inventory, member: Member) -> list[Chan
                                  "deleted; the token stays private), then link it", merge,
                            make_link))
     else:
-        raise StepBlocked(f"{link} is a {current.kind}, not a directory or link",
+        raise StepBlocked(f"{link} is a {current.state}, not a directory or link",
                           f"move it away so {name}'s cache can link to {cache}")
     return changes
 
