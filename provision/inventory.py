@@ -11,7 +11,7 @@ import binascii
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,9 @@ class Defaults:
     keepalive_count_max: int = 3
     docker_source: str = "auto"
     workspace_dir: str = "sd35-fp8"
+    # Keys merged into /etc/docker/daemon.json (keys others set there are kept).
+    docker_daemon: dict[str, Any] = field(default_factory=dict)
+    nvidia_toolkit_version: str = ""  # empty: the newest in NVIDIA's repository
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,8 @@ class Inventory:
     defaults: Defaults = field(default_factory=Defaults)
     hosts: dict[str, HostEntry] = field(default_factory=dict)
     members: tuple[Member, ...] = ()
+    # The [image] table (base image, version overrides, wheelhouse), checked by versions.py.
+    image: dict[str, str] = field(default_factory=dict)
 
     def member(self, name: str) -> Member:
         for member in self.members:
@@ -110,7 +115,7 @@ def load_inventory(path: Path, *, missing_ok: bool = False) -> Inventory:
 def parse_inventory(data: dict[str, Any], path: Path, text: str = "") -> Inventory:
     """Validate parsed TOML; pure, so tests can feed it dictionaries."""
     where = _Locator(path, text)
-    where.unknown_keys(data, {"defaults", "hosts", "members"}, table=None)
+    where.unknown_keys(data, {"defaults", "hosts", "members", "image"}, table=None)
     defaults = _parse_defaults(data.get("defaults", {}), where)
     hosts_data = data.get("hosts", {})
     if not isinstance(hosts_data, dict):
@@ -125,7 +130,10 @@ def parse_inventory(data: dict[str, Any], path: Path, text: str = "") -> Invento
         if member.name in seen:
             raise where.error("name", f"member {member.name!r} is listed twice", needle=member.name)
         seen.add(member.name)
-    return Inventory(path=path, defaults=defaults, hosts=hosts, members=members)
+    image = data.get("image", {})
+    if not isinstance(image, dict) or not all(isinstance(v, str) for v in image.values()):
+        raise where.error("image", "must be a table of strings, e.g. torch = \"2.9.1\"")
+    return Inventory(path=path, defaults=defaults, hosts=hosts, members=members, image=image)
 
 
 def _parse_defaults(table: Any, where: _Locator) -> Defaults:
@@ -133,8 +141,9 @@ def _parse_defaults(table: Any, where: _Locator) -> Defaults:
         raise where.error("defaults", "must be a table")
     fields = Defaults.__dataclass_fields__
     where.unknown_keys(table, set(fields), table="defaults")
-    values = {**{k: f.default for k, f in fields.items()}, **table}
-    for key in ("cache_dir", "cache_group", "docker_source", "workspace_dir"):
+    values = {**asdict(Defaults()), **table}
+    for key in ("cache_dir", "cache_group", "docker_source", "workspace_dir",
+                "nvidia_toolkit_version"):
         if not isinstance(values[key], str):
             raise where.error(key, "must be a string")
     for key, low, high in (("keepalive_interval", 1, 3600), ("keepalive_count_max", 1, 100)):
@@ -147,6 +156,8 @@ def _parse_defaults(table: Any, where: _Locator) -> Defaults:
         raise where.error("cache_group", f"must match {MEMBER_NAME.pattern}")
     if values["docker_source"] not in DOCKER_SOURCES:
         raise where.error("docker_source", f"must be one of {', '.join(DOCKER_SOURCES)}")
+    if not isinstance(values["docker_daemon"], dict):
+        raise where.error("docker_daemon", "must be a table of daemon.json keys")
     workspace = values["workspace_dir"]
     if workspace.startswith("/") or ".." in workspace.split("/") or not workspace:
         raise where.error("workspace_dir", "must be a path relative to the member's home")
