@@ -70,6 +70,8 @@ class Change:
     summary: str
     actions: tuple[Action, ...]
     warning: str | None = None
+    # Restarting Docker stops running containers: the engine asks for --yes before doing it.
+    restarts_docker: bool = False
 
     def diff(self) -> str:
         return "".join(a.diff() for a in self.actions if isinstance(a, WriteFile))
@@ -79,11 +81,13 @@ class Change:
 
     def to_json(self) -> dict[str, object]:
         return {"step": self.step, "summary": self.summary, "warning": self.warning,
+                "restarts_docker": self.restarts_docker,
                 "diff": self.diff(),
                 "commands": [a.command for a in self.actions if isinstance(a, Run)],
                 "files": [a.path for a in self.actions if isinstance(a, WriteFile)]}
 
 
-def run(step: str, summary: str, *commands: str, warning: str | None = None) -> Change:
+def run(step: str, summary: str, *commands: str, warning: str | None = None,
+        restarts_docker: bool = False) -> Change:
     """A change made of shell commands only."""
-    return Change(step, summary, tuple(Run(c) for c in commands), warning)
+    return Change(step, summary, tuple(Run(c) for c in commands), warning, restarts_docker)

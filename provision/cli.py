@@ -20,7 +20,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn
 
 from provision import views
 from provision.connection import Connection, connect
-from provision.engine import HostReport, converge_host, run_hosts
+from provision.engine import HostReport, RunOptions, converge_host, run_hosts
 from provision.errors import InventoryError, PendingChanges, ProvisionError, StepFailed
 from provision.facts import gather_facts
 from provision.inventory import Inventory, inventory_path, load_inventory
@@ -120,6 +120,11 @@ def host_command(
                     ] = None,
     skip: Annotated[str | None, typer.Option(help="Skip these steps (comma-separated)")
                     ] = None,
+    yes: Annotated[bool, typer.Option(
+        "--yes", help="Allow a Docker restart even with containers running")] = False,
+    require_gpu: Annotated[bool, typer.Option(
+        "--require-gpu", help="Fail (not skip) the nvidia step on a host without a GPU")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document")] = False,
 ) -> None:
     """Converge HOSTs: plan each step, show it, apply it, re-read and confirm."""
@@ -129,7 +134,7 @@ def host_command(
     for alias in hosts:
         resolve_target(alias, inventory, settings.ssh_config)
     settings.ask_password()
-    apply = not (plan or check)
+    options = RunOptions(apply=not (plan or check), yes=yes, require_gpu=require_gpu)
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=err,
                   transient=True) as bar:
@@ -141,14 +146,13 @@ def host_command(
         def work(alias: str) -> HostReport:
             try:
                 with settings.connect(alias, inventory) as conn:
-                    return converge_host(conn, inventory, steps, apply=apply,
-                                         progress=progress)
+                    return converge_host(conn, inventory, steps, options, progress)
             except ProvisionError as exc:
                 return HostReport(alias, error=exc)
 
         reports = run_hosts(hosts, work)
     if as_json:
-        print(json.dumps({"ok": all(r.ok for r in reports), "applied": apply,
+        print(json.dumps({"ok": all(r.ok for r in reports), "applied": options.apply,
                           "hosts": [r.to_json() for r in reports]}, indent=2))
     else:
         for report in reports:

@@ -22,7 +22,7 @@ from provision.connection import Connection
 from provision.errors import HostLocked, ProvisionError, RemoteCommandFailed
 from provision.facts import STATE_FILE, HostFacts, gather_facts
 from provision.inventory import Inventory
-from provision.steps import Step, StepBlocked, former_members
+from provision.steps import NoGpu, Step, StepBlocked, StepSkipped, former_members
 
 # An applying run holds the lock exclusively; a planning one shares it and writes nothing
 # (on a host never converged there is no lock file, and nothing to race with).
@@ -62,10 +62,17 @@ exit $rc"""
 Progress = Callable[[str, str], None]
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    apply: bool
+    yes: bool = False  # allow what interrupts running work (a Docker restart)
+    require_gpu: bool = False  # no NVIDIA GPU is a failure, not a skip
+
+
 @dataclass
 class StepReport:
     name: str
-    status: str  # unchanged | pending | changed | failed | not run
+    status: str  # unchanged | pending | changed | skipped | failed | not run
     changes: list[Change] = field(default_factory=list)
     seconds: float = 0.0
     message: str = ""
@@ -123,21 +130,22 @@ def state_change(facts: HostFacts, inventory: Inventory, applied: list[str]) -> 
                   (WriteFile(STATE_FILE, content, facts.text(STATE_FILE), mode="0600"),))
 
 
-def converge_host(conn: Connection, inventory: Inventory, steps: tuple[Step, ...], *,
-                  apply: bool, progress: Progress = lambda host, text: None) -> HostReport:
+def converge_host(conn: Connection, inventory: Inventory, steps: tuple[Step, ...],
+                  options: RunOptions, progress: Progress = lambda host, text: None
+                  ) -> HostReport:
     """Plan (and apply) `steps` on one connected host; never raises, the report says all."""
     report = HostReport(conn.name)
     started = time.monotonic()
     paths = tuple(p for step in steps for p in step.paths(inventory))
     try:
-        held = conn.hold(LOCK_EXCLUSIVE if apply else LOCK_SHARED)
+        held = conn.hold(LOCK_EXCLUSIVE if options.apply else LOCK_SHARED)
         if held.first_line != "locked":
             owner = held.first_line.removeprefix("busy").strip() or "another run"
             held.release()
             raise HostLocked(f"{conn.name}: another provision run holds the host lock "
                              f"({owner})", "wait for it to finish, then rerun")
         try:
-            _run_steps(conn, inventory, steps, paths, apply, report, progress)
+            _run_steps(conn, inventory, steps, paths, options, report, progress)
         finally:
             held.release()
     except ProvisionError as exc:
@@ -147,7 +155,7 @@ def converge_host(conn: Connection, inventory: Inventory, steps: tuple[Step, ...
 
 
 def _run_steps(conn: Connection, inventory: Inventory, steps: tuple[Step, ...],
-               paths: tuple[str, ...], apply: bool, report: HostReport,
+               paths: tuple[str, ...], options: RunOptions, report: HostReport,
                progress: Progress) -> None:
     progress(conn.name, "reading facts")
     facts = gather_facts(conn, inventory, paths)
@@ -159,13 +167,23 @@ def _run_steps(conn: Connection, inventory: Inventory, steps: tuple[Step, ...],
         report.steps.append(entry)
         try:
             entry.changes = step.plan(facts, inventory)
-            if entry.changes and not apply:
+            entry.message = "; ".join(step.notes(facts, inventory))
+            if entry.changes and not options.apply:
                 entry.status = "pending"
             elif entry.changes:
+                _guard_docker_restart(entry.changes, facts, options)
                 conn.run(apply_script(step.name, entry.changes), what=f"step {step.name}")
                 entry.status = "changed"
                 applied.append(step.name)
                 facts = gather_facts(conn, inventory, paths)
+                _prove(conn, step, facts, inventory)
+        except StepSkipped as exc:
+            if isinstance(exc, NoGpu) and options.require_gpu:
+                exc = StepBlocked(f"{conn.name}: no NVIDIA GPU", "--require-gpu asks for one")
+                entry.status, entry.message, report.error = "failed", exc.line(), exc
+                report.steps.extend(StepReport(s.name, "not run") for s in steps[index + 1:])
+                return
+            entry.status, entry.message = "skipped", exc.line()
         except (StepBlocked, RemoteCommandFailed) as exc:
             entry.status, entry.message = "failed", exc.line()
             report.steps.extend(StepReport(s.name, "not run") for s in steps[index + 1:])
@@ -173,13 +191,39 @@ def _run_steps(conn: Connection, inventory: Inventory, steps: tuple[Step, ...],
             return
         finally:
             entry.seconds = time.monotonic() - started
-    if not apply:
+    if not options.apply:
         return
     record = state_change(facts, inventory, applied)
     if record is not None:
         conn.run(apply_script("state", [record]), what="state record")
     progress(conn.name, "confirming")
-    report.drift = [c for step in steps for c in step.plan(facts, inventory)]
+    report.drift = [c for step in steps for c in _replan(step, facts, inventory)]
+
+
+def _replan(step: Step, facts: HostFacts, inventory: Inventory) -> list[Change]:
+    try:
+        return step.plan(facts, inventory)
+    except StepSkipped:
+        return []
+
+
+def _guard_docker_restart(changes: list[Change], facts: HostFacts, options: RunOptions) -> None:
+    running = facts.docker.running_containers
+    if running and not options.yes and any(c.restarts_docker for c in changes):
+        raise StepBlocked(f"this restarts Docker, which would stop {running} running "
+                          "container(s); nothing was changed", "rerun with --yes to allow it")
+
+
+def _prove(conn: Connection, step: Step, facts: HostFacts, inventory: Inventory) -> None:
+    proof = step.proof(facts, inventory)
+    if proof is None:
+        return
+    result = conn.run(proof.script, what=f"proof of {step.name}", check=False)
+    problem = proof.check(result.stdout) if result.ok else (
+        (result.stderr.strip().splitlines() or ["failed"])[-1])
+    if problem:
+        raise StepBlocked(f"{conn.name}: {step.name} applied but not proven: {problem}",
+                          "see 'provision doctor' for the GPU path")
 
 
 def run_hosts(hosts: list[str], work: Callable[[str], HostReport],

@@ -79,6 +79,12 @@ echo "active=$(systemctl is-active docker 2>/dev/null)"
 echo "enabled=$(systemctl is-enabled docker 2>/dev/null)"
 echo "running=$(docker ps -q 2>/dev/null | wc -l)"
 sec docker-runtimes; docker info --format '{{json .Runtimes}}' 2>/dev/null
+sec packages; dpkg-query -W -f '${Package} ${Version} ${db:Status-Status}\n' docker-ce docker.io containerd.io nvidia-container-toolkit 2>/dev/null | grep ' installed$'
+sec docker-repo
+# Only when Docker is missing and the inventory lets the tool choose its source (auto).
+if [ -n "$PROVISION_PROBE_DOCKER_REPO" ] && ! command -v docker >/dev/null; then
+  timeout 5 bash -c 'exec 3<>/dev/tcp/download.docker.com/443' 2>/dev/null && echo reachable || echo unreachable
+fi
 sec nvidia-pci
 for d in /sys/bus/pci/devices/*; do
   [ "$(cat "$d/vendor" 2>/dev/null)" = 0x10de ] || continue
@@ -199,6 +205,9 @@ class Docker:
     enabled: bool
     running_containers: int
     runtimes: tuple[str, ...]
+    # docker-ce / docker.io (and containerd.io, nvidia-container-toolkit) → version, if installed
+    packages: dict[str, str] = field(default_factory=dict)
+    repo_reachable: bool | None = None  # download.docker.com, probed only when it matters
 
 
 @dataclass(frozen=True)
@@ -266,6 +275,7 @@ def facts_request(inventory: Inventory, paths: tuple[str, ...] = ()) -> dict[str
         "PROVISION_ACCOUNTS": " ".join(sorted(m.name for m in inventory.members)),
         "PROVISION_CACHE_DIR": inventory.defaults.cache_dir,
         "PROVISION_PATHS": "\n".join((STATE_FILE, DAEMON_JSON, *paths)),
+        "PROVISION_PROBE_DOCKER_REPO": "1" if inventory.defaults.docker_source == "auto" else "",
     }
 
 
@@ -314,7 +324,8 @@ def parse_facts(transcript: str, cache_dir: str) -> HostFacts:
         paths=paths,
         tools=tuple(ln.strip() for ln in s.get("tools", [])),
         sudoers_d=tuple(ln.strip() for ln in s.get("sudoers-d", [])),
-        docker=_docker(s.get("docker", []), s.get("docker-runtimes", [])),
+        docker=_docker(s.get("docker", []), s.get("docker-runtimes", []), s.get("packages", []),
+                       s.get("docker-repo", [])),
         nvidia=_nvidia(s),
         apt_lock_holder=_apt_lock_holder(s.get("apt-locks", [])),
         state=_json_or_empty(state_text),
@@ -417,7 +428,8 @@ def _paths(lines: list[str]) -> dict[str, PathState]:
     return paths
 
 
-def _docker(lines: list[str], runtime_lines: list[str]) -> Docker:
+def _docker(lines: list[str], runtime_lines: list[str], packages: list[str],
+            repo: list[str]) -> Docker:
     values = _key_values([ln for ln in lines if "=" in ln], "=")
     plain = [ln.strip() for ln in lines if "=" not in ln]
     installed = any(ln.endswith("/docker") for ln in plain)
@@ -430,7 +442,10 @@ def _docker(lines: list[str], runtime_lines: list[str]) -> Docker:
     return Docker(installed=installed, version=version, active=values.get("active") == "active",
                   enabled=values.get("enabled") == "enabled",
                   running_containers=int(running) if running.isdigit() else 0,
-                  runtimes=runtimes)
+                  runtimes=runtimes,
+                  packages={p[0]: p[1] for p in (ln.split() for ln in packages) if len(p) >= 2},
+                  repo_reachable={"reachable": True, "unreachable": False}.get(
+                      repo[0].strip() if repo else ""))
 
 
 def _nvidia(s: dict[str, list[str]]) -> Nvidia:

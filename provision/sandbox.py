@@ -31,6 +31,7 @@ from provision.templating import raw, render
 
 ADMIN_USER = "admin"
 LABEL = "io.provision.sandbox"
+INVENTORY_LABEL = "io.provision.inventory"
 BASE_PULL = "debian:bookworm"
 BASE_IMPORTED = "provision/debian:bookworm-minbase"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
@@ -171,11 +172,12 @@ def up(name: str, inventory: Path, log=print) -> Sandbox:
         log(f"sandbox {name!r} already runs on 127.0.0.1:{existing.port}")
         return existing
     _check_name_free(inventory, name)
+    _check_container_free(client, name)
     image = host_image(client, log)
     state_dir = state_dir_for(inventory, name)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     public_key = new_key_pair(state_dir)
-    container = start_container(client, name, image, public_key)
+    container = start_container(client, name, image, public_key, inventory)
     try:
         port = wait_for_sshd(client, container)
         write_known_hosts(client, container, port, state_dir / "known_hosts")
@@ -190,7 +192,8 @@ def up(name: str, inventory: Path, log=print) -> Sandbox:
     return sandbox
 
 
-def start_container(client: docker.DockerClient, name: str, image: str, public_key: str) -> str:
+def start_container(client: docker.DockerClient, name: str, image: str, public_key: str,
+                    inventory: Path) -> str:
     """Create, put the admin key in place, start: sshd accepts the key from its first breath."""
     cname = container_name(name)
     host_config = client.api.create_host_config(
@@ -202,7 +205,8 @@ def start_container(client: docker.DockerClient, name: str, image: str, public_k
     host_config.update(UNMASKED_PATHS)
     try:
         created = client.api.create_container(
-            image, name=cname, hostname=name, labels={LABEL: name}, ports=[22],
+            image, name=cname, hostname=name, ports=[22],
+            labels={LABEL: name, INVENTORY_LABEL: str(inventory.resolve())},
             host_config=host_config)
     except docker.errors.APIError as exc:
         raise ProvisionError(f"cannot create sandbox container {cname}: {exc.explanation}",
@@ -249,8 +253,7 @@ def write_known_hosts(client: docker.DockerClient, cname: str, port: int, path: 
 def register(inventory: Path, name: str, port: int, state_dir: Path) -> bool:
     """Add [hosts.NAME] to the inventory (created if missing); True when the file was created."""
     created = not inventory.exists()
-    document = (tomlkit.parse(inventory.read_text()) if not created
-                else tomlkit.parse(render("provision.toml.j2")))
+    document = tomlkit.parse(inventory.read_text()) if not created else new_inventory()
     hosts = document.setdefault("hosts", tomlkit.table(is_super_table=True))
     entry = tomlkit.table()
     entry.add(tomlkit.comment(f"local sandbox made by 'provision sandbox up --name {name}'"))
@@ -263,6 +266,26 @@ def register(inventory: Path, name: str, port: int, state_dir: Path) -> bool:
     hosts[name] = entry
     inventory.write_text(tomlkit.dumps(document))
     return created
+
+
+def new_inventory() -> tomlkit.TOMLDocument:
+    """The commented starting inventory, set for a sandbox: Debian's docker.io, since a
+    sandbox reaches Debian's archive but not Docker's own repository."""
+    document = tomlkit.parse(render("provision.toml.j2"))
+    document["defaults"]["docker_source"] = "distro"
+    return document
+
+
+def _check_container_free(client: docker.DockerClient, name: str) -> None:
+    """Container names are global to the engine; sandbox names are per inventory."""
+    try:
+        other = client.containers.get(container_name(name))
+    except docker.errors.NotFound:
+        return
+    owner = other.labels.get(INVENTORY_LABEL, "another inventory")
+    raise InventoryError(f"a sandbox named {name!r} already runs for {owner}",
+                         f"pick another --name, or run 'provision sandbox down --name {name}' "
+                         "with that inventory")
 
 
 def _check_name_free(inventory: Path, name: str) -> None:
@@ -319,7 +342,7 @@ def unregister(inventory: Path, name: str, delete_if_created: bool) -> None:
         del document["hosts"]
     text = tomlkit.dumps(document)
     # A file `up` created and nobody has added to since is `up`'s to delete.
-    if delete_if_created and text.strip() == render("provision.toml.j2").strip():
+    if delete_if_created and text.strip() == tomlkit.dumps(new_inventory()).strip():
         inventory.unlink()
     else:
         inventory.write_text(text)

@@ -48,18 +48,23 @@ def facts_table(host: str, facts: HostFacts) -> Table:
 
 
 STATUS_STYLE = {"changed": "green", "unchanged": "dim", "pending": "yellow", "failed": "red",
-                "not run": "dim red"}
+                "skipped": "cyan", "not run": "dim red"}
 
 
 def plan_lines(report: HostReport) -> Group:
     """Every change of every step, with warnings and file diffs, as a user reads a plan."""
     parts: list[object] = [Text(f"{report.host}", style="bold")]
     for step in report.steps:
+        if step.message and step.status != "failed":
+            parts.append(Text(f"  [{step.name}] {step.message}", style="cyan"))
         for change in step.changes:
             verb = "~" if step.status == "pending" else "+"
             parts.append(Text(f"  {verb} [{step.name}] {change.summary}"))
             if change.warning:
                 parts.append(Text(f"      warning: {change.warning}", style="yellow"))
+            if change.restarts_docker:
+                parts.append(Text("      warning: restarts Docker (running containers stop; "
+                                  "needs --yes when any run)", style="yellow"))
             parts.extend(Text(f"      {line}", style=_diff_style(line))
                          for line in change.diff().splitlines())
     if not any(step.changes for step in report.steps) and report.error is None:

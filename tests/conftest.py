@@ -100,6 +100,13 @@ class Host:
         finally:
             client.close()
 
+    def load_image(self, tag: str) -> None:
+        """Copy a local image into the sandbox's own Docker engine (no registry is reachable)."""
+        save = subprocess.Popen(["docker", "save", tag], stdout=subprocess.PIPE)
+        subprocess.run(["docker", "exec", "-i", self.sandbox.container, "docker", "load"],
+                       stdin=save.stdout, check=True, capture_output=True)
+        assert save.wait() == 0
+
     def exec(self, command: str, user: str = "root") -> tuple[int, str]:
         """Run a command inside the sandbox through Docker (the test's back door, not SSH)."""
         container = sandboxes.docker_client().containers.get(self.sandbox.container)

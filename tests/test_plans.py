@@ -7,6 +7,7 @@ driver, and Debian 12. Every generated apply script must also parse as POSIX sh.
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 from pathlib import Path
 
@@ -17,7 +18,17 @@ from provision.engine import apply_script
 from provision.facts import Account, HostFacts, PathState, parse_facts
 from provision.inventory import Inventory, parse_inventory
 from provision.sandbox import new_key_pair
-from provision.steps import StepBlocked, all_steps, hf_cache, keepalive, users
+from provision.steps import (
+    NoGpu,
+    StepBlocked,
+    StepSkipped,
+    all_steps,
+    docker,
+    hf_cache,
+    keepalive,
+    nvidia,
+    users,
+)
 from tests.conftest import FIXTURES
 
 HOSTS = sorted(p.stem for p in (FIXTURES / "facts").glob("*.txt"))
@@ -139,9 +150,97 @@ def test_every_apply_script_parses_as_posix_sh(host: str, team: Inventory,
     for step in all_steps():
         try:
             changes = step.plan(facts, team)
-        except StepBlocked:
+        except (StepBlocked, StepSkipped):
             continue
         script = tmp_path / f"{step.name}.sh"
         script.write_text(apply_script(step.name, changes))
         checked = subprocess.run(["sh", "-n", str(script)], capture_output=True, text=True)
         assert checked.returncode == 0, checked.stderr
+
+
+def with_defaults(inventory: Inventory, **values: object) -> Inventory:
+    return dataclasses.replace(inventory,
+                               defaults=dataclasses.replace(inventory.defaults, **values))
+
+
+def test_docker_ce_on_ubuntu_noble_uses_the_signed_by_deb822_source(team: Inventory) -> None:
+    facts = facts_of("ubuntu-24.04-h100")
+    assert facts.docker.repo_reachable is True
+    repo, install = docker.plan(facts, team)
+    assert "auto: download.docker.com answers" in repo.summary
+    fetch_key, sources = repo.actions[1], repo.actions[2]
+    assert "curl -fsSL https://download.docker.com/linux/ubuntu/gpg -o " \
+           "/etc/apt/keyrings/docker.asc" in fetch_key.command
+    assert sources.path == "/etc/apt/sources.list.d/docker.sources"
+    assert "URIs: https://download.docker.com/linux/ubuntu\nSuites: noble\n" in sources.content
+    assert "Signed-By: /etc/apt/keyrings/docker.asc" in sources.content
+    assert "docker-ce docker-ce-cli containerd.io docker-buildx-plugin docker-compose-plugin" \
+        in install.script()
+    assert "systemctl enable --now docker.service" in install.script()
+
+
+def test_docker_ce_on_debian_bookworm_and_distro_when_asked(team: Inventory) -> None:
+    facts = facts_of("debian-12")
+    repo, _ = docker.plan(facts, team)
+    assert "Suites: bookworm" in repo.actions[2].content
+    assert "linux/debian" in repo.actions[2].content
+    (distro,) = docker.plan(facts, with_defaults(team, docker_source="distro"))
+    assert "install docker.io" in distro.summary and "apt-get" in distro.script()
+    unreachable = dataclasses.replace(facts, docker=dataclasses.replace(
+        facts.docker, repo_reachable=False))
+    (auto,) = docker.plan(unreachable, team)
+    assert "auto: download.docker.com does not answer" in auto.summary
+
+
+def test_docker_keeps_an_installed_engine_and_merges_daemon_json(team: Inventory) -> None:
+    facts = facts_of("ubuntu-22.04-h100")
+    assert docker.plan(facts, team) == []
+    (change,) = docker.plan(facts, with_defaults(team, docker_daemon={"log-level": "warn"}))
+    write, restart = change.actions
+    merged = json.loads(write.content)
+    assert merged["log-level"] == "warn" and merged["runtimes"]["nvidia"]
+    assert change.restarts_docker and "systemctl restart docker" in restart.command
+
+
+def test_nvidia_toolkit_from_nvidias_repository_then_runtime(team: Inventory) -> None:
+    install, runtime = nvidia.plan(facts_of("ubuntu-24.04-h100"), team)
+    script = install.script()
+    assert ("curl -fsSL https://nvidia.github.io/libnvidia-container/gpgkey | gpg --batch --yes "
+            "--dearmor -o /usr/share/keyrings/nvidia-container-toolkit-keyring.gpg") in script
+    (sources,) = [a for a in install.actions if isinstance(a, WriteFile)]
+    assert sources.path == "/etc/apt/sources.list.d/nvidia-container-toolkit.list"
+    assert ("deb [signed-by=/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg] "
+            "https://nvidia.github.io/libnvidia-container/stable/deb/$(ARCH) /") in \
+        sources.content
+    assert "nvidia-container-toolkit >/dev/null" in script
+    assert runtime.restarts_docker
+    assert "nvidia-ctk runtime configure --runtime=docker" in runtime.script()
+    pinned = nvidia.plan(facts_of("ubuntu-24.04-h100"),
+                         with_defaults(team, nvidia_toolkit_version="1.17.8-1"))
+    assert "nvidia-container-toolkit=1.17.8-1" in pinned[0].script()
+
+
+def test_nvidia_on_a_ready_host_changes_nothing_and_proves_all_gpus(team: Inventory) -> None:
+    facts = facts_of("ubuntu-22.04-h100")
+    assert nvidia.plan(facts, team) == [] and nvidia.notes(facts, team) == []
+    proof = nvidia.proof(facts, team)
+    assert "docker run --rm --gpus all" in proof.script
+    uuids = [g.uuid for g in facts.nvidia.gpus]
+    assert proof.check("\n".join(reversed(uuids)) + "\n") is None
+    assert "sees" in proof.check(uuids[0] + "\n")
+
+
+def test_nvidia_without_gpu_skips_and_without_driver_says_how(team: Inventory) -> None:
+    with pytest.raises(NoGpu, match="skipped: no NVIDIA GPU"):
+        nvidia.plan(facts_of("ubuntu-24.04-nogpu"), team)
+    with pytest.raises(StepBlocked, match=r"driver does not answer.*ubuntu-drivers"):
+        nvidia.plan(facts_of("ubuntu-22.04-gpu-nodriver"), team)
+
+
+def test_nvidia_warns_below_compute_capability_8_9(team: Inventory) -> None:
+    facts = facts_of("ubuntu-22.04-h100")
+    ampere = tuple(dataclasses.replace(g, name="NVIDIA A100-SXM4-80GB", compute_capability="8.0")
+                   for g in facts.nvidia.gpus)
+    older = dataclasses.replace(facts, nvidia=dataclasses.replace(facts.nvidia, gpus=ampere))
+    (first, _) = nvidia.notes(older, team)
+    assert "8.0 < 8.9" in first and "storage only" in first

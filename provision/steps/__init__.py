@@ -21,11 +21,42 @@ class StepBlocked(ProvisionError):
     exit_code = 11
 
 
+class StepSkipped(ProvisionError):
+    """The step does not apply to this host (said, never silent)."""
+
+
+class NoGpu(StepSkipped):
+    """No NVIDIA GPU: a skip, or a failure under --require-gpu."""
+
+
+@dataclass(frozen=True)
+class Proof:
+    """A check run on the host after the step applied: `check(stdout)` says what is wrong."""
+
+    script: str
+    check: Callable[[str], str | None]
+
+
+def _no_paths(inventory: Inventory) -> tuple[str, ...]:
+    return ()
+
+
+def _no_notes(facts: HostFacts, inventory: Inventory) -> list[str]:
+    return []
+
+
+def _no_proof(facts: HostFacts, inventory: Inventory) -> Proof | None:
+    return None
+
+
 @dataclass(frozen=True)
 class Step:
     name: str
     plan: Callable[[HostFacts, Inventory], list[Change]]
-    paths: Callable[[Inventory], tuple[str, ...]]
+    paths: Callable[[Inventory], tuple[str, ...]] = _no_paths
+    # What the user should know even when nothing changes (e.g. FP8 limits of this GPU).
+    notes: Callable[[HostFacts, Inventory], list[str]] = _no_notes
+    proof: Callable[[HostFacts, Inventory], Proof | None] = _no_proof
 
 
 def home_of(facts: HostFacts, name: str) -> str:
@@ -61,9 +92,9 @@ def apt_install(*packages: str) -> str:
 
 
 def all_steps() -> tuple[Step, ...]:
-    from provision.steps import hf_cache, keepalive, users
+    from provision.steps import docker, hf_cache, keepalive, nvidia, users
 
-    return (users.STEP, keepalive.STEP, hf_cache.STEP)
+    return (users.STEP, keepalive.STEP, hf_cache.STEP, docker.STEP, nvidia.STEP)
 
 
 def select_steps(only: list[str] | None, skip: list[str] | None) -> tuple[Step, ...]:

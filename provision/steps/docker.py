@@ -1,0 +1,108 @@
+"""docker: Docker Engine installed, enabled and running; daemon.json merged, never overwritten.
+
+Sources: Docker's own apt repository (deb822 source, signed-by keyring) or the distribution's
+`docker.io`. `auto` takes Docker's repository when the host reaches it, else the distro's,
+and says which. An engine already installed is kept as it is, whatever its source.
+Group membership (root-equivalent, and said so) is the users step's.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from provision.changes import Change, Run, WriteFile, run
+from provision.facts import DAEMON_JSON, HostFacts
+from provision.inventory import Inventory
+from provision.steps import Step, StepBlocked, apt_install
+from provision.templating import render
+
+NAME = "docker"
+KEYRING = "/etc/apt/keyrings/docker.asc"
+SOURCES = "/etc/apt/sources.list.d/docker.sources"
+DOCKER_CE = ("docker-ce", "docker-ce-cli", "containerd.io", "docker-buildx-plugin",
+             "docker-compose-plugin")
+SUPPORTED = {"ubuntu": ("jammy", "noble"), "debian": ("bookworm", "trixie")}
+ENABLE = "systemctl enable --now docker.service"
+
+
+def choose_source(facts: HostFacts, inventory: Inventory) -> tuple[str, str]:
+    """(source, why): what installs Docker on this host."""
+    wanted = inventory.defaults.docker_source
+    if wanted != "auto":
+        return wanted, f"docker_source = {wanted!r}"
+    if facts.docker.repo_reachable:
+        return "docker-ce", "auto: download.docker.com answers"
+    return "distro", "auto: download.docker.com does not answer"
+
+
+def merge(current: dict[str, Any], wanted: dict[str, Any]) -> dict[str, Any]:
+    """Key by key: ours set, theirs kept; nested tables merged the same way."""
+    merged = dict(current)
+    for key, value in wanted.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
+    changes = _daemon_json(facts, inventory)
+    if not facts.docker.installed:
+        changes.extend(_install(facts, inventory))
+    elif not (facts.docker.active and facts.docker.enabled):
+        changes.append(run(NAME, "enable and start Docker", ENABLE))
+    return changes
+
+
+def _install(facts: HostFacts, inventory: Inventory) -> list[Change]:
+    source, why = choose_source(facts, inventory)
+    if source == "distro":
+        return [run(NAME, f"install docker.io from {facts.os.pretty_name or facts.os.id} "
+                          f"({why}), enable and start it", apt_install("docker.io"), ENABLE)]
+    os_id, codename = facts.os.id, facts.os.codename
+    if codename not in SUPPORTED.get(os_id, ()):
+        raise StepBlocked(f"Docker's apt repository has no {os_id} {codename or '?'} here",
+                          "set docker_source = \"distro\" in [defaults]")
+    repository = f"https://download.docker.com/linux/{os_id}"
+    sources = render("host/docker.sources.j2", repository=repository, codename=codename,
+                     keyring=KEYRING)
+    return [
+        Change(NAME, f"Docker's apt repository for {os_id} {codename}, signed-by {KEYRING} "
+                     f"({why})",
+               (Run(apt_install("ca-certificates", "curl")),
+                Run(f"install -m 0755 -d /etc/apt/keyrings\n"
+                    f"curl -fsSL {repository}/gpg -o {KEYRING}\nchmod a+r {KEYRING}"),
+                WriteFile(SOURCES, sources, facts.text(SOURCES)))),
+        run(NAME, f"install Docker Engine ({', '.join(DOCKER_CE)}), enable and start it",
+            "apt-get -o DPkg::Lock::Timeout=300 update -q >/dev/null",
+            apt_install(*DOCKER_CE), ENABLE),
+    ]
+
+
+def _daemon_json(facts: HostFacts, inventory: Inventory) -> list[Change]:
+    wanted = inventory.defaults.docker_daemon
+    if not wanted:
+        return []
+    text = facts.text(DAEMON_JSON)
+    try:
+        current = json.loads(text) if text and text.strip() else {}
+    except json.JSONDecodeError as exc:
+        raise StepBlocked(f"{DAEMON_JSON} is not valid JSON ({exc.msg}, line {exc.lineno})",
+                          "fix it by hand; provision merges into it and never overwrites it"
+                          ) from None
+    if not isinstance(current, dict):
+        raise StepBlocked(f"{DAEMON_JSON} holds no JSON object", "fix it by hand")
+    merged = merge(current, wanted)
+    if merged == current:
+        return []
+    keys = ", ".join(sorted(wanted))
+    write = WriteFile(DAEMON_JSON, json.dumps(merged, indent=2) + "\n", text)
+    if not facts.docker.installed:
+        return [Change(NAME, f"{DAEMON_JSON}: set {keys} before Docker first starts", (write,))]
+    return [Change(NAME, f"{DAEMON_JSON}: merge {keys} (other keys kept), restart Docker",
+                   (write, Run("systemctl restart docker.service")), restarts_docker=True)]
+
+
+STEP = Step(NAME, plan, lambda inventory: (SOURCES,))
