@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn
 
-from provision import views
+from provision import team, views
 from provision.connection import Connection, connect
 from provision.engine import HostReport, RunOptions, converge_host, run_hosts
 from provision.errors import InventoryError, PendingChanges, ProvisionError, StepFailed
@@ -32,6 +32,8 @@ app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_comp
                   help="Provision GPU servers for Stable Diffusion 3.5 FP8 team work, over SSH.")
 sandbox_app = typer.Typer(no_args_is_help=True, help="A local throwaway target host.")
 app.add_typer(sandbox_app, name="sandbox")
+team_app = typer.Typer(no_args_is_help=True, help="The team in provision.toml.")
+app.add_typer(team_app, name="team")
 
 out = Console()
 err = Console(stderr=True)
@@ -206,6 +208,40 @@ def sandbox_status(ctx: typer.Context, name: NameOption = "sandbox") -> None:
     from provision import sandbox as sandboxes
 
     print(json.dumps(sandboxes.status(name, ctx.obj.inventory), indent=2))
+
+
+@team_app.command("add")
+def team_add(
+    ctx: typer.Context, name: str,
+    key: Annotated[Path, typer.Option("--key", help="Her SSH public key (.pub)")],
+    gpus: Annotated[str, typer.Option(help='Her CUDA_VISIBLE_DEVICES: "all", "0", "0,1"')
+                    ] = "all",
+    sudo: Annotated[list[str] | None, typer.Option(
+        "--sudo", help="A command she may run with sudo (absolute path; repeatable)")] = None,
+) -> None:
+    """Add a member (comments and order of provision.toml are kept)."""
+    member = team.add(ctx.obj.inventory, name, key, gpus, tuple(sudo or ()))
+    err.print(f"added {member.name}; run 'provision host HOST' to create her account")
+
+
+@team_app.command("remove")
+def team_remove(ctx: typer.Context, name: str) -> None:
+    """Remove a member; the next converge offboards her (locked, keys removed, home kept)."""
+    team.remove(ctx.obj.inventory, name)
+    err.print(f"removed {name}; run 'provision host HOST' to offboard her there")
+
+
+@team_app.command("list")
+def team_list(ctx: typer.Context,
+              as_json: Annotated[bool, typer.Option("--json", help="One JSON document")] = False
+              ) -> None:
+    """The members, their keys, sudo commands and GPUs."""
+    members = ctx.obj.load().members
+    if as_json:
+        print(json.dumps([{"name": m.name, "keys": [k.split()[-1] for k in m.keys],
+                           "sudo": list(m.sudo), "gpus": m.gpus} for m in members], indent=2))
+    else:
+        out.print(views.team_table(members))
 
 
 def main() -> None:

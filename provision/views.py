@@ -8,6 +8,7 @@ from rich.text import Text
 
 from provision.engine import HostReport
 from provision.facts import HostFacts
+from provision.inventory import Member
 
 
 def facts_table(host: str, facts: HostFacts) -> Table:
@@ -99,4 +100,14 @@ def summary_table(reports: list[HostReport]) -> Table:
         else:
             table.add_row(report.host, "", Text("ok", style="green"), "",
                           f"{report.seconds:.2f} s")
+    return table
+
+
+def team_table(members: tuple[Member, ...]) -> Table:
+    table = Table(title="team")
+    for column in ("name", "keys", "sudo", "gpus"):
+        table.add_column(column)
+    for member in members:
+        table.add_row(member.name, "\n".join(k.split()[-1] for k in member.keys),
+                      "\n".join(member.sudo) or "-", member.gpus)
     return table
