@@ -20,8 +20,15 @@ from rich.progress import Progress, SpinnerColumn, TextColumn
 
 from provision import team, views
 from provision.connection import Connection, connect
+from provision.doctor import run_doctor
 from provision.engine import HostReport, RunOptions, converge_host, run_hosts
-from provision.errors import InventoryError, PendingChanges, ProvisionError, StepFailed
+from provision.errors import (
+    ChecksFailed,
+    InventoryError,
+    PendingChanges,
+    ProvisionError,
+    StepFailed,
+)
 from provision.facts import gather_facts
 from provision.inventory import Inventory, inventory_path, load_inventory
 from provision.steps import select_steps
@@ -180,6 +187,31 @@ def _raise_for_reports(reports: list[HostReport], check: bool) -> None:
         pending = sum(len(s.changes) for r in reports for s in r.steps)
         raise PendingChanges(f"{pending} change(s) pending",
                              "run without --check to apply them")
+
+
+@app.command()
+def doctor(
+    ctx: typer.Context, host: str,
+    member: Annotated[str | None, typer.Option(help="Check this member only")] = None,
+    image: Annotated[str | None, typer.Option(help="The team image to look inside")] = None,
+    min_free_gb: Annotated[float, typer.Option(help="Free space the cache volume needs")
+                           ] = 50.0,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document")] = False,
+) -> None:
+    """Check each known failure on HOST; print the evidence and a remedy for each."""
+    settings: Settings = ctx.obj
+    inventory = settings.load()
+    members = (inventory.member(member),) if member else inventory.members
+    with settings.connect(host, inventory) as conn:
+        found = run_doctor(conn, inventory, members, image, min_free_gb)
+    if as_json:
+        print(json.dumps({"host": host, "checks": [c.to_json() for c in found]}, indent=2))
+    else:
+        out.print(views.doctor_table(host, found))
+    failed = [c for c in found if c.status == "fail"]
+    if failed:
+        raise ChecksFailed(f"{host}: {len(failed)} check(s) failed: "
+                           + "; ".join(c.name for c in failed), "see the remedies above")
 
 
 NameOption = Annotated[str, typer.Option("--name", help="The sandbox's name and host alias")]

@@ -75,3 +75,9 @@ class PendingChanges(ProvisionError):
     """`--check` found changes to make (drift), for CI to act on."""
 
     exit_code = 12
+
+
+class ChecksFailed(ProvisionError):
+    """`provision doctor` found problems (each printed with its remedy)."""
+
+    exit_code = 13

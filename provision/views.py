@@ -6,6 +6,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from provision.doctor import Check
 from provision.engine import HostReport
 from provision.facts import HostFacts
 from provision.inventory import Member
@@ -110,4 +111,17 @@ def team_table(members: tuple[Member, ...]) -> Table:
     for member in members:
         table.add_row(member.name, "\n".join(k.split()[-1] for k in member.keys),
                       "\n".join(member.sudo) or "-", member.gpus)
+    return table
+
+
+DOCTOR_STYLE = {"pass": "green", "fail": "bold red", "warn": "yellow", "skip": "dim"}
+
+
+def doctor_table(host: str, checks: list[Check]) -> Table:
+    table = Table(title=f"doctor: {host}")
+    for column in ("check", "status", "evidence", "remedy"):
+        table.add_column(column)
+    for check in checks:
+        table.add_row(check.name, Text(check.status, style=DOCTOR_STYLE[check.status]),
+                      check.evidence, check.remedy)
     return table

@@ -1,0 +1,219 @@
+"""`provision doctor`: each known failure checked, with the evidence seen and the remedy.
+
+Two round trips: the facts, and one probe script that acts as each member (`runuser`, so her
+groups are read from /etc/group as a fresh login reads them) and looks inside the team image.
+The verdicts are a pure function of both, tested on their own.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import asdict, dataclass
+
+from provision.connection import Connection
+from provision.facts import HostFacts, gather_facts, split_sections
+from provision.inventory import Inventory, Member
+from provision.steps.nvidia import FP8_TENSOR_CORES, PROOF_IMAGE
+
+WATCHED = ("**/.git/objects/**",)
+SETTINGS = ".vscode/settings.json"
+
+# Runs inside the team image: what torch there can do for FP8, and whether xformers loads.
+IMAGE_PROBE = r"""
+import json
+report = {}
+try:
+    import torch
+    report["torch"] = torch.__version__
+    report["float8"] = hasattr(torch, "float8_e4m3fn")
+    report["cuda"] = torch.cuda.is_available()
+    if report["float8"] and report["cuda"]:
+        try:
+            a = torch.randn(32, 32, device="cuda").to(torch.float8_e4m3fn)
+            b = torch.randn(32, 32, device="cuda").to(torch.float8_e4m3fn).t()
+            one = torch.tensor(1.0, device="cuda")
+            torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+            report["scaled_mm"] = "ok"
+        except Exception as exc:
+            report["scaled_mm"] = str(exc).splitlines()[0][:200]
+except Exception as exc:
+    report["torch_error"] = str(exc)[:200]
+try:
+    import xformers.ops
+    report["xformers"] = getattr(xformers, "__version__", "?")
+except ModuleNotFoundError:
+    report["xformers"] = None
+except Exception as exc:
+    report["xformers_error"] = str(exc).splitlines()[0][:200]
+print(json.dumps(report))
+"""
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str  # pass | fail | warn | skip
+    evidence: str
+    remedy: str = ""
+
+    def to_json(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def probe_script(inventory: Inventory, members: tuple[Member, ...], image: str | None,
+                 gpu: bool) -> str:
+    """One script: per member docker access and cache writes, then the GPU and image probes."""
+    cache = shlex.quote(inventory.defaults.cache_dir)
+    lines = ["sec() { printf '\\n@@@provision:%s\\n' \"$1\"; }"]
+    for member in members:
+        name = member.name
+        lines += [
+            f"sec docker-{name}",
+            f"runuser -u {name} -- docker info --format '{{{{.ServerVersion}}}}' 2>&1 | tail -n 1"
+            "; echo \"exit=$?\"",
+            f"sec cache-{name}",
+            f"runuser -u {name} -- sh -c 'f={cache}/.provision-doctor-$$; "
+            f"touch \"$f\" && rm -f \"$f\"' 2>&1; echo \"exit=$?\"",
+        ]
+    gpus = "--gpus all " if gpu else ""
+    if gpu:
+        lines += ["sec gpu-container",
+                  f"docker run --rm --gpus all {PROOF_IMAGE} nvidia-smi -L 2>&1; "
+                  "echo \"exit=$?\""]
+    if image:
+        lines += ["sec image",
+                  f"if docker image inspect {shlex.quote(image)} >/dev/null 2>&1; then "
+                  f"docker run --rm {gpus}{shlex.quote(image)} python3 -c "
+                  f"{shlex.quote(IMAGE_PROBE)} 2>&1 | tail -n 1; else echo missing; fi"]
+    lines.append("sec end")
+    return "\n".join(lines) + "\n"
+
+
+def _exit_ok(lines: list[str]) -> tuple[bool, str]:
+    body = [ln for ln in lines if not ln.startswith("exit=")]
+    return ("exit=0" in lines), " ".join(body)[:200]
+
+
+def checks(facts: HostFacts, probe: str, inventory: Inventory, members: tuple[Member, ...],
+           min_free_gb: float, workspace_settings: dict[str, str | None]) -> list[Check]:
+    """Pure: facts + probe transcript → verdicts."""
+    sections = split_sections(probe)
+    defaults = inventory.defaults
+    found: list[Check] = []
+    keepalive = (facts.sshd.client_alive_interval, facts.sshd.client_alive_count_max)
+    wanted = (defaults.keepalive_interval, defaults.keepalive_count_max)
+    found.append(Check(
+        "ssh keepalive", "pass" if keepalive == wanted else "fail",
+        f"sshd -T: ClientAliveInterval {keepalive[0]}, ClientAliveCountMax {keepalive[1]}",
+        "" if keepalive == wanted else "provision host HOST --only keepalive"))
+    for member in members:
+        ok, seen = _exit_ok(sections.get(f"docker-{member.name}", []))
+        found.append(Check(
+            f"{member.name} reaches docker", "pass" if ok else "fail",
+            f"docker info as {member.name}: {seen or 'no answer'}",
+            "" if ok else f"provision host HOST --only users,docker (puts {member.name} in the "
+                          "docker group; she logs in again)"))
+        ok, seen = _exit_ok(sections.get(f"cache-{member.name}", []))
+        link = facts.member_caches.get(member.name)
+        linked = link is not None and link.state == "symlink" and link.detail == defaults.cache_dir
+        found.append(Check(
+            f"{member.name}'s cache", "pass" if ok and linked else "fail",
+            f"write in {defaults.cache_dir}: {'ok' if ok else seen}; ~/.cache/huggingface: "
+            f"{link.state + ' ' + link.detail if link else 'no account'}",
+            "" if ok and linked else "provision host HOST --only hf-cache"))
+        settings = workspace_settings.get(member.name)
+        watched = settings is not None and all(w in settings for w in WATCHED)
+        found.append(Check(
+            f"{member.name}'s watcher excludes", "pass" if watched else "fail",
+            f"{SETTINGS}: " + ("excludes .git/objects" if watched else
+                               "missing" if settings is None else "no .git/objects exclude"),
+            "" if watched else "provision host HOST --only workspace (or render it again)"))
+    cache = facts.cache
+    shape = (cache.group, cache.mode) == (defaults.cache_group, "2775")
+    found.append(Check(
+        "shared cache", "pass" if cache.exists and shape else "fail",
+        f"{cache.path}: " + (f"{cache.owner}:{cache.group} {cache.mode}" if cache.exists
+                             else "missing"),
+        "" if cache.exists and shape else "provision host HOST --only hf-cache"))
+    found.append(Check(
+        "no token in the shared cache", "fail" if cache.token_files else "pass",
+        ", ".join(cache.token_files) or "no token file",
+        "move it to the owner's ~/.config/huggingface/token (HF_TOKEN_PATH) and revoke it: "
+        "every member could read it" if cache.token_files else ""))
+    free_gb = facts.disk.free_bytes / 1e9 if facts.disk else 0.0
+    found.append(Check(
+        "cache disk space", "pass" if free_gb >= min_free_gb else "fail",
+        f"{free_gb:.1f} GB free on {facts.disk.path if facts.disk else '?'} "
+        f"(threshold {min_free_gb:g} GB)",
+        "" if free_gb >= min_free_gb else "free space there, or move cache_dir to a larger "
+                                          "volume (SD3.5 Large needs about 30 GB)"))
+    found.extend(_gpu_checks(facts, sections))
+    found.extend(_image_checks(facts, sections))
+    return found
+
+
+def _gpu_checks(facts: HostFacts, sections: dict[str, list[str]]) -> list[Check]:
+    if not facts.nvidia.has_gpu:
+        reason = "no NVIDIA GPU on this host"
+        return [Check(name, "skip", reason) for name in
+                ("nvidia runtime", "GPU inside a container", "compute capability vs FP8")]
+    registered = "nvidia" in facts.docker.runtimes
+    ok, seen = _exit_ok(sections.get("gpu-container", []))
+    slow = [g for g in facts.nvidia.gpus
+            if tuple(int(x) for x in g.compute_capability.split(".")[:2]) < FP8_TENSOR_CORES]
+    return [
+        Check("nvidia runtime", "pass" if registered else "fail",
+              f"docker info runtimes: {', '.join(facts.docker.runtimes) or 'none'}",
+              "" if registered else "provision host HOST --only nvidia"),
+        Check("GPU inside a container", "pass" if ok else "fail", seen,
+              "" if ok else "provision host HOST --only nvidia; after 'systemctl daemon-reload' "
+                            "with the systemd cgroup driver, restart the container"),
+        Check("compute capability vs FP8", "warn" if slow else "pass",
+              ", ".join(f"GPU {g.index} {g.name}: {g.compute_capability}"
+                        for g in facts.nvidia.gpus),
+              "FP8 runs as storage only below 8.9: use --fp8 storage there" if slow else ""),
+    ]
+
+
+def _image_checks(facts: HostFacts, sections: dict[str, list[str]]) -> list[Check]:
+    lines = sections.get("image")
+    if lines is None or lines == ["missing"]:
+        return [Check("image: torch float8", "skip",
+                      "the team image is not built on this host yet",
+                      "provision verify HOST builds it")]
+    try:
+        report = json.loads(lines[-1])
+    except (json.JSONDecodeError, IndexError):
+        return [Check("image: torch float8", "fail", " ".join(lines)[:200],
+                      "rebuild the image: provision verify HOST")]
+    torch_ok = report.get("float8") is True
+    found = [Check(
+        "image: torch float8", "pass" if torch_ok else "fail",
+        f"torch {report.get('torch', report.get('torch_error', '?'))}: "
+        f"float8_e4m3fn {'present' if torch_ok else 'missing'}",
+        "" if torch_ok else "torch >= 2.1 has float8 (>= 2.5 for rowwise _scaled_mm): "
+                            "fix the [image] pins and rebuild")]
+    if facts.nvidia.gpus and torch_ok:
+        scaled = report.get("scaled_mm")
+        found.append(Check("image: _scaled_mm on this GPU", "pass" if scaled == "ok" else "fail",
+                           str(scaled), "" if scaled == "ok" else
+                           "needs compute capability >= 8.9 and torch >= 2.5"))
+    if "xformers_error" in report:
+        found.append(Check("image: xformers", "fail", report["xformers_error"],
+                           "xformers is built for one torch: pin the pair from the version "
+                           "table, or drop xformers"))
+    elif report.get("xformers"):
+        found.append(Check("image: xformers", "pass", f"xformers {report['xformers']}"))
+    return found
+
+
+def run_doctor(conn: Connection, inventory: Inventory, members: tuple[Member, ...],
+               image: str | None, min_free_gb: float) -> list[Check]:
+    workspace = inventory.defaults.workspace_dir
+    settings_paths = {m.name: f"~{m.name}/{workspace}/{SETTINGS}" for m in members}
+    facts = gather_facts(conn, inventory, tuple(settings_paths.values()))
+    probe = conn.run(probe_script(inventory, members, image, bool(facts.nvidia.gpus)),
+                     what="doctor probe", check=False)
+    settings = {name: facts.text(path) for name, path in settings_paths.items()}
+    return checks(facts, probe.stdout, inventory, members, min_free_gb, settings)
