@@ -13,6 +13,9 @@ import shlex
 from dataclasses import dataclass
 
 
+NEW_FILE_LINES_SHOWN = 40
+
+
 @dataclass(frozen=True)
 class WriteFile:
     """Write `content` to `path` atomically: temp file, owner and mode, validate, rename."""
@@ -27,8 +30,11 @@ class WriteFile:
     validate: str | None = None
 
     def diff(self) -> str:
-        old = (self.old or "").splitlines(keepends=True)
         new = self.content.splitlines(keepends=True)
+        if self.old is None and len(new) > NEW_FILE_LINES_SHOWN:
+            # A whole new script in a plan hides the changes around it: its size says enough.
+            return f"--- /dev/null\n+++ {self.path}\n@@ new file, {len(new)} lines @@\n"
+        old = (self.old or "").splitlines(keepends=True)
         before = self.path if self.old is not None else "/dev/null"
         return "".join(difflib.unified_diff(old, new, before, self.path))
 
@@ -72,6 +78,8 @@ class Change:
     warning: str | None = None
     # Restarting Docker stops running containers: the engine asks for --yes before doing it.
     restarts_docker: bool = False
+    # Overwrites what a member made her own: applied only with --force, else reported.
+    needs_force: bool = False
 
     def diff(self) -> str:
         return "".join(a.diff() for a in self.actions if isinstance(a, WriteFile))
@@ -81,7 +89,7 @@ class Change:
 
     def to_json(self) -> dict[str, object]:
         return {"step": self.step, "summary": self.summary, "warning": self.warning,
-                "restarts_docker": self.restarts_docker,
+                "restarts_docker": self.restarts_docker, "needs_force": self.needs_force,
                 "diff": self.diff(),
                 "commands": [a.command for a in self.actions if isinstance(a, Run)],
                 "files": [a.path for a in self.actions if isinstance(a, WriteFile)]}

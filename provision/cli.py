@@ -134,6 +134,9 @@ def host_command(
     require_gpu: Annotated[bool, typer.Option(
         "--require-gpu", help="Fail (not skip) the nvidia step on a host without a GPU")
     ] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Overwrite workspace files members edited (a backup is kept)")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document")] = False,
 ) -> None:
     """Converge HOSTs: plan each step, show it, apply it, re-read and confirm."""
@@ -143,7 +146,8 @@ def host_command(
     for alias in hosts:
         resolve_target(alias, inventory, settings.ssh_config)
     settings.ask_password()
-    options = RunOptions(apply=not (plan or check), yes=yes, require_gpu=require_gpu)
+    options = RunOptions(apply=not (plan or check), yes=yes, require_gpu=require_gpu,
+                         force=force)
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=err,
                   transient=True) as bar:

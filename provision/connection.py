@@ -14,6 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import fabric
 import paramiko
@@ -29,6 +30,7 @@ from provision.errors import (
 from provision.target import Target
 
 KEEPALIVE_SECONDS = 15
+LineSink = Callable[[str], None]
 # Root runs the script directly; anyone else goes through sudo, never prompting on a terminal.
 _AS_ROOT = 'if [ "$(id -u)" -eq 0 ]; then {root}; else {sudo}; fi'
 _SUDO_NO_PASSWORD = "exec sudo -n -H -- sh -s"
@@ -67,11 +69,15 @@ class Connection:
         return self.target.alias
 
     def run(self, script: str, *, env: dict[str, str] | None = None, root: bool = True,
-            timeout: float | None = None, check: bool = True, what: str = "script") -> Result:
-        """Run `script` with sh on the host, as root unless told otherwise."""
+            timeout: float | None = None, check: bool = True, what: str = "script",
+            on_line: LineSink | None = None) -> Result:
+        """Run `script` with sh on the host, as root unless told otherwise.
+
+        `on_line` sees each stdout line as it arrives (progress of long work, e.g. a build).
+        """
         command, stdin = self._command(script, env, root)
         self.round_trips += 1
-        result = self._execute(command, stdin, timeout)
+        result = self._execute(command, stdin, timeout, on_line or _ignore)
         if root:
             self._raise_for_sudo(result)
         if check and not result.ok:
@@ -122,7 +128,8 @@ class Connection:
         raise AuthenticationFailed(f"{self.name}: {message}",
                                    f"give {self.target.user} sudo rights or log in as root")
 
-    def _execute(self, command: str, stdin: str, timeout: float | None) -> Result:
+    def _execute(self, command: str, stdin: str, timeout: float | None,
+                 on_line: LineSink) -> Result:
         raise NotImplementedError
 
     def _hold(self, command: str, stdin: str, timeout: float) -> Held:
@@ -144,13 +151,21 @@ class Connection:
 class LocalConnection(Connection):
     """@local: the tool runs on the host itself (e.g. on the GPU server, or a lent machine)."""
 
-    def _execute(self, command: str, stdin: str, timeout: float | None) -> Result:
-        try:
-            done = subprocess.run(["sh", "-c", command], input=stdin, capture_output=True,
-                                  text=True, timeout=timeout, check=False)
-        except subprocess.TimeoutExpired:
-            raise RemoteCommandFailed(f"@local: command ran past {timeout} s") from None
-        return Result(done.stdout, done.stderr, done.returncode)
+    def _execute(self, command: str, stdin: str, timeout: float | None,
+                 on_line: LineSink) -> Result:
+        process = subprocess.Popen(["sh", "-c", command], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert process.stdin and process.stdout and process.stderr
+        with ThreadPoolExecutor(2) as pool:
+            pool.submit(_write_and_close, process.stdin, stdin.encode())
+            stderr = pool.submit(process.stderr.read)
+            stdout = _read_lines(process.stdout, on_line)
+            try:
+                exit_code = process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                raise RemoteCommandFailed(f"@local: command ran past {timeout} s") from None
+            return Result(stdout, stderr.result().decode(errors="replace"), exit_code)
 
     def _hold(self, command: str, stdin: str, timeout: float) -> Held:
         process = subprocess.Popen(["sh", "-c", command], stdin=subprocess.PIPE,
@@ -261,7 +276,8 @@ class SSHConnection(Connection):
             transport.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return self
 
-    def _execute(self, command: str, stdin: str, timeout: float | None) -> Result:
+    def _execute(self, command: str, stdin: str, timeout: float | None,
+                 on_line: LineSink) -> Result:
         """One exec channel. Not Fabric's `run`: invoke feeds stdin one byte per 10 ms."""
         try:
             channel = self.transport.open_session(timeout=self.target.connect_timeout)
@@ -271,11 +287,10 @@ class SSHConnection(Connection):
                 # Feed stdin and drain stderr beside stdout, so no full window can stall us.
                 sent = pool.submit(_send_and_close, channel, stdin.encode())
                 stderr = pool.submit(channel.makefile_stderr("rb").read)
-                stdout = channel.makefile("rb").read()
+                stdout = _read_lines(channel.makefile("rb"), on_line)
                 sent.result()
                 exit_code = channel.recv_exit_status()
-                return Result(stdout.decode(errors="replace"),
-                              stderr.result().decode(errors="replace"), exit_code)
+                return Result(stdout, stderr.result().decode(errors="replace"), exit_code)
         except TimeoutError:
             raise RemoteCommandFailed(f"{self.name}: command ran past {timeout} s",
                                       "check the host's load, or rerun") from None
@@ -303,6 +318,28 @@ class SSHConnection(Connection):
 
     def close(self) -> None:
         self._fabric.close()
+
+
+def _ignore(line: str) -> None:
+    """No one is watching the output as it comes."""
+
+
+def _read_lines(stream: IO[bytes], on_line: LineSink) -> str:
+    lines = []
+    for raw in stream:
+        line = raw.decode(errors="replace")
+        lines.append(line)
+        on_line(line.rstrip("\n"))
+    return "".join(lines)
+
+
+def _write_and_close(stream: IO[bytes], data: bytes) -> None:
+    try:
+        stream.write(data)
+    except BrokenPipeError:
+        pass  # the command ended without reading all of its input
+    finally:
+        stream.close()
 
 
 def _send_and_close(channel: paramiko.Channel, data: bytes) -> None:

@@ -67,6 +67,12 @@ class RunOptions:
     apply: bool
     yes: bool = False  # allow what interrupts running work (a Docker restart)
     require_gpu: bool = False  # no NVIDIA GPU is a failure, not a skip
+    force: bool = False  # overwrite files members edited (a backup is kept)
+
+    def allowed(self, changes: list[Change]) -> tuple[list[Change], list[Change]]:
+        """(to apply, left alone): changes that need --force wait for it."""
+        held = [c for c in changes if c.needs_force and not self.force]
+        return [c for c in changes if c not in held], held
 
 
 @dataclass
@@ -166,8 +172,9 @@ def _run_steps(conn: Connection, inventory: Inventory, steps: tuple[Step, ...],
         entry = StepReport(step.name, "unchanged")
         report.steps.append(entry)
         try:
-            entry.changes = step.plan(facts, inventory)
-            entry.message = "; ".join(step.notes(facts, inventory))
+            entry.changes, held = options.allowed(step.plan(facts, inventory))
+            entry.message = "; ".join([*step.notes(facts, inventory),
+                                       *(c.summary for c in held)])
             if entry.changes and not options.apply:
                 entry.status = "pending"
             elif entry.changes:
@@ -197,12 +204,13 @@ def _run_steps(conn: Connection, inventory: Inventory, steps: tuple[Step, ...],
     if record is not None:
         conn.run(apply_script("state", [record]), what="state record")
     progress(conn.name, "confirming")
-    report.drift = [c for step in steps for c in _replan(step, facts, inventory)]
+    report.drift = [c for step in steps for c in _replan(step, facts, inventory, options)]
 
 
-def _replan(step: Step, facts: HostFacts, inventory: Inventory) -> list[Change]:
+def _replan(step: Step, facts: HostFacts, inventory: Inventory,
+            options: RunOptions) -> list[Change]:
     try:
-        return step.plan(facts, inventory)
+        return options.allowed(step.plan(facts, inventory))[0]
     except StepSkipped:
         return []
 

@@ -50,6 +50,7 @@ sec sshd-include; grep -iE '^[[:space:]]*Include' /etc/ssh/sshd_config 2>/dev/nu
 sec cache-dir; stat -c '%F|%U|%G|%a' "$PROVISION_CACHE_DIR" 2>/dev/null
 sec cache-acl; getfacl -cp "$PROVISION_CACHE_DIR" 2>/dev/null
 sec cache-tokens; find "$PROVISION_CACHE_DIR" -maxdepth 2 -name token -type f 2>/dev/null
+sec cache-models; ls -1 "$PROVISION_CACHE_DIR/hub" 2>/dev/null | grep '^models--'
 sec disk
 p="$PROVISION_CACHE_DIR"; while [ ! -e "$p" ]; do p=$(dirname "$p"); done
 df -P -B1 "$p" 2>/dev/null | tail -n 1
@@ -62,10 +63,12 @@ for u in $PROVISION_ACCOUNTS; do
   else echo "$u|missing|"; fi
 done
 sec paths
+# "sha256:PATH" asks for a file's digest instead of its content (large files, many members).
 printf '%s\n' "$PROVISION_PATHS" | while IFS= read -r f; do
   [ -n "$f" ] || continue
-  p=$(expand "$f") || { echo "$f|missing"; continue; }
+  p=$(expand "${f#sha256:}") || { echo "$f|missing"; continue; }
   if [ -L "$p" ]; then echo "$f|link|$(stat -c '%U|%G|%a' "$p")|$(readlink "$p")"
+  elif [ -f "$p" ] && [ "${f#sha256:}" != "$f" ]; then echo "$f|file|$(stat -c '%U|%G|%a' "$p")|sha256:$(sha256sum < "$p" | cut -d' ' -f1)"
   elif [ -f "$p" ]; then echo "$f|file|$(stat -c '%U|%G|%a' "$p")|$(head -c 262144 "$p" | base64 -w0)"
   elif [ -d "$p" ]; then echo "$f|directory|$(stat -c '%U|%G|%a' "$p")|"
   elif [ -e "$p" ]; then echo "$f|other|$(stat -c '%U|%G|%a' "$p")|"
@@ -146,7 +149,7 @@ class PathState:
     group: str = ""
     mode: str = ""
     target: str = ""
-    content: str | None = None
+    content: str | None = None  # a file's text, or "sha256:<hex>" when asked for its digest
 
     @property
     def exists(self) -> bool:
@@ -252,6 +255,7 @@ class HostFacts:
     nvidia: Nvidia
     apt_lock_holder: str | None
     state: dict[str, Any] = field(default_factory=dict)
+    cache_models: tuple[str, ...] = ()  # models--org--name folders in the shared cache's hub
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -329,6 +333,7 @@ def parse_facts(transcript: str, cache_dir: str) -> HostFacts:
         nvidia=_nvidia(s),
         apt_lock_holder=_apt_lock_holder(s.get("apt-locks", [])),
         state=_json_or_empty(state_text),
+        cache_models=tuple(ln.strip() for ln in s.get("cache-models", [])),
     )
 
 
@@ -419,8 +424,9 @@ def _paths(lines: list[str]) -> dict[str, PathState]:
         parts = line.split("|")
         if len(parts) == 6:
             name, kind, owner, group, mode, extra = parts
-            content = (base64.b64decode(extra).decode("utf-8", errors="replace")
-                       if kind == "file" else None)
+            content = (extra if extra.startswith("sha256:") else
+                       base64.b64decode(extra).decode("utf-8", errors="replace")
+                       ) if kind == "file" else None
             target = extra if kind == "link" else ""
             paths[name] = PathState(name, kind, owner, group, mode, target, content)
         elif parts[0]:

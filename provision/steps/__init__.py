@@ -92,9 +92,9 @@ def apt_install(*packages: str) -> str:
 
 
 def all_steps() -> tuple[Step, ...]:
-    from provision.steps import docker, hf_cache, keepalive, nvidia, users
+    from provision.steps import docker, hf_cache, keepalive, nvidia, users, workspace
 
-    return (users.STEP, keepalive.STEP, hf_cache.STEP, docker.STEP, nvidia.STEP)
+    return (users.STEP, keepalive.STEP, hf_cache.STEP, docker.STEP, nvidia.STEP, workspace.STEP)
 
 
 def select_steps(only: list[str] | None, skip: list[str] | None) -> tuple[Step, ...]:

@@ -1,0 +1,105 @@
+"""workspace: each member's workspace on the host seeded with her rendered files.
+
+A missing file is written; one still as provision wrote it is brought up to date; one the
+member edited is drift: reported and left alone (`--force` overwrites it, keeping a backup).
+What provision wrote is remembered by digest in a record per member under /var/lib/provision,
+and the facts carry digests, not contents, so a team's no-op converge stays small.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+from pathlib import PurePosixPath
+
+from provision.changes import Change, Run, WriteFile, run
+from provision.facts import HostFacts
+from provision.inventory import Inventory, Member
+from provision.render import render_workspace
+from provision.steps import Step, home_of, primary_group
+
+NAME = "workspace"
+
+
+def record_path(member: str) -> str:
+    return f"/var/lib/provision/workspace-{member}.json"
+
+
+def _files(facts: HostFacts, inventory: Inventory, member: Member) -> dict[str, str]:
+    group = facts.groups.get(inventory.defaults.cache_group)
+    return render_workspace(inventory, member, host_alias=facts.os.hostname or None, target=None,
+                            cache_gid=group.gid if group else None)
+
+
+def _directories(files: dict[str, str]) -> list[str]:
+    parents = {str(p) for path in files for p in PurePosixPath(path).parents if str(p) != "."}
+    return ["", *sorted(parents)]
+
+
+def paths(inventory: Inventory) -> tuple[str, ...]:
+    found: list[str] = []
+    for member in inventory.members:
+        base = f"~{member.name}/{inventory.defaults.workspace_dir}"
+        files = render_workspace(inventory, member, host_alias=None, target=None, cache_gid=None)
+        found += [f"{base}/{d}".rstrip("/") for d in _directories(files)]
+        found += [f"sha256:{base}/{path}" for path in files]
+        found.append(record_path(member.name))
+    return tuple(found)
+
+
+def digest(text: str) -> str:
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
+    changes = []
+    for member in inventory.members:
+        changes.extend(_member(facts, inventory, member))
+    return changes
+
+
+def _member(facts: HostFacts, inventory: Inventory, member: Member) -> list[Change]:
+    name, group = member.name, primary_group(facts, member.name)
+    relative = inventory.defaults.workspace_dir
+    root = f"{home_of(facts, name)}/{relative}"
+    files = _files(facts, inventory, member)
+    recorded = json.loads(facts.text(record_path(name)) or "{}")
+    record = dict(recorded)
+    changes: list[Change] = []
+    missing_dirs = [d for d in _directories(files)
+                    if not facts.path(f"~{name}/{relative}/{d}".rstrip("/")).exists]
+    if missing_dirs:
+        changes.append(run(NAME, f"{root}: {name}'s workspace directories", *(
+            f"install -d -o {name} -g {group} {shlex.quote(f'{root}/{d}'.rstrip('/'))}"
+            for d in missing_dirs)))
+    for path, content in files.items():
+        wanted = digest(content)
+        current = facts.path(f"sha256:~{name}/{relative}/{path}").content
+        target = f"{root}/{path}"
+        write = WriteFile(target, content, None, owner=name, group=group)
+        if current == wanted:
+            record[path] = wanted
+        elif current is None:
+            changes.append(Change(NAME, f"seed {target}", (write,)))
+            record[path] = wanted
+        elif current == recorded.get(path):
+            changes.append(Change(NAME, f"update {target} (not edited since provision wrote it)",
+                                  (write,)))
+            record[path] = wanted
+        else:
+            backup = f"{shlex.quote(target)} {shlex.quote(target)}.provision-backup-$(date +%s)"
+            changes.append(Change(
+                NAME, f"{target} was edited by {name}: drifted, left alone (--force "
+                      "overwrites it, keeping a backup)",
+                (Run(f"cp -p {backup}"), write), needs_force=True))
+            # Right once forced; while not, her digest still differs from it: still drift.
+            record[path] = wanted
+    if record != recorded:
+        changes.append(Change(NAME, f"remember what provision wrote in {name}'s workspace", (
+            WriteFile(record_path(name), json.dumps(record, sort_keys=True) + "\n",
+                      facts.text(record_path(name)), mode="0600"),)))
+    return changes
+
+
+STEP = Step(NAME, plan, paths)
