@@ -12,7 +12,6 @@ import difflib
 import shlex
 from dataclasses import dataclass
 
-
 NEW_FILE_LINES_SHOWN = 40
 
 
