@@ -31,9 +31,12 @@ from provision.errors import (
 )
 from provision.facts import gather_facts
 from provision.inventory import Inventory, inventory_path, load_inventory
+from provision.onboard import bundle, merge_ssh_block
+from provision.render import render_workspace, ssh_config_block, write_files
 from provision.steps import select_steps
 from provision.target import resolve_target
 from provision.templating import render
+from provision.verify import verify
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="Provision GPU servers for Stable Diffusion 3.5 FP8 team work, over SSH.")
@@ -216,6 +219,97 @@ def doctor(
     if failed:
         raise ChecksFailed(f"{host}: {len(failed)} check(s) failed: "
                            + "; ".join(c.name for c in failed), "see the remedies above")
+
+
+def _cache_gid(settings: Settings, host: str, inventory: Inventory) -> int | None:
+    """The cache group's gid on the host: the container's supplementary group."""
+    with settings.connect(host, inventory) as conn:
+        group = gather_facts(conn, inventory).groups.get(inventory.defaults.cache_group)
+    return group.gid if group else None
+
+
+@app.command("render")
+def render_command(
+    ctx: typer.Context,
+    out_dir: Annotated[Path, typer.Option("--out", help="Where to write the files")],
+    host: Annotated[str | None, typer.Option(
+        help="Render for this host (its cache group's gid, her ssh block)")] = None,
+    member: Annotated[str | None, typer.Option(help="Only this member (else one folder each)")
+                      ] = None,
+    identity_file: Annotated[str, typer.Option(help="Her private key, in her ssh block")
+                             ] = "~/.ssh/id_ed25519",
+) -> None:
+    """Render the dev container, VS Code debug config, settings and inference.py."""
+    settings: Settings = ctx.obj
+    inventory = settings.load()
+    members = (inventory.member(member),) if member else inventory.members
+    if not members:
+        raise InventoryError(f"{inventory.path}: no members", "add one: provision team add")
+    target = resolve_target(host, inventory, settings.ssh_config) if host else None
+    cache_gid = _cache_gid(settings, host, inventory) if host else None
+    for each in members:
+        files = render_workspace(inventory, each, host_alias=host, target=target,
+                                 cache_gid=cache_gid)
+        if host and target:
+            files["ssh_config"] = ssh_config_block(inventory, each, host, target, identity_file)
+        written = write_files(files, out_dir if member else out_dir / each.name)
+        err.print(f"{each.name}: {len(written)} files in {written[0].parent.parent}")
+
+
+@app.command()
+def onboard(
+    ctx: typer.Context, name: str,
+    host: Annotated[str, typer.Option(help="The host she will work on")],
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="Bundle folder [default: ./onboard-NAME]")] = None,
+    identity_file: Annotated[str, typer.Option(help="Her private key, in her ssh block")
+                             ] = "~/.ssh/id_ed25519",
+    merge_into: Annotated[Path | None, typer.Option(
+        help="Also merge her ssh block into this ssh config (marked block, backup kept)")
+    ] = None,
+) -> None:
+    """A teammate's bundle: her ssh config block, workspace files and the three steps."""
+    settings: Settings = ctx.obj
+    inventory = settings.load()
+    member = inventory.member(name)
+    target = resolve_target(host, inventory, settings.ssh_config)
+    folder = out_dir or Path(f"onboard-{name}")
+    written = bundle(inventory, member, host, target, _cache_gid(settings, host, inventory),
+                     identity_file, folder)
+    err.print(f"{len(written)} files in {folder}: send her the folder; README.md has the steps")
+    if merge_into is not None:
+        block = (folder / "ssh_config").read_text()
+        changed = merge_ssh_block(merge_into.expanduser(), block, name, host)
+        err.print(f"{merge_into}: {'ssh block merged' if changed else 'already up to date'}")
+
+
+@app.command("verify")
+def verify_command(
+    ctx: typer.Context, host: str,
+    member: Annotated[str | None, typer.Option(help="Whose dev container [default: first]")
+                      ] = None,
+    model: Annotated[str | None, typer.Option(
+        help="tiny|medium|large (random weights) or an HF id in the shared cache "
+             "[default: large on a GPU, tiny on a CPU]")] = None,
+    fp8: Annotated[str, typer.Option(help="off|storage|dq")] = "dq",
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document")] = False,
+    out_dir: Annotated[Path, typer.Option("--out", help="Where the PNG is copied")] = Path("."),
+) -> None:
+    """Build the dev-container image on HOST and generate in it, FP8 against bf16."""
+    settings: Settings = ctx.obj
+    inventory = settings.load()
+    if fp8 not in ("off", "storage", "dq"):
+        raise InventoryError(f"--fp8 {fp8!r}", "use off, storage or dq")
+    if not inventory.members:
+        raise InventoryError(f"{inventory.path}: no members", "add one: provision team add")
+    chosen = inventory.member(member) if member else inventory.members[0]
+    with settings.connect(host, inventory) as conn, err.status("verify") as status:
+        report = verify(conn, inventory, chosen, model=model, fp8=fp8, out=out_dir,
+                        progress=lambda text: status.update(f"{host}: {text}"))
+    if as_json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        out.print(views.verify_table(report))
 
 
 NameOption = Annotated[str, typer.Option("--name", help="The sandbox's name and host alias")]

@@ -10,6 +10,7 @@ from provision.doctor import Check
 from provision.engine import HostReport
 from provision.facts import HostFacts
 from provision.inventory import Member
+from provision.verify import VerifyReport
 
 
 def facts_table(host: str, facts: HostFacts) -> Table:
@@ -124,4 +125,25 @@ def doctor_table(host: str, checks: list[Check]) -> Table:
     for check in checks:
         table.add_row(check.name, Text(check.status, style=DOCTOR_STYLE[check.status]),
                       check.evidence, check.remedy)
+    return table
+
+
+def verify_table(report: VerifyReport) -> Table:
+    table = Table(title=f"verify: {report.member} on {report.host} ({report.device_note})")
+    table.add_column("", style="bold")
+    runs = list(report.runs)
+    for mode in runs:
+        table.add_column(f"--fp8 {mode}", justify="right")
+    first = report.runs[runs[0]] if runs else {}
+    for label, key in (("device", "device"), ("gpu", "gpu"), ("compute capability",
+                       "compute_capability"), ("torch", "torch"), ("diffusers", "diffusers"),
+                       ("model", "model"), ("FP8 applied", "fp8_applied"),
+                       ("ms per step", "step_ms_mean"), ("total s", "total_s"),
+                       ("peak GiB", "peak_mem_gib"), ("weights GiB", "transformer_weights_gib"),
+                       ("latents", "latents_shape")):
+        if key in first:
+            table.add_row(label, *(str(report.runs[m].get(key)) for m in runs))
+    comparison = ", ".join(f"{k} {v}" for k, v in report.comparison.items())
+    table.caption = (f"image {report.image} ({'built' if report.built else 'cached'}); "
+                     f"FP8 vs bf16: {comparison}; PNG: {report.png}")
     return table

@@ -1,0 +1,55 @@
+"""A new member's bundle, and her ssh block merged into an ssh config without harm.
+
+The merge is idempotent: the block sits between markers naming member and host, is replaced in
+place on the next merge, and the file as it was is kept beside it once.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from provision.inventory import Inventory, Member
+from provision.render import render_workspace, ssh_config_block, write_files
+from provision.target import Target
+from provision.templating import render
+from provision.versions import resolve_image
+
+LAUNCH_NAME = "Debug SD3.5 FP8 Inference"
+
+
+def bundle(inventory: Inventory, member: Member, host: str, target: Target, cache_gid: int | None,
+           identity_file: str, out: Path) -> list[Path]:
+    """Her workspace files, her ssh block and the three steps, written under `out`."""
+    image = resolve_image(inventory.image)
+    files = render_workspace(inventory, member, host_alias=host, target=target,
+                             cache_gid=cache_gid)
+    files["ssh_config"] = ssh_config_block(inventory, member, host, target, identity_file)
+    files["README.md"] = render("onboard/README.md.j2", name=member.name, host=host,
+                                workspace_dir=inventory.defaults.workspace_dir,
+                                torch=image.torch, diffusers=image.diffusers,
+                                launch_name=LAUNCH_NAME)
+    return write_files(files, out)
+
+
+def merge_ssh_block(config: Path, block: str, member: str, host: str) -> bool:
+    """Put `block` between markers in `config`; True when the file changed."""
+    begin, end = f"# BEGIN provision {member}@{host}", f"# END provision {member}@{host}"
+    text = config.read_text() if config.exists() else ""
+    lines = text.splitlines()
+    managed = [begin, *block.rstrip("\n").splitlines(), end]
+    if begin in lines and end in lines[lines.index(begin):]:
+        start = lines.index(begin)
+        lines[start:lines.index(end, start) + 1] = managed
+    else:
+        lines += ([""] if lines and lines[-1].strip() else []) + managed
+    new = "\n".join(lines) + "\n"
+    if new == text:
+        return False
+    backup = config.with_name(config.name + ".provision-backup")
+    if config.exists() and not backup.exists():
+        shutil.copy2(config, backup)
+    config.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_files({config.name: new}, config.parent)
+    config.chmod(0o600)
+    return True
