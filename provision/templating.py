@@ -20,12 +20,23 @@ def templates_dir() -> Path:
 
 @cache
 def environment() -> jinja2.Environment:
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(templates_dir()),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         autoescape=False,
     )
+    # JSON templates quote every value through `tojson`: a missing one must fail naming the
+    # variable, not as "StrictUndefined is not JSON serializable".
+    env.policies["json.dumps_kwargs"] = {**env.policies["json.dumps_kwargs"],
+                                         "default": _undefined_is_an_error}
+    return env
+
+
+def _undefined_is_an_error(value: object) -> object:
+    if isinstance(value, jinja2.Undefined):
+        str(value)  # a StrictUndefined raises UndefinedError here, with the variable's name
+    raise TypeError(f"{type(value).__name__} cannot be written as JSON")
 
 
 def render(template: str, **variables: Any) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -107,6 +108,27 @@ class Host:
                        stdin=save.stdout, check=True, capture_output=True)
         assert save.wait() == 0
 
+    def copy_in(self, local: Path, remote: str) -> None:
+        """A local file or folder into the sandbox (docker cp), as root."""
+        self.exec(f"mkdir -p {remote}")
+        subprocess.run(["docker", "cp", f"{local}/.", f"{self.sandbox.container}:{remote}"],
+                       check=True, capture_output=True)
+
+    def install_devcontainer_cli(self) -> None:
+        """The official Dev Containers CLI inside the sandbox, where a member runs it over SSH
+        as VS Code does (node 20 and the CLI from this machine: the sandbox has neither)."""
+        root = subprocess.run(["npm", "root", "-g"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        cli = Path(root) / "@devcontainers" / "cli"
+        node = shutil.which("node")
+        assert node and cli.is_dir(), "npm i -g @devcontainers/cli (.ci/setup does)"
+        self.copy_in(cli, "/usr/local/lib/devcontainers-cli")
+        subprocess.run(["docker", "cp", str(Path(node).resolve()),
+                        f"{self.sandbox.container}:/usr/local/bin/node"], check=True)
+        code, output = self.exec("ln -sf /usr/local/lib/devcontainers-cli/devcontainer.js "
+                                 "/usr/local/bin/devcontainer && devcontainer --version")
+        assert code == 0, output
+
     def exec(self, command: str, user: str = "root") -> tuple[int, str]:
         """Run a command inside the sandbox through Docker (the test's back door, not SSH)."""
         container = sandboxes.docker_client().containers.get(self.sandbox.container)
@@ -152,3 +174,29 @@ def make_host(docker_engine, tmp_path_factory) -> Iterator[Callable[[], Host]]:
 def shared_host(make_host) -> Host:
     """One sandbox for tests that only read."""
     return make_host()
+
+
+CPU_IMAGE = {
+    "base": "provision/debian:bookworm-minbase",  # no registry here: the sandbox's own base
+    "python": "3.11",
+    "cuda": "cpu",
+    "torch": "2.13.0",  # the CPU wheel on these machines (TESTBED.md)
+    "torchvision": "",
+    "wheelhouse": "/srv/wheelhouse",
+}
+
+
+@pytest.fixture(scope="session")
+def cpu_wheelhouse(tmp_path_factory) -> Path:
+    """Every wheel the CPU image pins need: the local torch, the rest from PyPI (once)."""
+    from provision.versions import resolve_image
+
+    directory = tmp_path_factory.mktemp("wheelhouse")
+    requirements = directory.parent / "requirements.txt"
+    requirements.write_text("\n".join(resolve_image(CPU_IMAGE).pins()) + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "-d", str(directory),
+                    "--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
+                    "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64",
+                    "--platform", "manylinux2014_x86_64", "--platform", "any",
+                    "-r", str(requirements)], check=True, capture_output=True)
+    return directory

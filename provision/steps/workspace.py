@@ -16,8 +16,9 @@ from pathlib import PurePosixPath
 from provision.changes import Change, Run, WriteFile, run
 from provision.facts import HostFacts
 from provision.inventory import Inventory, Member
-from provision.render import render_workspace
-from provision.steps import Step, home_of, primary_group
+from provision.render import WHEELHOUSE, render_workspace
+from provision.steps import Step, StepBlocked, home_of, primary_group
+from provision.versions import resolve_image
 
 NAME = "workspace"
 
@@ -45,6 +46,10 @@ def paths(inventory: Inventory) -> tuple[str, ...]:
         found += [f"{base}/{d}".rstrip("/") for d in _directories(files)]
         found += [f"sha256:{base}/{path}" for path in files]
         found.append(record_path(member.name))
+    wheelhouse = resolve_image(inventory.image).wheelhouse
+    if wheelhouse and inventory.members:
+        found += [wheelhouse, *(f"~{m.name}/{inventory.defaults.workspace_dir}/{WHEELHOUSE}"
+                                for m in inventory.members)]
     return tuple(found)
 
 
@@ -95,11 +100,31 @@ def _member(facts: HostFacts, inventory: Inventory, member: Member) -> list[Chan
                 (Run(f"cp -p {backup}"), write), needs_force=True))
             # Right once forced; while not, her digest still differs from it: still drift.
             record[path] = wanted
+    changes.extend(_wheelhouse(facts, inventory, member, root, group))
     if record != recorded:
         changes.append(Change(NAME, f"remember what provision wrote in {name}'s workspace", (
             WriteFile(record_path(name), json.dumps(record, sort_keys=True) + "\n",
                       facts.text(record_path(name)), mode="0600"),)))
     return changes
+
+
+def _wheelhouse(facts: HostFacts, inventory: Inventory, member: Member, root: str,
+                group: str) -> list[Change]:
+    """Air-gapped hosts: the image builds from the wheels in the build context, so her
+    workspace gets the host's wheelhouse (hard links where the filesystem allows)."""
+    source = resolve_image(inventory.image).wheelhouse
+    here = facts.path(f"~{member.name}/{inventory.defaults.workspace_dir}/{WHEELHOUSE}")
+    if not source or here.exists:
+        return []
+    if facts.path(source).kind != "directory":
+        raise StepBlocked(f"[image] wheelhouse {source} is not a directory on this host",
+                          "copy the wheels there first (pip download -r requirements.txt)")
+    target = shlex.quote(f"{root}/{WHEELHOUSE}")
+    return [run(NAME, f"{root}/{WHEELHOUSE}: the wheels from {source}",
+                f"mkdir -p {target}",
+                f"cp -al {shlex.quote(source)}/. {target}/ 2>/dev/null || "
+                f"cp -a {shlex.quote(source)}/. {target}/",
+                f"chown {member.name}:{group} {target}")]
 
 
 STEP = Step(NAME, plan, paths)

@@ -1,0 +1,184 @@
+"""A member's workspace files and `~/.ssh/config` block, rendered from the inventory.
+
+Pure functions: the inventory, the member and what the caller knows of the host (its alias,
+the cache group's gid) in, file contents out; only `write_files` touches the disk. The version
+table is checked first (`versions.resolve_image`), so a broken pin stops here, before any file
+or image exists.
+
+Decisions a reader would otherwise have to rediscover:
+
+- GPUs reach the container through `runArgs` only: `--gpus=all`, `--gpus="device=1,2"` (quoted:
+  Docker reads the value as CSV, so a bare `device=1,2` splits), nothing for "none". The
+  container then sees exactly her GPUs, numbered from 0, so CUDA_VISIBLE_DEVICES inside it (the
+  debug launch) is "0,1" for gpus "1,2": the host's indexes would pick another GPU, or none.
+- `hostRequirements.gpu` is `true` for gpus "all" only. When the Dev Containers CLI detects the
+  nvidia runtime it appends `--gpus all` after `runArgs`, and Docker adds device requests up
+  (the last NVIDIA_VISIBLE_DEVICES wins), so on a member with specific GPUs it would hand her
+  every GPU. `"optional"` is broken in some VS Code paths (vscode-remote-release #9385, #10124)
+  and silences the warning when no GPU runtime is found, so `true` it is. `--gpus=all` stays in
+  `runArgs` too: the CLI only detects a GPU when the nvidia runtime is registered in `docker
+  info`, and `--gpus` works without that.
+- The Hugging Face token never enters the shared cache: HF_TOKEN_PATH points into her own
+  `~/.config/huggingface` (0700 on the host, made by the hf-cache step, where her login shells
+  keep the token too), bind-mounted into the container; one `hf auth login` serves both.
+- The Inductor cache lives in the workspace (`.cache/torchinductor`): on the host's disk, so it
+  survives image rebuilds (a cold FP8 compile takes minutes), and private to her; the file
+  watcher, search and git all skip it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from provision.errors import InventoryError
+from provision.inventory import Inventory, Member
+from provision.steps.hf_cache import CACHE_LINK, TOKEN_DIR
+from provision.target import Target
+from provision.templating import raw, render
+from provision.versions import ImageSpec, resolve_image
+
+# Rendered from `templates/workspace/<path>.j2`, in this order; inference.py is copied as is.
+RENDERED = (
+    ".devcontainer/devcontainer.json",
+    ".devcontainer/Dockerfile",
+    ".devcontainer/requirements.txt",
+    ".vscode/launch.json",
+    ".vscode/settings.json",
+    ".gitignore",
+)
+INFERENCE = "inference.py"
+VENV = "/opt/venv"  # the image's environment, root-owned: its pins change through a rebuild
+OUTPUTS = "outputs"  # inference.py's default output directory
+INDUCTOR_CACHE = ".cache/torchinductor"  # relative to the workspace
+WHEELHOUSE = ".devcontainer/wheelhouse"  # where the build context holds [image] wheelhouse
+SHM_SIZE = "16g"  # Docker's 64 MB /dev/shm breaks DataLoader workers and NCCL
+DEBUGPY_PORT = 5678
+# Workspace directories of generated or bulky files: the file watcher (which otherwise exhausts
+# inotify watches and CPU on the remote host), search and git leave them alone.
+GENERATED = (Path(INDUCTOR_CACHE).parts[0], "__pycache__", OUTPUTS, "checkpoints", WHEELHOUSE)
+PROMPT = "a photo of an astronaut riding a horse on the moon"
+# The repository's own .devcontainer/ is this member's: every GPU, the default image.
+REPO_MEMBER = Member(name="dev", keys=())
+
+
+def render_workspace(inventory: Inventory, member: Member, *, host_alias: str | None,
+                     target: Target | None, cache_gid: int | None) -> dict[str, str]:
+    """Every workspace file, by path relative to the workspace.
+
+    `cache_gid` is the cache group's gid on the host (from its facts): the container gets it as
+    a supplementary group, without which the shared cache is read-only inside. `host_alias`
+    (else the target's alias) names the container after where it runs.
+    """
+    image = resolve_image(inventory.image)
+    where = host_alias or (target.alias if target else None)
+    context = workspace_context(inventory, member, image, where=where, cache_gid=cache_gid)
+    files = {path: render(f"workspace/{path}.j2", **context)
+             for path in RENDERED}
+    files[INFERENCE] = raw(f"workspace/{INFERENCE}")
+    return files
+
+
+def workspace_context(inventory: Inventory, member: Member, image: ImageSpec, *,
+                      where: str | None, cache_gid: int | None) -> dict[str, Any]:
+    """The variables of the workspace templates, each meaning one thing in all of them."""
+    home = f"/home/{member.name}"
+    on_gpu = member.gpus != "none"
+    # A GPU debugs the real architecture in FP8 matmuls; a CPU the tiny one in FP8 storage.
+    model, fp8 = ("large", "dq") if on_gpu else ("tiny", "storage")
+    return {
+        "name": f"SD3.5 FP8 ({member.name} on {where})" if where else f"SD3.5 FP8 ({member.name})",
+        "user": member.name,
+        "home": home,
+        "image": image,
+        "venv": VENV,
+        "wheelhouse": Path(WHEELHOUSE).name,  # relative to the build context
+        "run_args": [*gpu_run_args(member.gpus), f"--shm-size={SHM_SIZE}",
+                     *([f"--group-add={cache_gid}"] if cache_gid is not None else [])],
+        "gpu_required": member.gpus == "all",
+        "on_gpu": on_gpu,
+        "cache_dir": inventory.defaults.cache_dir,
+        "hf_home": f"{home}/{CACHE_LINK}",
+        "token_dir": TOKEN_DIR,
+        "inductor_cache": INDUCTOR_CACHE,
+        "debug_args": [("--prompt", PROMPT), ("--output", f"{OUTPUTS}/debug.png"),
+                       ("--height", "1024"), ("--width", "1024"), ("--model", model),
+                       ("--fp8", fp8)],
+        "cuda_visible_devices": container_cuda_devices(member.gpus),
+        "debugpy_port": DEBUGPY_PORT,
+        "generated": GENERATED,
+    }
+
+
+def gpu_run_args(gpus: str) -> list[str]:
+    """The member's `gpus` as Docker's --gpus flag (see the module docstring)."""
+    if gpus == "none":
+        return []
+    return ["--gpus=all"] if gpus == "all" else [f'--gpus="device={gpus}"']
+
+
+def container_cuda_devices(gpus: str) -> str | None:
+    """CUDA_VISIBLE_DEVICES inside her container, which numbers her GPUs from 0; None: all."""
+    if gpus == "all":
+        return None
+    return "" if gpus == "none" else ",".join(str(i) for i in range(gpus.count(",") + 1))
+
+
+def ssh_config_block(inventory: Inventory, member: Member, host_alias: str, target: Target,
+                     identity_file: str) -> str:
+    """Her `~/.ssh/config` block for the host, with the team's keepalive.
+
+    A ProxyJump hop is written as the resolved host and port, without a user: the admin's alias
+    and login on the jump host are not hers.
+    """
+    hops = ",".join(hop.hostname if hop.port == 22 else f"{hop.hostname}:{hop.port}"
+                    for hop in target.jumps)
+    values = {"host alias": host_alias, "hostname": target.hostname,
+              "identity file": identity_file, "jump host": hops}
+    for what, value in values.items():
+        if re.search(r"\s", value) or (not value and what != "jump host"):
+            raise InventoryError(f"{what} {value!r} cannot go into an ssh config line",
+                                 "give a value without spaces")
+    return render(
+        "workspace/ssh_config.j2",
+        alias=host_alias,
+        hostname=target.hostname,
+        user=member.name,
+        port=target.port,
+        identity_file=identity_file,
+        keepalive_interval=inventory.defaults.keepalive_interval,
+        keepalive_count_max=inventory.defaults.keepalive_count_max,
+        proxy_jump=hops,
+    )
+
+
+def repo_devcontainer() -> dict[str, str]:
+    """This repository's own `.devcontainer/` files, as the tool renders them for REPO_MEMBER."""
+    inventory = Inventory(path=Path("provision.toml"), members=(REPO_MEMBER,))
+    files = render_workspace(inventory, REPO_MEMBER, host_alias=None, target=None, cache_gid=None)
+    return {path: text for path, text in files.items() if path.startswith(".devcontainer/")}
+
+
+def write_files(files: dict[str, str], out: Path) -> list[Path]:
+    """Write each file under `out` through a temporary file and a rename, so a reader (or an
+    interrupted run) never sees half a file; scripts (`#!`) are made executable."""
+    written = []
+    for relative, content in files.items():
+        if Path(relative).is_absolute() or ".." in Path(relative).parts:
+            raise ValueError(f"{relative!r} is not a path inside the output directory")
+        path = out / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as stream:
+                stream.write(content)
+            os.chmod(temporary, 0o755 if content.startswith("#!") else 0o644)
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        written.append(path)
+    return written

@@ -1,0 +1,197 @@
+"""`provision verify`: build the member's dev-container image on the host, run inference.py in
+it (on her GPUs when the host has any) in FP8 and in bf16, and report what it did.
+
+Round trips: facts, then one script that uploads the build context and builds (streamed, for
+progress), then one script that runs both generations and compares their images, then one
+that reads the PNG back. The image is tagged by the hash of what it is built from, so a second
+verify (or doctor) finds it; the Inductor compile cache persists beside the runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from provision.connection import Connection
+from provision.errors import InventoryError, ProvisionError, RemoteCommandFailed
+from provision.facts import HostFacts, gather_facts
+from provision.inventory import Inventory, Member
+from provision.render import INFERENCE, WHEELHOUSE, gpu_run_args, render_workspace
+from provision.versions import resolve_image
+
+ROOT = "/var/lib/provision"
+IMAGE_REPOSITORY = "provision/sd35-fp8"
+CONTEXT_FILES = (".devcontainer/Dockerfile", ".devcontainer/requirements.txt")
+GPU_DEFAULTS = {"model": "large", "height": 1024, "width": 1024, "steps": 28}
+CPU_DEFAULTS = {"model": "tiny", "height": 128, "width": 128, "steps": 4}
+REAL_WEIGHTS = {"large": "stabilityai/stable-diffusion-3.5-large",
+                "medium": "stabilityai/stable-diffusion-3.5-medium"}
+
+# Runs in the image: how alike the FP8 and bf16 images are (pixels, not latents).
+COMPARE = """
+import json, sys
+import numpy as np
+from PIL import Image
+a, b = (np.asarray(Image.open(p).convert("RGB"), dtype=np.float64) for p in sys.argv[1:3])
+mse = float(((a - b) ** 2).mean())
+psnr = float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+x, y = (a - 127.5).ravel(), (b - 127.5).ravel()
+cosine = float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y) or 1.0))
+print(json.dumps({"psnr_db": round(psnr, 2), "cosine": round(cosine, 6)}))
+"""
+
+
+@dataclass
+class VerifyReport:
+    host: str
+    member: str
+    image: str
+    built: bool
+    device_note: str
+    runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    comparison: dict[str, Any] = field(default_factory=dict)
+    png: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def image_tag(files: dict[str, str]) -> str:
+    digest = hashlib.sha256("".join(files[p] for p in CONTEXT_FILES).encode()).hexdigest()
+    return f"{IMAGE_REPOSITORY}:{digest[:12]}"
+
+
+def choose_model(facts: HostFacts, requested: str | None, on_gpu: bool) -> str:
+    """The real SD3.5 weights when the shared cache has them, else that architecture random."""
+    size = requested or (GPU_DEFAULTS["model"] if on_gpu else CPU_DEFAULTS["model"])
+    real = REAL_WEIGHTS.get(size)
+    if real and f"models--{real.replace('/', '--')}" in facts.cache_models:
+        return real
+    return size
+
+
+def _upload(files: dict[str, str], directory: str) -> str:
+    """Shell that writes `files` under `directory` (contents travel base64 in the script)."""
+    lines = [f"rm -rf {directory}", f"mkdir -p {directory}/.devcontainer"]
+    for path, content in files.items():
+        data = base64.b64encode(content.encode()).decode()
+        lines.append(f"printf %s {data} | base64 -d > {directory}/{path}")
+    return "\n".join(lines) + "\n"
+
+
+def build_script(files: dict[str, str], tag: str, wheelhouse: str) -> str:
+    context = f"{ROOT}/build/{tag.split(':')[1]}"
+    script = f"if docker image inspect {tag} >/dev/null 2>&1; then echo cached; exit 0; fi\n"
+    script += _upload({p: files[p] for p in CONTEXT_FILES}, context)
+    if wheelhouse:
+        quoted = shlex.quote(wheelhouse)
+        script += (f"[ -d {quoted} ] || {{ echo 'wheelhouse {wheelhouse} missing' >&2; "
+                   f"exit 3; }}\nmkdir -p {context}/{WHEELHOUSE}\n"
+                   f"cp -al {quoted}/. {context}/{WHEELHOUSE}/ 2>/dev/null || "
+                   f"cp -a {quoted}/. {context}/{WHEELHOUSE}/\n")
+    return script + f"docker build -t {tag} {context}/.devcontainer 2>&1\n"
+
+
+def run_script(inventory: Inventory, member: Member, facts: HostFacts, files: dict[str, str],
+               tag: str, fp8: str, size: dict[str, Any], on_gpu: bool) -> str:
+    """Both generations (FP8 as asked, then bf16) in the image, then their comparison."""
+    account = facts.accounts[member.name]
+    work = f"{ROOT}/verify/{member.name}"
+    cache = shlex.quote(inventory.defaults.cache_dir)
+    cache_gid = facts.groups[inventory.defaults.cache_group].gid
+    gpus = " ".join(shlex.quote(a) for a in gpu_run_args(member.gpus)) if on_gpu else ""
+    docker = (f"docker run --rm {gpus} --shm-size=16g --user {account.uid}:{account.gid} "
+              f"--group-add {cache_gid} -e HOME=/work -e HF_HUB_OFFLINE=1 "
+              f"-e HF_HOME=/hf -e TORCHINDUCTOR_CACHE_DIR=/work/.cache/torchinductor "
+              f"-v {cache}:/hf -v {work}:/work -w /work {tag}")
+    args = (f"--model {shlex.quote(size['model'])} --height {size['height']} "
+            f"--width {size['width']} --steps {size['steps']} --seed 0")
+    script = (f"mkdir -p {work}/.cache\nrm -f {work}/*.png {work}/*.json\n"
+              + _upload({INFERENCE: files[INFERENCE]}, f"{work}.src")
+              + f"cp {work}.src/{INFERENCE} {work}/{INFERENCE}\nrm -rf {work}.src\n"
+              f"chown -R {account.uid}:{account.gid} {work}\n")
+    for mode in dict.fromkeys((fp8, "off")):
+        script += (f"{docker} python {INFERENCE} {args} --fp8 {mode} --output {mode}.png "
+                   f"--metrics {mode}.json >/dev/null 2>{work}/{mode}.log || "
+                   f"{{ tail -n 5 {work}/{mode}.log >&2; exit 4; }}\n"
+                   f"printf '@@@provision:run-{mode}\\n'; cat {work}/{mode}.json; echo\n")
+    script += (f"printf '@@@provision:compare\\n'\n{docker} python -c {shlex.quote(COMPARE)} "
+               f"{fp8}.png off.png\nprintf '\\n@@@provision:end\\n'\n")
+    return script
+
+
+def verify(conn: Connection, inventory: Inventory, member: Member, *, model: str | None,
+           fp8: str, out: Path, progress: Callable[[str], None]) -> VerifyReport:
+    resolve_image(inventory.image)
+    progress("reading facts")
+    facts = gather_facts(conn, inventory)
+    if not facts.docker.installed:
+        raise ProvisionError(f"{conn.name}: Docker is not installed",
+                             f"run 'provision host {conn.name}' first")
+    if member.name not in facts.accounts:
+        raise InventoryError(f"{conn.name}: {member.name} has no account there yet",
+                             f"run 'provision host {conn.name}' first")
+    on_gpu = bool(facts.nvidia.gpus) and member.gpus != "none"
+    size = dict(GPU_DEFAULTS if on_gpu else CPU_DEFAULTS)
+    size["model"] = choose_model(facts, model, on_gpu)
+    note = (f"GPU: {', '.join(g.name for g in facts.nvidia.gpus)}" if on_gpu else
+            f"CPU: no NVIDIA GPU {'for ' + member.name if facts.nvidia.gpus else 'on this host'}"
+            f"; the {size['model']} model at {size['height']}x{size['width']}, "
+            f"{size['steps']} steps")
+    gid = facts.groups[inventory.defaults.cache_group].gid
+    files = render_workspace(inventory, member, host_alias=conn.name, target=None, cache_gid=gid)
+    tag = image_tag(files)
+    progress(f"building {tag} (the first build downloads and installs torch: minutes)")
+    built = conn.run(build_script(files, tag, resolve_image(inventory.image).wheelhouse),
+                     what="image build", timeout=3600,
+                     on_line=lambda line: progress(f"building {tag}: {line[:90]}"))
+    report = VerifyReport(conn.name, member.name, tag, "cached" not in built.stdout, note)
+    progress(f"generating ({size['model']}, --fp8 {fp8}, then bf16 to compare)")
+    result = conn.run(run_script(inventory, member, facts, files, tag, fp8, size, on_gpu),
+                      what="generation", timeout=3600, check=False)
+    if not result.ok:
+        detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RemoteCommandFailed(f"{conn.name}: inference.py failed in {tag}: {detail}",
+                                  f"see {ROOT}/verify/{member.name}/*.log on the host")
+    sections = _sections(result.stdout)
+    report.runs = {m.removeprefix("run-"): json.loads(v) for m, v in sections.items()
+                   if m.startswith("run-")}
+    report.comparison = {**json.loads(sections["compare"]), **_ratios(report.runs, fp8)}
+    report.png = str(_fetch_png(conn, member, fp8, out))
+    return report
+
+
+def _sections(stdout: str) -> dict[str, str]:
+    found: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in stdout.splitlines():
+        if line.startswith("@@@provision:"):
+            current = found.setdefault(line.removeprefix("@@@provision:"), [])
+        elif line.strip():
+            current.append(line)
+    return {name: "\n".join(lines) for name, lines in found.items()}
+
+
+def _ratios(runs: dict[str, dict[str, Any]], fp8: str) -> dict[str, Any]:
+    fast, base = runs.get(fp8, {}), runs.get("off", {})
+
+    def ratio(key: str, a: dict[str, Any], b: dict[str, Any]) -> float | None:
+        return round(a[key] / b[key], 3) if a.get(key) and b.get(key) else None
+
+    return {"speedup_vs_bf16": ratio("step_ms_mean", base, fast),
+            "peak_memory_ratio": ratio("peak_mem_gib", fast, base),
+            "weights_ratio": ratio("transformer_weights_gib", fast, base)}
+
+
+def _fetch_png(conn: Connection, member: Member, fp8: str, out: Path) -> Path:
+    data = conn.run(f"base64 -w0 {ROOT}/verify/{member.name}/{fp8}.png", what="fetch PNG")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"verify-{conn.name}-{member.name}-{fp8}.png"
+    path.write_bytes(base64.b64decode(data.stdout))
+    return path

@@ -1,0 +1,114 @@
+"""The rendered workspace as the official Dev Containers CLI (`@devcontainers/cli`) reads it.
+
+Why: VS Code's "Reopen in Container" runs this same CLI code, so what it accepts, and the
+`docker run` it derives, is what members get. Needs `devcontainer` on PATH
+(`npm i -g @devcontainers/cli@0.89.0`); the GPU test also needs a Docker engine. Building the
+image and `up`/`exec` as a member on a converged host are the sandbox tests' part.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from provision import render as workspace
+from provision import sandbox
+from provision.errors import DockerUnavailable
+from tests.test_render import HOSTS, INVENTORY, MEMBERS, REPO
+
+pytestmark = pytest.mark.skipif(shutil.which("devcontainer") is None,
+                                reason="the Dev Containers CLI is not installed "
+                                       "(npm i -g @devcontainers/cli@0.89.0)")
+
+
+def devcontainer(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
+    """The CLI with its own HOME: initializeCommand and ${localEnv:HOME} must not reach ours."""
+    return subprocess.run(["devcontainer", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HOME": str(home)}, check=False)
+
+
+def write_workspace(member_name: str, directory: Path) -> Path:
+    member = next(m for m in MEMBERS if m.name == member_name)
+    target, gid = HOSTS[member.name]
+    files = workspace.render_workspace(INVENTORY, member, host_alias=target.alias,
+                                       target=target, cache_gid=gid)
+    workspace.write_files(files, directory)
+    return directory
+
+
+@pytest.mark.parametrize("member", [m.name for m in MEMBERS])
+def test_read_configuration_accepts_the_rendered_workspace(member: str, tmp_path: Path) -> None:
+    folder = write_workspace(member, tmp_path / "sd35-fp8")
+    done = devcontainer("read-configuration", "--workspace-folder", str(folder), home=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    config = json.loads(done.stdout.splitlines()[-1])["configuration"]
+    assert config["remoteUser"] == member
+    # The CLI resolves the variables the files rely on: her home on the host, the workspace.
+    sources = {m["target"]: m["source"] for m in config["mounts"]}
+    assert sources[f"/home/{member}/.config/huggingface"] == f"{tmp_path}/.config/huggingface"
+    assert config["containerEnv"]["TORCHINDUCTOR_CACHE_DIR"] == (
+        f"/workspaces/sd35-fp8/{workspace.INDUCTOR_CACHE}")
+
+
+def test_read_configuration_accepts_this_repository(tmp_path: Path) -> None:
+    done = devcontainer("read-configuration", "--workspace-folder", str(REPO), home=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def local_image() -> str:
+    """Any local image will do: the container is not meant to start (no GPU here)."""
+    try:
+        return sandbox.base_image(sandbox.docker_client(), log=lambda _: None)
+    except DockerUnavailable as exc:
+        pytest.skip(exc.line())
+
+
+# The GPU requests each member's container must get, even when the CLI believes a GPU runtime
+# is there (--gpu-availability all) and so acts on hostRequirements.gpu.
+GPU_REQUESTS = {"alice": {'"device=0"'}, "bob": {'"device=1,2"'}, "carol": set(),
+                "dan": {"all"}}
+
+
+@pytest.mark.parametrize("member", list(GPU_REQUESTS))
+def test_the_cli_gives_the_container_exactly_her_gpus(member: str, local_image: str,
+                                                      tmp_path: Path) -> None:
+    """The rendered devcontainer.json with a local image in place of the build, brought up with
+    GPU detection forced on: the `docker run` the CLI logs (it fails here: no GPU) must request
+    her GPUs and no others."""
+    folder = write_workspace(member, tmp_path / "sd35-fp8")
+    config = json.loads((folder / ".devcontainer/devcontainer.json").read_text())
+    config.pop("build")
+    # No UID remapping: it would build (and leave behind) a derived image for nothing here.
+    config.update(image=local_image, updateRemoteUserUID=False)
+    override = tmp_path / "override" / "devcontainer.json"
+    override.parent.mkdir()
+    override.write_text(json.dumps(config))
+    try:
+        done = devcontainer("up", "--workspace-folder", str(folder), "--gpu-availability", "all",
+                            "--override-config", str(override), home=tmp_path)
+    finally:
+        _remove_containers(folder)
+    runs = [ln for ln in (done.stdout + done.stderr).splitlines() if "Start: Run: docker run" in ln]
+    assert runs, done.stdout[-2000:] + done.stderr[-2000:]
+    words = shlex.split(runs[0].split("Start: Run: ", 1)[1], posix=False)
+    requests = {w.removeprefix("--gpus=") for w in words if w.startswith("--gpus=")}
+    requests |= {after for before, after in itertools.pairwise(words) if before == "--gpus"}
+    assert requests == GPU_REQUESTS[member], runs[0]
+
+
+def _remove_containers(folder: Path) -> None:
+    """The containers `up` created for this folder (created, even when they could not start)."""
+    listed = subprocess.run(["docker", "ps", "-aq", "--filter",
+                             f"label=devcontainer.local_folder={folder}"],
+                            capture_output=True, text=True, check=False)
+    ids = listed.stdout.split()
+    if ids:
+        subprocess.run(["docker", "rm", "-f", *ids], capture_output=True, check=False)

@@ -1,0 +1,319 @@
+"""The rendered workspace: goldens of every file, the rules each one must keep, the version table.
+
+Why: every member's dev container, debugger and SSH login come from these files, and a wrong
+one fails far from its cause (a container with the wrong GPUs, a token in the shared cache, an
+image that breaks twenty minutes into its build). Goldens show any change as a diff; the other
+tests say which rule a change must not break. Regenerate the goldens (and the repository's own
+.devcontainer/) after an intended change with PROVISION_UPDATE_GOLDEN=1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import stat
+from pathlib import Path
+
+import jinja2
+import jinja2.meta
+import jsonschema
+import paramiko
+import pytest
+
+from provision import render as workspace
+from provision.errors import InventoryError
+from provision.inventory import Defaults, Inventory, Member
+from provision.target import Target
+from provision.templating import environment, raw
+from provision.versions import DEFAULT_IMAGE, ImageSpec, resolve_image
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).parent / "fixtures"
+GOLDEN = FIXTURES / "golden"
+SCHEMA = json.loads((FIXTURES / "schemas" / "devContainer.base.schema.json").read_text())
+UPDATE = os.environ.get("PROVISION_UPDATE_GOLDEN") == "1"
+
+MEMBERS = (
+    Member("alice", keys=(), gpus="0"),
+    Member("bob", keys=(), gpus="1,2"),
+    Member("carol", keys=(), gpus="none"),
+    Member("dan", keys=(), gpus="all"),
+)
+INVENTORY = Inventory(
+    path=Path("provision.toml"),
+    defaults=Defaults(cache_dir="/srv/cache/huggingface", keepalive_interval=30,
+                      keepalive_count_max=4),
+    members=MEMBERS,
+)
+SD_SERVER = Target(alias="sd-server", hostname="203.0.113.10", user="ubuntu")
+BEHIND_BASTION = Target(alias="gpu-02", hostname="10.0.0.12", port=2202, user="ubuntu",
+                        jumps=(Target(alias="bastion", hostname="198.51.100.7", port=2222),))
+# Per member: the host it is rendered for and the cache group's gid there (carol's host has
+# not been read, so the gid is unknown).
+HOSTS = {"alice": (SD_SERVER, 1001), "bob": (BEHIND_BASTION, 1001), "carol": (SD_SERVER, None),
+         "dan": (SD_SERVER, 1001)}
+# A CPU image from a local wheelhouse (the test machines' torch wheel; no CUDA, no torchvision).
+CPU_IMAGE = {"base": "provision/debian:bookworm-minbase", "python": "3.11", "cuda": "cpu",
+             "torch": "2.13.0", "torchvision": "", "wheelhouse": "/opt/wheels"}
+
+
+def rendered(member: Member, inventory: Inventory = INVENTORY) -> dict[str, str]:
+    target, gid = HOSTS[member.name]
+    return workspace.render_workspace(inventory, member, host_alias=target.alias, target=target,
+                                      cache_gid=gid)
+
+
+def as_json(member: Member, path: str) -> dict:
+    return json.loads(rendered(member)[path])
+
+
+def differences(files: dict[str, str], directory: Path, *, exact: bool) -> list[str]:
+    """Paths whose content on disk differs from `files` (with `exact`, also files not rendered).
+
+    Under PROVISION_UPDATE_GOLDEN=1 the directory is brought up to date first.
+    """
+    def extra() -> list[Path]:
+        return sorted(p for p in directory.rglob("*")
+                      if exact and p.is_file() and p.relative_to(directory).as_posix() not in files)
+
+    if UPDATE:
+        for path in extra():
+            path.unlink()
+        workspace.write_files(files, directory)
+    wrong = [path for path, text in files.items()
+             if not (directory / path).is_file() or (directory / path).read_text() != text]
+    return wrong + [p.relative_to(directory).as_posix() for p in extra()]
+
+
+@pytest.mark.parametrize("member", MEMBERS, ids=lambda m: f"{m.name}-gpus-{m.gpus}")
+def test_every_rendered_file_matches_its_golden(member: Member) -> None:
+    files = rendered(member)
+    assert files.pop(workspace.INFERENCE) == raw("workspace/inference.py"), "copied as is"
+    target, _ = HOSTS[member.name]
+    files["ssh_config"] = workspace.ssh_config_block(INVENTORY, member, target.alias, target,
+                                                     f"~/.ssh/{member.name}_ed25519")
+    stale = differences(files, GOLDEN / member.name, exact=True)
+    assert not stale, f"differs from the golden: {stale} (PROVISION_UPDATE_GOLDEN=1 to accept)"
+
+
+def test_repository_devcontainer_is_the_rendered_one() -> None:
+    stale = differences(workspace.repo_devcontainer(), REPO, exact=False)
+    assert not stale, f"stale: {stale}; re-render with PROVISION_UPDATE_GOLDEN=1"
+
+
+@pytest.mark.parametrize("member", MEMBERS, ids=lambda m: m.name)
+def test_json_files_parse_and_devcontainer_json_fits_the_official_schema(member: Member) -> None:
+    files = rendered(member)
+    for path in (".vscode/launch.json", ".vscode/settings.json"):
+        json.loads(files[path])
+    jsonschema.Draft201909Validator(SCHEMA).validate(
+        json.loads(files[".devcontainer/devcontainer.json"]))
+
+
+def test_the_vendored_schema_rejects_what_the_cli_would() -> None:
+    """Guards the schema itself: a validator that accepts anything proves nothing."""
+    config = as_json(MEMBERS[3], ".devcontainer/devcontainer.json")
+    validator = jsonschema.Draft201909Validator(SCHEMA)
+    for broken in ({"hostRequirements": {"gpu": "yes"}}, {"runArgs": [16]}, {"mounts": [{}]}):
+        assert not validator.is_valid({**config, **broken}), broken
+
+
+# gpus -> (--gpus run args, hostRequirements, CUDA_VISIBLE_DEVICES in the debug launch)
+GPU_CASES = {
+    "alice": (['--gpus="device=0"'], None, "0"),
+    "bob": (['--gpus="device=1,2"'], None, "0,1"),  # the container numbers her GPUs from 0
+    "carol": ([], None, ""),
+    "dan": (["--gpus=all"], {"gpu": True}, None),
+}
+
+
+@pytest.mark.parametrize("member", MEMBERS, ids=lambda m: f"{m.name}-gpus-{m.gpus}")
+def test_gpus_become_run_args_host_requirements_and_launch_env(member: Member) -> None:
+    gpu_args, requirements, visible = GPU_CASES[member.name]
+    config = as_json(member, ".devcontainer/devcontainer.json")
+    _, gid = HOSTS[member.name]
+    group = [f"--group-add={gid}"] if gid is not None else []
+    assert config["runArgs"] == [*gpu_args, "--shm-size=16g", *group]
+    # Only for "all": the CLI appends --gpus all when it sees a GPU runtime, which would widen
+    # a member's own GPUs to every GPU.
+    assert config.get("hostRequirements") == requirements
+    launch = as_json(member, ".vscode/launch.json")["configurations"][0]
+    assert launch.get("env", {}).get("CUDA_VISIBLE_DEVICES") == visible
+
+
+@pytest.mark.parametrize("member", MEMBERS, ids=lambda m: m.name)
+def test_devcontainer_shares_the_cache_and_keeps_token_and_compile_cache_private(
+        member: Member) -> None:
+    config = as_json(member, ".devcontainer/devcontainer.json")
+    env, home = config["containerEnv"], f"/home/{member.name}"
+    mounts = {m["target"]: m["source"] for m in config["mounts"]}
+    assert mounts[f"{home}/.cache/huggingface"] == INVENTORY.defaults.cache_dir
+    assert env["HF_HOME"] == f"{home}/.cache/huggingface"
+    token_dir = str(Path(env["HF_TOKEN_PATH"]).parent)
+    assert not env["HF_TOKEN_PATH"].startswith(env["HF_HOME"])
+    assert mounts[token_dir] == "${localEnv:HOME}/.config/huggingface", "her own 0700 directory"
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == "${containerWorkspaceFolder}/.cache/torchinductor"
+    assert config["remoteUser"] == member.name != "root"
+    assert config["updateRemoteUserUID"] is True
+    assert config["build"] == {"dockerfile": "Dockerfile", "context": "."}
+    vscode = config["customizations"]["vscode"]
+    assert vscode["extensions"] == ["ms-python.python", "ms-python.debugpy"]
+    assert vscode["settings"]["python.defaultInterpreterPath"] == f"{workspace.VENV}/bin/python"
+
+
+def test_launch_json_debugs_inference_py_with_string_args_and_can_attach() -> None:
+    launch, attach = as_json(MEMBERS[0], ".vscode/launch.json")["configurations"]
+    assert launch["name"] == "Debug SD3.5 FP8 Inference"
+    assert (launch["type"], launch["request"]) == ("debugpy", "launch")
+    assert launch["program"] == "${workspaceFolder}/inference.py"
+    assert launch["justMyCode"] is False and launch["console"] == "integratedTerminal"
+    assert all(isinstance(arg, str) for arg in launch["args"])
+    flags = dict(zip(launch["args"][::2], launch["args"][1::2], strict=True))
+    assert {"--prompt", "--output", "--height", "--width", "--model", "--fp8"} == set(flags)
+    assert flags["--output"].startswith(f"{workspace.OUTPUTS}/")
+    assert (attach["type"], attach["request"]) == ("debugpy", "attach")
+    assert attach["connect"] == {"host": "localhost", "port": workspace.DEBUGPY_PORT}
+
+
+def test_watcher_search_and_git_skip_caches_checkpoints_and_outputs() -> None:
+    files = rendered(MEMBERS[0])
+    settings = json.loads(files[".vscode/settings.json"])
+    wanted = {"**/.git/objects/**", "**/.cache/**", "**/__pycache__/**", "**/*.safetensors",
+              "**/checkpoints/**", f"**/{workspace.OUTPUTS}/**"}
+    for key in ("files.watcherExclude", "search.exclude"):
+        assert wanted <= {glob for glob, on in settings[key].items() if on}, key
+    assert workspace.INDUCTOR_CACHE.startswith(".cache/"), "covered by **/.cache/**"
+    ignored = files[".gitignore"].splitlines()
+    assert {".cache/", f"{workspace.OUTPUTS}/", f"{workspace.WHEELHOUSE}/"} <= set(ignored)
+
+
+@pytest.mark.parametrize("image", [{}, CPU_IMAGE, {"torch": "2.10.0", "torchvision": "0.25.0",
+                                                   "torchao": "0.16.0", "xformers": "0.0.34"}],
+                         ids=["default", "cpu-wheelhouse", "xformers"])
+def test_dockerfile_fails_early_and_builds_without_buildkit(image: dict[str, str]) -> None:
+    inventory = dataclasses.replace(INVENTORY, image=image)
+    files = rendered(MEMBERS[0], inventory)
+    dockerfile, spec = files[".devcontainer/Dockerfile"], resolve_image(image)
+    assert f"ARG BASE_IMAGE={spec.base}\nFROM ${{BASE_IMAGE}}" in dockerfile
+    instructions = "\n".join(ln for ln in dockerfile.splitlines() if not ln.startswith("#"))
+    for buildkit_only in ("--mount", "<<", "--chmod", "--link"):
+        assert buildkit_only not in instructions
+    assert not dockerfile.startswith("# syntax=")
+    assert "/bin/pip check" in dockerfile and "torch.float8_e4m3fn" in dockerfile
+    assert ("xformers.ops" in dockerfile) == bool(spec.xformers)
+    assert dockerfile.rstrip().endswith("USER alice")
+    if spec.wheelhouse:
+        assert "--no-index --find-links /wheelhouse" in dockerfile
+        assert "COPY wheelhouse/ /wheelhouse/" in dockerfile
+    else:
+        assert f"--index-url {spec.index_url} " in dockerfile
+    pins = [ln for ln in files[".devcontainer/requirements.txt"].splitlines()
+            if ln and not ln.startswith("#")]
+    assert tuple(pins) == spec.pins()
+    assert f"torch=={spec.torch}+{spec.cuda}" in pins
+
+
+def test_defaults_are_the_measured_set() -> None:
+    spec = resolve_image({})
+    assert (spec.torch, spec.diffusers, spec.transformers, spec.torchao, spec.accelerate) == (
+        "2.11.0", "0.40.0", "5.17.0", "0.17.0", "1.15.0")
+    assert spec.index_url == "https://download.pytorch.org/whl/cu130"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.torch = "2.0.1"  # type: ignore[misc]
+    assert [f.name for f in dataclasses.fields(ImageSpec)] == list(DEFAULT_IMAGE)
+
+
+def test_cpu_table_of_the_test_machines_is_accepted() -> None:
+    """torch 2.13 with torchao 0.17 (built for 2.11) is fine on a CPU image only: there torchao
+    is merely imported, and its CUDA kernels, which need their own torch, never run."""
+    assert resolve_image(CPU_IMAGE).pins()[0] == "torch==2.13.0+cpu"
+    with pytest.raises(InventoryError, match="torchao"):
+        resolve_image({**CPU_IMAGE, "cuda": "cu130", "base": DEFAULT_IMAGE["base"]})
+
+
+@pytest.mark.parametrize(("override", "named", "reason"), [
+    ({"torch": "2.0.1"}, "torch = '2.0.1'", "float8_e4m3fn"),
+    ({"torch": "2.4.1"}, "torch = '2.4.1'", "_scaled_mm"),
+    ({"torchao": "0.16.0"}, "torchao = '0.16.0'", "built against torch 2.10"),
+    ({"torch": "2.10.0"}, "torchao = '0.17.0' (default)", 'for torch 2.10: torchao "0.16.0"'),
+    ({"torchvision": "0.25.0"}, "torchvision = '0.25.0'", "torchvision 0.26"),
+    ({"xformers": "0.0.33.post2"}, "xformers = '0.0.33.post2'", "built for torch 2.9"),
+    ({**CPU_IMAGE, "xformers": "0.0.35"}, "xformers = '0.0.35'", "CUDA-only"),
+    ({"diffusers": "0.32.2"}, "diffusers = '0.32.2'", "layerwise casting"),
+    ({"cuda": "cu128"}, "cuda = 'cu128'", "base image is CUDA 13.0"),
+    ({"torch": ">=2.5"}, "torch = '>=2.5'", "exact public version"),
+    ({"torch": "2.11.0+cu130"}, "torch = '2.11.0+cu130'", "flavour comes from `cuda`"),
+    ({"python": "3.9"}, "python = '3.9'", "3.10 or newer"),
+    ({"wheelhouse": "wheels"}, "wheelhouse = 'wheels'", "absolute directory"),
+    ({"tourch": "2.11.0"}, "tourch", "unknown key"),
+])
+def test_an_override_that_breaks_the_table_is_refused_with_its_reason(
+        override: dict[str, str], named: str, reason: str) -> None:
+    with pytest.raises(InventoryError) as caught:
+        resolve_image(override)
+    assert caught.value.problem.startswith("[image] ")
+    assert named in caught.value.problem and reason in caught.value.problem
+
+
+def test_a_broken_table_stops_rendering_before_any_file_exists(tmp_path: Path) -> None:
+    inventory = dataclasses.replace(INVENTORY, image={"torch": "2.0.1"})
+    with pytest.raises(InventoryError, match="float8"):
+        workspace.write_files(rendered(MEMBERS[0], inventory), tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def full_context() -> dict[str, object]:
+    """Every workspace and ssh_config template variable. The CPU table with a wheelhouse and a
+    member without GPUs take every conditional branch that uses a variable of its own."""
+    return {
+        **workspace.workspace_context(dataclasses.replace(INVENTORY, image=CPU_IMAGE), MEMBERS[2],
+                                      resolve_image(CPU_IMAGE), where="sd-server", cache_gid=1),
+        "alias": "sd-server", "hostname": "h", "port": 22, "identity_file": "k",
+        "keepalive_interval": 1, "keepalive_count_max": 1, "proxy_jump": "j",
+    }
+
+
+def template_cases() -> list[tuple[str, str]]:
+    """(template, variable) for every variable each template takes from its caller."""
+    env, given = environment(), full_context()
+    names = [f"workspace/{path}.j2" for path in workspace.RENDERED] + ["workspace/ssh_config.j2"]
+    return [(name, variable) for name in names
+            for variable in sorted(jinja2.meta.find_undeclared_variables(
+                env.parse(env.loader.get_source(env, name)[0])) & set(given))]
+
+
+@pytest.mark.parametrize(("template", "variable"), template_cases())
+def test_a_missing_template_variable_raises(template: str, variable: str) -> None:
+    """StrictUndefined: never an empty string in a config file, and the error names it."""
+    context = full_context()
+    del context[variable]
+    with pytest.raises(jinja2.UndefinedError, match=variable):
+        environment().get_template(template).render(**context)
+
+
+def test_ssh_config_block_reads_back_as_the_member_login() -> None:
+    member, target = MEMBERS[1], BEHIND_BASTION
+    block = workspace.ssh_config_block(INVENTORY, member, "gpu-02", target, "~/.ssh/bob_ed25519")
+    seen = paramiko.SSHConfig.from_text(block).lookup("gpu-02")
+    assert seen["hostname"] == "10.0.0.12" and seen["port"] == "2202"
+    assert seen["user"] == "bob", "her account, not the admin's"
+    assert seen["identityfile"] == [os.path.expanduser("~/.ssh/bob_ed25519")]
+    assert (seen["serveraliveinterval"], seen["serveralivecountmax"]) == ("30", "4")
+    assert seen["proxyjump"] == "198.51.100.7:2222", "resolved hop, without the admin's login"
+    plain = workspace.ssh_config_block(INVENTORY, member, "sd-server", SD_SERVER, "k")
+    assert "proxyjump" not in paramiko.SSHConfig.from_text(plain).lookup("sd-server")
+    with pytest.raises(InventoryError, match="identity file"):
+        workspace.ssh_config_block(INVENTORY, member, "sd-server", SD_SERVER, "my key\nHost *")
+
+
+def test_write_files_creates_directories_and_replaces_whole_files(tmp_path: Path) -> None:
+    files = {"a/b/c.json": "{}\n", "run.py": "#!/usr/bin/env python3\n"}
+    assert workspace.write_files(files, tmp_path) == [tmp_path / "a/b/c.json", tmp_path / "run.py"]
+    workspace.write_files({"a/b/c.json": "[]\n"}, tmp_path)
+    assert (tmp_path / "a/b/c.json").read_text() == "[]\n"
+    assert stat.S_IMODE((tmp_path / "run.py").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "a/b/c.json").stat().st_mode) == 0o644
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["c.json", "run.py"]
+    with pytest.raises(ValueError, match="inside"):
+        workspace.write_files({"../escape": ""}, tmp_path)
