@@ -87,7 +87,7 @@ class Host:
             inventory.write("".join(lines))
         return keys
 
-    def ssh(self, user: str, key: Path, command: str) -> tuple[int, str]:
+    def ssh(self, user: str, key: Path, command: str, timeout: float = 60) -> tuple[int, str]:
         """Log in as `user` with `key` over real SSH (host key checked) and run `command`."""
         client = paramiko.SSHClient()
         client.load_host_keys(str(self.sandbox.known_hosts))
@@ -95,7 +95,7 @@ class Host:
         client.connect("127.0.0.1", self.sandbox.port, username=user, key_filename=str(key),
                        allow_agent=False, look_for_keys=False, timeout=10)
         try:
-            _, stdout, stderr = client.exec_command(command, timeout=60)
+            _, stdout, stderr = client.exec_command(command, timeout=timeout)
             output = stdout.read().decode() + stderr.read().decode()
             return stdout.channel.recv_exit_status(), output
         finally:
