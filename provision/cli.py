@@ -36,7 +36,7 @@ from provision.render import render_workspace, ssh_config_block, write_files
 from provision.steps import select_steps
 from provision.target import resolve_target
 from provision.templating import render
-from provision.verify import verify
+from provision.verify import image_tag, verify
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="Provision GPU servers for Stable Diffusion 3.5 FP8 team work, over SSH.")
@@ -200,7 +200,8 @@ def _raise_for_reports(reports: list[HostReport], check: bool) -> None:
 def doctor(
     ctx: typer.Context, host: str,
     member: Annotated[str | None, typer.Option(help="Check this member only")] = None,
-    image: Annotated[str | None, typer.Option(help="The team image to look inside")] = None,
+    image: Annotated[str | None, typer.Option(
+        help="The image to look inside [default: the one 'provision verify' builds]")] = None,
     min_free_gb: Annotated[float, typer.Option(help="Free space the cache volume needs")
                            ] = 50.0,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document")] = False,
@@ -209,6 +210,9 @@ def doctor(
     settings: Settings = ctx.obj
     inventory = settings.load()
     members = (inventory.member(member),) if member else inventory.members
+    if image is None and members:
+        image = image_tag(render_workspace(inventory, members[0], host_alias=None, target=None,
+                                           cache_gid=None))
     with settings.connect(host, inventory) as conn:
         found = run_doctor(conn, inventory, members, image, min_free_gb)
     if as_json:

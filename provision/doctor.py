@@ -70,8 +70,9 @@ def probe_script(inventory: Inventory, members: tuple[Member, ...], image: str |
         name = member.name
         lines += [
             f"sec docker-{name}",
-            f"runuser -u {name} -- docker info --format '{{{{.ServerVersion}}}}' 2>&1 | tail -n 1"
-            "; echo \"exit=$?\"",
+            # `docker version` fails when the daemon refuses her (`docker info` exits 0).
+            f"out=$(runuser -u {name} -- docker version --format '{{{{.Server.Version}}}}' 2>&1)"
+            "; echo \"exit=$?\"; printf '%s\\n' \"$out\" | tail -n 1",
             f"sec cache-{name}",
             f"runuser -u {name} -- sh -c 'f={cache}/.provision-doctor-$$; "
             f"touch \"$f\" && rm -f \"$f\"' 2>&1; echo \"exit=$?\"",
@@ -111,7 +112,7 @@ def checks(facts: HostFacts, probe: str, inventory: Inventory, members: tuple[Me
         ok, seen = _exit_ok(sections.get(f"docker-{member.name}", []))
         found.append(Check(
             f"{member.name} reaches docker", "pass" if ok else "fail",
-            f"docker info as {member.name}: {seen or 'no answer'}",
+            f"docker version as {member.name}: {seen or 'no answer'}",
             "" if ok else f"provision host HOST --only users,docker (puts {member.name} in the "
                           "docker group; she logs in again)"))
         ok, seen = _exit_ok(sections.get(f"cache-{member.name}", []))
