@@ -164,8 +164,13 @@ def new_key_pair(directory: Path) -> str:
     return public
 
 
-def up(name: str, inventory: Path, log=print) -> Sandbox:
-    """Start sandbox `name` (or return it if it runs) and register it in the inventory."""
+def up(name: str, inventory: Path, log=print, *, try_it: bool = False) -> Sandbox:
+    """Start sandbox `name` (or return it if it runs) and register it in the inventory.
+
+    `try_it` (journey 1, `provision sandbox up`): an inventory this creates also gets a demo
+    member and the CPU image, and the sandbox gets that image's base and wheels, so that
+    `provision host NAME` and `provision verify NAME` work next with no registry in reach.
+    """
     client = docker_client()
     existing = find(name, inventory)
     if existing is not None:
@@ -181,9 +186,16 @@ def up(name: str, inventory: Path, log=print) -> Sandbox:
     try:
         port = wait_for_sshd(client, container)
         write_known_hosts(client, container, port, state_dir / "known_hosts")
-        created = register(inventory, name, port, state_dir)
+        base = base_image(client, log)
+        created = register(inventory, name, port, state_dir, try_it, base)
+        if created and try_it:
+            seed_offline_image(client, container_name(name), inventory, base, log)
     except BaseException:
+        # Leave nothing half made: no container, no host table, no key files.
         _remove_container(client, container_name(name))
+        created_text = state_dir / "inventory-as-created.toml"
+        unregister(inventory, name, created_text.read_text() if created_text.exists() else None)
+        shutil.rmtree(state_dir, ignore_errors=True)
         raise
     sandbox = Sandbox(name, container_name(name), f"{container_name(name)}-docker", port, image,
                       str(state_dir), str(inventory.resolve()), created)
@@ -250,10 +262,16 @@ def write_known_hosts(client: docker.DockerClient, cname: str, port: int, path: 
     path.write_text("".join(f"[127.0.0.1]:{port} {kind} {blob}\n" for kind, blob in lines))
 
 
-def register(inventory: Path, name: str, port: int, state_dir: Path) -> bool:
+def register(inventory: Path, name: str, port: int, state_dir: Path, try_it: bool,
+             base: str) -> bool:
     """Add [hosts.NAME] to the inventory (created if missing); True when the file was created."""
     created = not inventory.exists()
     document = tomlkit.parse(inventory.read_text()) if not created else new_inventory()
+    if created and try_it:
+        add_demo(document, state_dir, base, inventory.resolve().parent)
+    if created:
+        # What `down` may delete: the file exactly as made here, less the host table.
+        (state_dir / "inventory-as-created.toml").write_text(tomlkit.dumps(document))
     hosts = document.setdefault("hosts", tomlkit.table(is_super_table=True))
     entry = tomlkit.table()
     entry.add(tomlkit.comment(f"local sandbox made by 'provision sandbox up --name {name}'"))
@@ -266,6 +284,70 @@ def register(inventory: Path, name: str, port: int, state_dir: Path) -> bool:
     hosts[name] = entry
     inventory.write_text(tomlkit.dumps(document))
     return created
+
+
+DEMO_MEMBER = "dev"
+WHEELHOUSE = "/srv/provision/wheelhouse"
+BASE_ARCHIVE = "/srv/provision/base-image.tar"
+
+
+def demo_image(base: str) -> dict[str, str]:
+    """The CPU image a sandbox builds: its own base (Debian 12, Python 3.11) and wheels."""
+    return {"base": base, "python": "3.11", "cuda": "cpu", "torch": "2.13.0",
+            "torchvision": "", "wheelhouse": WHEELHOUSE, "base_archive": BASE_ARCHIVE}
+
+
+def add_demo(document: tomlkit.TOMLDocument, state_dir: Path, base: str, root: Path) -> None:
+    """A demo teammate (her key beside the admin's) and the sandbox's CPU image."""
+    member_dir = state_dir / DEMO_MEMBER
+    member_dir.mkdir(exist_ok=True, mode=0o700)
+    new_key_pair(member_dir)
+    image = tomlkit.table()
+    image.add(tomlkit.comment("the sandbox's CPU image: no GPU, no registry (sandbox up)"))
+    for key, value in demo_image(base).items():
+        image[key] = value
+    document["image"] = image
+    member = tomlkit.table()
+    member["name"] = DEMO_MEMBER
+    member["keys"] = [str((member_dir / "id_ed25519.pub").relative_to(root))]
+    member["gpus"] = "none"
+    members = tomlkit.aot()
+    members.append(member)
+    document["members"] = members
+
+
+def seed_offline_image(client: docker.DockerClient, cname: str, inventory: Path, base: str,
+                       log) -> None:
+    """Put the CPU image's wheels and base-image archive where the demo [image] says."""
+    from provision.versions import resolve_image
+
+    pins = "\n".join(resolve_image(demo_image(base)).pins()) + "\n"
+    wheels = inventory.resolve().parent / ".provision" / "wheelhouse" / \
+        hashlib.sha256(pins.encode()).hexdigest()[:12]
+    if not (wheels / "complete").exists():
+        log(f"downloading the CPU image's wheels into {wheels}")
+        wheels.mkdir(parents=True, exist_ok=True)
+        (wheels / "requirements.txt").write_text(pins)
+        subprocess.run(["python3", "-m", "pip", "download", "-q", "--only-binary=:all:",
+                        "-d", str(wheels), "-r", str(wheels / "requirements.txt")],
+                       check=True, capture_output=True)
+        (wheels / "complete").touch()
+    container = client.containers.get(cname)
+    with tempfile.TemporaryDirectory(prefix="provision-seed-") as tmp:
+        archive = Path(tmp) / "seed.tar"
+        saved = Path(tmp) / "base-image.tar"
+        with saved.open("wb") as out:
+            for chunk in client.images.get(base).save(named=True):
+                out.write(chunk)
+        with tarfile.open(archive, "w") as tar:
+            tar.add(wheels, arcname="wheelhouse",
+                    filter=lambda info: None if info.name.endswith(("complete", ".txt"))
+                    else info)
+            tar.add(saved, arcname=Path(BASE_ARCHIVE).name)
+        container.exec_run(["mkdir", "-p", str(Path(WHEELHOUSE).parent)])
+        with archive.open("rb") as data:
+            container.put_archive(str(Path(WHEELHOUSE).parent), data)
+    log(f"sandbox has the CPU image's wheels ({WHEELHOUSE}) and base ({BASE_ARCHIVE})")
 
 
 def new_inventory() -> tomlkit.TOMLDocument:
@@ -325,13 +407,16 @@ def down(name: str, inventory: Path, log=print) -> bool:
         client.volumes.get(f"{container_name(name)}-docker").remove(force=True)
     if sandbox is None:
         return removed
-    unregister(inventory, name, delete_if_created=sandbox.created_inventory)
+    as_created = Path(sandbox.state_dir) / "inventory-as-created.toml"
+    unregister(inventory, name,
+               as_created.read_text() if sandbox.created_inventory and as_created.exists()
+               else None)
     shutil.rmtree(sandbox.state_dir, ignore_errors=True)
     log(f"sandbox {name!r} removed")
     return True
 
 
-def unregister(inventory: Path, name: str, delete_if_created: bool) -> None:
+def unregister(inventory: Path, name: str, as_created: str | None) -> None:
     if not inventory.exists():
         return
     document = tomlkit.parse(inventory.read_text())
@@ -342,7 +427,7 @@ def unregister(inventory: Path, name: str, delete_if_created: bool) -> None:
         del document["hosts"]
     text = tomlkit.dumps(document)
     # A file `up` created and nobody has added to since is `up`'s to delete.
-    if delete_if_created and text.strip() == tomlkit.dumps(new_inventory()).strip():
+    if as_created is not None and text.strip() == as_created.strip():
         inventory.unlink()
     else:
         inventory.write_text(text)

@@ -23,7 +23,7 @@ from provision.errors import InventoryError, ProvisionError, RemoteCommandFailed
 from provision.facts import HostFacts, gather_facts
 from provision.inventory import Inventory, Member
 from provision.render import INFERENCE, WHEELHOUSE, gpu_run_args, render_workspace
-from provision.versions import resolve_image
+from provision.versions import ImageSpec, resolve_image
 
 ROOT = "/var/lib/provision"
 IMAGE_REPOSITORY = "provision/sd35-fp8"
@@ -85,9 +85,14 @@ def _upload(files: dict[str, str], directory: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_script(files: dict[str, str], tag: str, wheelhouse: str) -> str:
+def build_script(files: dict[str, str], tag: str, image: ImageSpec) -> str:
     context = f"{ROOT}/build/{tag.split(':')[1]}"
+    wheelhouse = image.wheelhouse
     script = f"if docker image inspect {tag} >/dev/null 2>&1; then echo cached; exit 0; fi\n"
+    if image.base_archive:
+        base, archive = shlex.quote(image.base), shlex.quote(image.base_archive)
+        script += (f"docker image inspect {base} >/dev/null 2>&1 || docker load -i {archive}"
+                   "\n")
     script += _upload({p: files[p] for p in CONTEXT_FILES}, context)
     if wheelhouse:
         quoted = shlex.quote(wheelhouse)
@@ -148,7 +153,7 @@ def verify(conn: Connection, inventory: Inventory, member: Member, *, model: str
     files = render_workspace(inventory, member, host_alias=conn.name, target=None, cache_gid=gid)
     tag = image_tag(files)
     progress(f"building {tag} (the first build downloads and installs torch: minutes)")
-    built = conn.run(build_script(files, tag, resolve_image(inventory.image).wheelhouse),
+    built = conn.run(build_script(files, tag, resolve_image(inventory.image)),
                      what="image build", timeout=3600,
                      on_line=lambda line: progress(f"building {tag}: {line[:90]}"))
     report = VerifyReport(conn.name, member.name, tag, "cached" not in built.stdout, note)

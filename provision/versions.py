@@ -37,9 +37,12 @@ DEFAULT_IMAGE: dict[str, str] = {
     # A directory on the host holding every wheel the image needs (air-gapped hosts); empty:
     # torch and torchvision from PyTorch's index for the flavour, the rest from PyPI.
     "wheelhouse": "",
+    # A `docker save` archive of the base image on the host, loaded when the base is missing
+    # (air-gapped hosts, and sandboxes: neither reaches a registry).
+    "base_archive": "",
 }
-# Keys whose empty value leaves the package (or the wheelhouse) out.
-OPTIONAL = frozenset({"torchvision", "xformers", "wheelhouse"})
+# Keys whose empty value leaves the package (or the wheelhouse, or the archive) out.
+OPTIONAL = frozenset({"torchvision", "xformers", "wheelhouse", "base_archive"})
 
 # torchao ships C++/CUDA kernels built against one torch release and, on another, skips or fails
 # loading them (pytorch/ao#2919). From each release's torchao/__init__.py: version -> torch minor.
@@ -81,6 +84,7 @@ class ImageSpec:
     xformers: str
     debugpy: str
     wheelhouse: str
+    base_archive: str
 
     @property
     def index_url(self) -> str:
@@ -144,9 +148,9 @@ def _check_form(key: str, value: str) -> None:
         ok, form = re.fullmatch(r"3\.\d+", value) is not None, 'a version like "3.12"'
     elif key == "cuda":
         ok, form = FLAVOUR.match(value) is not None, 'a wheel flavour like "cu130" or "cpu"'
-    elif key == "wheelhouse":
+    elif key in ("wheelhouse", "base_archive"):
         ok, form = (value.startswith("/") and not re.search(r"\s", value),
-                    "an absolute directory on the host")
+                    "an absolute path on the host")
     else:
         ok, form = (VERSION.match(value) is not None,
                     'an exact public version like "2.11.0" (the flavour comes from `cuda`)')

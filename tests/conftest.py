@@ -150,16 +150,21 @@ _names = itertools.count(1)
 
 
 @pytest.fixture(scope="session")
-def make_host(docker_engine, tmp_path_factory) -> Iterator[Callable[[], Host]]:
-    """Start fresh sandboxes on demand; all are removed when the session ends."""
+def make_host(docker_engine, tmp_path_factory) -> Iterator[Callable[..., Host]]:
+    """Start fresh sandboxes on demand; all are removed when the session ends.
+
+    `try_it=True` is `provision sandbox up` for journey 1: its own inventory with a demo member
+    and the CPU image, whose base and wheels the sandbox then holds.
+    """
     made: list[Host] = []
 
-    def make() -> Host:
+    def make(try_it: bool = False) -> Host:
         name = f"t{os.getpid()}-{next(_names)}"
         base = tmp_path_factory.mktemp(name)
         inventory, home = base / "provision.toml", base / "home"
         home.mkdir()
-        host = Host(sandboxes.up(name, inventory, log=lambda *_: None), inventory, home)
+        host = Host(sandboxes.up(name, inventory, log=lambda *_: None, try_it=try_it),
+                    inventory, home)
         made.append(host)
         # sudo leaves this marker on its first use: sudo's doing, which host snapshots ignore.
         host.exec("touch ~/.sudo_as_admin_successful", user="admin")
@@ -175,28 +180,3 @@ def shared_host(make_host) -> Host:
     """One sandbox for tests that only read."""
     return make_host()
 
-
-CPU_IMAGE = {
-    "base": "provision/debian:bookworm-minbase",  # no registry here: the sandbox's own base
-    "python": "3.11",
-    "cuda": "cpu",
-    "torch": "2.13.0",  # the CPU wheel on these machines (TESTBED.md)
-    "torchvision": "",
-    "wheelhouse": "/srv/wheelhouse",
-}
-
-
-@pytest.fixture(scope="session")
-def cpu_wheelhouse(tmp_path_factory) -> Path:
-    """Every wheel the CPU image pins need: the local torch, the rest from PyPI (once)."""
-    from provision.versions import resolve_image
-
-    directory = tmp_path_factory.mktemp("wheelhouse")
-    requirements = directory.parent / "requirements.txt"
-    requirements.write_text("\n".join(resolve_image(CPU_IMAGE).pins()) + "\n")
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "-d", str(directory),
-                    "--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
-                    "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64",
-                    "--platform", "manylinux2014_x86_64", "--platform", "any",
-                    "-r", str(requirements)], check=True, capture_output=True)
-    return directory
