@@ -353,3 +353,31 @@ def test_many_hosts_converge_in_parallel_and_one_failure_stops_no_other(make_hos
         assert reports[host.name]["ok"] is True
         assert team.cli("host", host.name, "--check").exit_code == 0
         assert host.testinfra.user("alice").exists
+
+
+def test_workspace_is_seeded_and_a_members_edit_is_drift_left_alone(make_host) -> None:
+    host: Host = make_host()
+    keys = host.add_members(["alice"], gpus="0")
+    assert converge(host, "--only", "users,workspace")["exit"] == 0
+    settings = "/home/alice/sd35-fp8/.vscode/settings.json"
+    seeded = host.testinfra.file(settings)
+    original = seeded.content_string
+    assert seeded.user == "alice" and '"files.watcherExclude"' in original
+    launch = json.loads(host.testinfra.file("/home/alice/sd35-fp8/.vscode/launch.json")
+                        .content_string)
+    assert launch["configurations"][0]["type"] == "debugpy"
+
+    code, _ = host.ssh("alice", keys["alice"], f"echo '// mine' >> {settings}")
+    assert code == 0
+    report = converge(host, "--only", "workspace")
+    assert report["exit"] == 0 and changes_of(report) == []
+    message = report["hosts"][0]["steps"][0]["message"]
+    assert "was edited by alice: drifted, left alone" in message
+    assert host.testinfra.file(settings).content_string.endswith("// mine\n")
+
+    forced = converge(host, "--only", "workspace", "--force")
+    assert forced["exit"] == 0, forced["stderr"]
+    assert host.testinfra.file(settings).content_string == original
+    backups = host.exec(f"cat {settings}.provision-backup-*")[1]
+    assert backups.endswith("// mine\n")
+    assert changes_of(converge(host, "--only", "workspace")) == []

@@ -63,3 +63,22 @@ def test_bad_edits_are_one_line_and_leave_the_file(inventory: Path, args, needle
     assert len([ln for ln in result.stderr.splitlines() if ln.strip()]) == 1
     assert "PRIVATE KEY" not in result.stderr
     assert inventory.read_text() == before
+
+
+def test_merging_the_ssh_block_is_idempotent_and_keeps_a_backup(tmp_path: Path) -> None:
+    from provision.onboard import merge_ssh_block
+
+    config = tmp_path / "config"
+    mine = "Host work\n    HostName 192.0.2.1\n"
+    config.write_text(mine)
+    block = "Host sd-server\n    User carol\n    ServerAliveInterval 60\n"
+    assert merge_ssh_block(config, block, "carol", "sd-server") is True
+    merged = config.read_text()
+    assert merged.startswith(mine) and "# BEGIN provision carol@sd-server\nHost sd-server" in merged
+    assert merge_ssh_block(config, block, "carol", "sd-server") is False
+    assert config.read_text() == merged
+    assert merge_ssh_block(config, block.replace("60", "30"), "carol", "sd-server") is True
+    assert config.read_text().count("# BEGIN provision carol@sd-server") == 1
+    assert "ServerAliveInterval 30" in config.read_text()
+    assert (tmp_path / "config.provision-backup").read_text() == mine
+    assert oct(config.stat().st_mode & 0o777) == "0o600"

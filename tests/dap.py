@@ -1,0 +1,67 @@
+"""A minimal Debug Adapter Protocol client, as VS Code speaks to debugpy.
+
+No maintained Python DAP client library exists (debugpy ships the adapter, not a client), so
+this is the few messages the debug test needs: Content-Length framed JSON over a socket-like
+object (here an SSH direct-tcpip channel, the way Remote-SSH forwards the debug port).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+
+class DapClient:
+    def __init__(self, stream: Any, timeout: float = 120) -> None:
+        self.stream = stream
+        self.stream.settimeout(timeout)  # a silent adapter fails the test, never hangs it
+        self.timeout = timeout
+        self.seq = 0
+        self.buffer = b""
+        self.pending: list[dict[str, Any]] = []
+
+    def send(self, command: str, **arguments: Any) -> int:
+        self.seq += 1
+        body = json.dumps({"seq": self.seq, "type": "request", "command": command,
+                           "arguments": arguments}).encode()
+        self.stream.sendall(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        return self.seq
+
+    def _read_message(self) -> dict[str, Any]:
+        while b"\r\n\r\n" not in self.buffer:
+            self._fill()
+        header, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        length = int(next(line.split(b":")[1] for line in header.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        while len(self.buffer) < length:
+            self._fill()
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        return json.loads(body)
+
+    def _fill(self) -> None:
+        chunk = self.stream.recv(65536)
+        if not chunk:
+            raise ConnectionError("debug adapter closed the connection")
+        self.buffer += chunk
+
+    def wait(self, kind: str, name: str) -> dict[str, Any]:
+        """The next response to `name` (kind "response") or event `name` (kind "event")."""
+        deadline = time.monotonic() + self.timeout
+        key = "command" if kind == "response" else "event"
+        for index, message in enumerate(self.pending):
+            if message["type"] == kind and message.get(key) == name:
+                return self.pending.pop(index)
+        while time.monotonic() < deadline:
+            message = self._read_message()
+            if message["type"] == kind and message.get(key) == name:
+                return message
+            self.pending.append(message)
+        raise TimeoutError(f"no {kind} {name} within {self.timeout} s; got {self.pending}")
+
+    def request(self, command: str, **arguments: Any) -> dict[str, Any]:
+        self.send(command, **arguments)
+        response = self.wait("response", command)
+        if not response.get("success"):
+            raise RuntimeError(f"{command}: {response.get('message')}")
+        return response.get("body", {})
