@@ -172,7 +172,7 @@ def _run_steps(conn: Connection, inventory: Inventory, steps: tuple[Step, ...],
         entry = StepReport(step.name, "unchanged")
         report.steps.append(entry)
         try:
-            entry.changes, held = options.allowed(step.plan(facts, inventory))
+            entry.changes, held = _plan(step, facts, inventory, options)
             entry.message = "; ".join([*step.notes(facts, inventory),
                                        *(c.summary for c in held)])
             if entry.changes and not options.apply:
@@ -185,11 +185,6 @@ def _run_steps(conn: Connection, inventory: Inventory, steps: tuple[Step, ...],
                 facts = gather_facts(conn, inventory, paths)
                 _prove(conn, step, facts, inventory)
         except StepSkipped as exc:
-            if isinstance(exc, NoGpu) and options.require_gpu:
-                exc = StepBlocked(f"{conn.name}: no NVIDIA GPU", "--require-gpu asks for one")
-                entry.status, entry.message, report.error = "failed", exc.line(), exc
-                report.steps.extend(StepReport(s.name, "not run") for s in steps[index + 1:])
-                return
             entry.status, entry.message = "skipped", exc.line()
         except (StepBlocked, RemoteCommandFailed) as exc:
             entry.status, entry.message = "failed", exc.line()
@@ -207,10 +202,22 @@ def _run_steps(conn: Connection, inventory: Inventory, steps: tuple[Step, ...],
     report.drift = [c for step in steps for c in _replan(step, facts, inventory, options)]
 
 
+def _plan(step: Step, facts: HostFacts, inventory: Inventory,
+          options: RunOptions) -> tuple[list[Change], list[Change]]:
+    """(to apply, left alone); no GPU under --require-gpu is a failure, not a skip."""
+    try:
+        return options.allowed(step.plan(facts, inventory))
+    except NoGpu:
+        if options.require_gpu:
+            raise StepBlocked(f"{facts.os.hostname}: no NVIDIA GPU",
+                              "--require-gpu asks for one") from None
+        raise
+
+
 def _replan(step: Step, facts: HostFacts, inventory: Inventory,
             options: RunOptions) -> list[Change]:
     try:
-        return options.allowed(step.plan(facts, inventory))[0]
+        return _plan(step, facts, inventory, options)[0]
     except StepSkipped:
         return []
 
