@@ -133,7 +133,7 @@ def run_script(inventory: Inventory, member: Member, facts: HostFacts, files: di
 
 def verify(conn: Connection, inventory: Inventory, member: Member, *, model: str | None,
            fp8: str, out: Path, progress: Callable[[str], None]) -> VerifyReport:
-    resolve_image(inventory.image)
+    image = resolve_image(inventory.image)  # a broken pin stops here, before the host is read
     progress("reading facts")
     facts = gather_facts(conn, inventory)
     if not facts.docker.installed:
@@ -153,7 +153,7 @@ def verify(conn: Connection, inventory: Inventory, member: Member, *, model: str
     files = render_workspace(inventory, member, host_alias=conn.name, target=None, cache_gid=gid)
     tag = image_tag(files)
     progress(f"building {tag} (the first build downloads and installs torch: minutes)")
-    built = conn.run(build_script(files, tag, resolve_image(inventory.image)),
+    built = conn.run(build_script(files, tag, image),
                      what="image build", timeout=3600,
                      on_line=lambda line: progress(f"building {tag}: {line[:90]}"))
     report = VerifyReport(conn.name, member.name, tag, "cached" not in built.stdout, note)
