@@ -149,8 +149,9 @@ def _check_form(key: str, value: str) -> None:
     elif key == "cuda":
         ok, form = FLAVOUR.match(value) is not None, 'a wheel flavour like "cu130" or "cpu"'
     elif key in ("wheelhouse", "base_archive"):
+        what = "directory" if key == "wheelhouse" else "file"
         ok, form = (value.startswith("/") and not re.search(r"\s", value),
-                    "an absolute path on the host")
+                    f"an absolute {what} on the host")
     else:
         ok, form = (VERSION.match(value) is not None,
                     'an exact public version like "2.11.0" (the flavour comes from `cuda`)')

@@ -246,6 +246,7 @@ def test_cpu_table_of_the_test_machines_is_accepted() -> None:
     ({"torch": "2.11.0+cu130"}, "torch = '2.11.0+cu130'", "flavour comes from `cuda`"),
     ({"python": "3.9"}, "python = '3.9'", "3.10 or newer"),
     ({"wheelhouse": "wheels"}, "wheelhouse = 'wheels'", "absolute directory"),
+    ({"base_archive": "base.tar"}, "base_archive = 'base.tar'", "absolute file"),
     ({"tourch": "2.11.0"}, "tourch", "unknown key"),
 ])
 def test_an_override_that_breaks_the_table_is_refused_with_its_reason(
