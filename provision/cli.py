@@ -32,7 +32,7 @@ from provision.errors import (
 from provision.facts import gather_facts
 from provision.inventory import Inventory, inventory_path, load_inventory
 from provision.onboard import bundle, merge_ssh_block
-from provision.render import render_workspace, ssh_config_block, write_files
+from provision.render import member_files, render_workspace, write_files
 from provision.steps import select_steps
 from provision.target import resolve_target
 from provision.templating import render
@@ -252,10 +252,8 @@ def render_command(
     target = resolve_target(host, inventory, settings.ssh_config) if host else None
     cache_gid = _cache_gid(settings, host, inventory) if host else None
     for each in members:
-        files = render_workspace(inventory, each, host_alias=host, target=target,
-                                 cache_gid=cache_gid)
-        if host and target:
-            files["ssh_config"] = ssh_config_block(inventory, each, host, target, identity_file)
+        files = member_files(inventory, each, host_alias=host, target=target,
+                             cache_gid=cache_gid, identity_file=identity_file)
         written = write_files(files, out_dir if member else out_dir / each.name)
         err.print(f"{each.name}: {len(written)} files in {written[0].parent.parent}")
 

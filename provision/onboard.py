@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from provision.inventory import Inventory, Member
-from provision.render import render_workspace, ssh_config_block, write_files
+from provision.render import member_files, write_files
 from provision.target import Target
 from provision.templating import render
 from provision.versions import resolve_image
@@ -22,9 +22,8 @@ def bundle(inventory: Inventory, member: Member, host: str, target: Target, cach
            identity_file: str, out: Path) -> list[Path]:
     """Her workspace files, her ssh block and the three steps, written under `out`."""
     image = resolve_image(inventory.image)
-    files = render_workspace(inventory, member, host_alias=host, target=target,
-                             cache_gid=cache_gid)
-    files["ssh_config"] = ssh_config_block(inventory, member, host, target, identity_file)
+    files = member_files(inventory, member, host_alias=host, target=target,
+                         cache_gid=cache_gid, identity_file=identity_file)
     files["README.md"] = render("onboard/README.md.j2", name=member.name, host=host,
                                 workspace_dir=inventory.defaults.workspace_dir,
                                 torch=image.torch, diffusers=image.diffusers,

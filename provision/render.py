@@ -155,6 +155,18 @@ def ssh_config_block(inventory: Inventory, member: Member, host_alias: str, targ
     )
 
 
+def member_files(inventory: Inventory, member: Member, *, host_alias: str | None,
+                 target: Target | None, cache_gid: int | None,
+                 identity_file: str) -> dict[str, str]:
+    """Her workspace files and, when the host is known, her `ssh_config` block beside them."""
+    files = render_workspace(inventory, member, host_alias=host_alias, target=target,
+                             cache_gid=cache_gid)
+    if host_alias and target:
+        files["ssh_config"] = ssh_config_block(inventory, member, host_alias, target,
+                                               identity_file)
+    return files
+
+
 def repo_devcontainer() -> dict[str, str]:
     """This repository's own `.devcontainer/` files, as the tool renders them for REPO_MEMBER."""
     inventory = Inventory(path=Path("provision.toml"), members=(REPO_MEMBER,))

@@ -114,9 +114,8 @@ def base_image(client: docker.DockerClient, log=print) -> str:
     return BASE_IMPORTED
 
 
-def host_image(client: docker.DockerClient, log=print) -> str:
+def host_image(client: docker.DockerClient, base: str, log=print) -> str:
     """The sandbox host image, tagged by the hash of what it is built from (a cache key)."""
-    base = base_image(client, log)
     dockerfile = render("sandbox/Dockerfile.j2", base_image=base, admin_user=ADMIN_USER)
     unit = raw("sandbox/provision-hostkeys.service")
     digest = hashlib.sha256((dockerfile + unit).encode()).hexdigest()[:12]
@@ -178,7 +177,8 @@ def up(name: str, inventory: Path, log=print, *, try_it: bool = False) -> Sandbo
         return existing
     _check_name_free(inventory, name)
     _check_container_free(client, name)
-    image = host_image(client, log)
+    base = base_image(client, log)
+    image = host_image(client, base, log)
     state_dir = state_dir_for(inventory, name)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     public_key = new_key_pair(state_dir)
@@ -186,7 +186,6 @@ def up(name: str, inventory: Path, log=print, *, try_it: bool = False) -> Sandbo
     try:
         port = wait_for_sshd(client, container)
         write_known_hosts(client, container, port, state_dir / "known_hosts")
-        base = base_image(client, log)
         created = register(inventory, name, port, state_dir, try_it, base)
         if created and try_it:
             seed_offline_image(client, container_name(name), inventory, base, log)

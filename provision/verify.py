@@ -20,7 +20,7 @@ from typing import Any
 
 from provision.connection import Connection
 from provision.errors import InventoryError, ProvisionError, RemoteCommandFailed
-from provision.facts import HostFacts, gather_facts
+from provision.facts import HostFacts, gather_facts, split_sections
 from provision.inventory import Inventory, Member
 from provision.render import INFERENCE, WHEELHOUSE, gpu_run_args, render_workspace
 from provision.versions import ImageSpec, resolve_image
@@ -164,23 +164,12 @@ def verify(conn: Connection, inventory: Inventory, member: Member, *, model: str
         detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
         raise RemoteCommandFailed(f"{conn.name}: inference.py failed in {tag}: {detail}",
                                   f"see {ROOT}/verify/{member.name}/*.log on the host")
-    sections = _sections(result.stdout)
+    sections = {name: "\n".join(lines) for name, lines in split_sections(result.stdout).items()}
     report.runs = {m.removeprefix("run-"): json.loads(v) for m, v in sections.items()
                    if m.startswith("run-")}
     report.comparison = {**json.loads(sections["compare"]), **_ratios(report.runs, fp8)}
     report.png = str(_fetch_png(conn, member, fp8, out))
     return report
-
-
-def _sections(stdout: str) -> dict[str, str]:
-    found: dict[str, list[str]] = {}
-    current: list[str] = []
-    for line in stdout.splitlines():
-        if line.startswith("@@@provision:"):
-            current = found.setdefault(line.removeprefix("@@@provision:"), [])
-        elif line.strip():
-            current.append(line)
-    return {name: "\n".join(lines) for name, lines in found.items()}
 
 
 def _ratios(runs: dict[str, dict[str, Any]], fp8: str) -> dict[str, Any]:
