@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import getpass
 import json
+import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn
@@ -24,12 +25,16 @@ from provision.doctor import run_doctor
 from provision.engine import HostReport, RunOptions, converge_host, run_hosts
 from provision.errors import (
     ChecksFailed,
+    Interrupted,
     InventoryError,
     PendingChanges,
     ProvisionError,
     StepFailed,
+    SudoPasswordRequired,
+    UnexpectedError,
 )
-from provision.facts import gather_facts
+from provision.facts import gather_facts, parse_facts, read_transcript
+from provision.files import atomic_write
 from provision.inventory import Inventory, inventory_path, load_inventory
 from provision.onboard import bundle, merge_ssh_block
 from provision.render import member_files, render_workspace, write_files
@@ -65,13 +70,28 @@ class Settings:
     def ask_password(self) -> None:
         """Ask once, before any work starts (several hosts run in threads)."""
         if self.ask_sudo_pass and self.sudo_password is None:
-            self.sudo_password = getpass.getpass("sudo password (admin on the host): ")
+            try:
+                self.sudo_password = _read_password("sudo password (admin on the host): ")
+            except EOFError:
+                raise SudoPasswordRequired("no sudo password was given (end of input)",
+                                           "type it at the prompt, or drop --ask-sudo-pass "
+                                           "for an admin with NOPASSWD sudo") from None
 
     def connect(self, host: str, inventory: Inventory) -> Connection:
         target = resolve_target(host, inventory, self.ssh_config)
         self.ask_password()
         return connect(target, sudo_password=self.sudo_password,
                        accept_new_host_key=self.accept_new_host_key)
+
+
+def _read_password(prompt: str) -> str:
+    """At a terminal, a prompt without echo; from a pipe (scripts, CI), its first line."""
+    if sys.stdin.isatty():
+        return getpass.getpass(prompt)
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line.rstrip("\n")
 
 
 @app.callback()
@@ -100,20 +120,26 @@ def init(ctx: typer.Context, dir: Annotated[Path, typer.Option(
     path = dir / "provision.toml"
     if path.exists():
         raise InventoryError(f"{path} exists", "edit it, or pass --dir for another place")
-    dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(render("provision.toml.j2"))
+    atomic_write(path, render("provision.toml.j2"))
     out.print(f"wrote {path}")
 
 
 @app.command()
 def facts(ctx: typer.Context, host: str,
-          as_json: Annotated[bool, typer.Option("--json", help="One JSON document")] = False
+          as_json: Annotated[bool, typer.Option("--json", help="One JSON document")] = False,
+          raw: Annotated[bool, typer.Option(
+              "--raw", help="The facts script's output as the host printed it (for fixtures "
+                            "and bug reports)")] = False,
           ) -> None:
     """What the tool sees on HOST, read in one round trip."""
     settings: Settings = ctx.obj
     inventory = settings.load(missing_ok=True)
     with settings.connect(host, inventory) as conn:
-        host_facts = gather_facts(conn, inventory)
+        transcript = read_transcript(conn, inventory)
+    if raw:
+        print(transcript, end="")
+        return
+    host_facts = parse_facts(transcript, inventory.defaults.cache_dir)
     if as_json:
         print(json.dumps(host_facts.to_json(), indent=2))
     else:
@@ -160,11 +186,8 @@ def host_command(
             bar.update(tasks[alias], description=f"{alias}: {text}")
 
         def work(alias: str) -> HostReport:
-            try:
-                with settings.connect(alias, inventory) as conn:
-                    return converge_host(conn, inventory, steps, options, progress)
-            except ProvisionError as exc:
-                return HostReport(alias, error=exc)
+            with settings.connect(alias, inventory) as conn:
+                return converge_host(conn, inventory, steps, options, progress)
 
         reports = run_hosts(hosts, work)
     if as_json:
@@ -299,9 +322,9 @@ def verify_command(
 ) -> None:
     """Build the dev-container image on HOST and generate in it, FP8 against bf16."""
     settings: Settings = ctx.obj
-    inventory = settings.load()
     if fp8 not in ("off", "storage", "dq"):
         raise InventoryError(f"--fp8 {fp8!r}", "use off, storage or dq")
+    inventory = settings.load()
     if not inventory.members:
         raise InventoryError(f"{inventory.path}: no members", "add one: provision team add")
     chosen = inventory.member(member) if member else inventory.members[0]
@@ -376,21 +399,45 @@ def team_list(ctx: typer.Context,
         out.print(views.team_table(members))
 
 
-def main() -> None:
-    verbose = "-v" in sys.argv[1:] or "--verbose" in sys.argv[1:]
-    try:
-        app(standalone_mode=False)
-    except ProvisionError as exc:
-        if verbose:
-            err.print_exception()
-        err.print(f"error: {exc.line()}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        err.print("aborted")
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
+VERBOSE_FLAGS = ("-v", "--verbose")
 
+
+def verbose_first(args: list[str]) -> list[str]:
+    """-v may follow the subcommand (`provision host web -v`): move it to where typer reads
+    global options. Arguments after `--` are left alone."""
+    end = args.index("--") if "--" in args else len(args)
+    flags = [a for a in args[:end] if a in VERBOSE_FLAGS]
+    return [*flags[:1], *(a for a in args[:end] if a not in VERBOSE_FLAGS), *args[end:]]
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    raise Interrupted("interrupted", "a step the host already received runs to its end; rerun "
+                                     "to finish converging")
+
+
+def _report(exc: ProvisionError, verbose: bool) -> NoReturn:
+    if verbose and exc.detail:
+        err.print(exc.detail.rstrip(), markup=False, highlight=False)
+    elif verbose:
+        err.print_exception()
+    err.print(f"error: {exc.line()}", markup=False, highlight=False, soft_wrap=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if isinstance(exc, Interrupted):
+        # Worker threads (one per host) would hold the exit until their host is done.
+        os._exit(exc.exit_code)
+    sys.exit(exc.exit_code)
+
+
+def main() -> None:
+    """Usage errors, --help and a missing argument are typer's own (usage on stderr, exit 2);
+    everything provision raises is one line, with the detail and traceback only under -v."""
+    args = verbose_first(sys.argv[1:])
+    verbose = bool(args) and args[0] in VERBOSE_FLAGS
+    signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        app(args=args, prog_name="provision")
+    except ProvisionError as exc:
+        _report(exc, verbose)
+    except Exception as exc:
+        _report(UnexpectedError.wrap("provision", exc), verbose)

@@ -1,8 +1,10 @@
 """Run scripts on a host as root: over SSH (Fabric/paramiko) or on this machine (@local).
 
 Every call is one round trip: the script travels on stdin to `sh -s`, wrapped so that a
-non-root admin goes through sudo. A sudo password, when one is needed, is the first line of
-stdin (`sudo -S`), so it never reaches a command line, a process list or a log.
+non-root admin goes through sudo. A sudo password, when one is given, is the first line of
+stdin; the wrapper reads it into its own environment and sudo fetches it through its askpass
+helper only when the policy asks for one. So it never reaches a command line, a process list, a
+file or a log, and under NOPASSWD (when `sudo -S` would leave it unread) never the root shell.
 """
 
 from __future__ import annotations
@@ -34,7 +36,15 @@ LineSink = Callable[[str], None]
 # Root runs the script directly; anyone else goes through sudo, never prompting on a terminal.
 _AS_ROOT = 'if [ "$(id -u)" -eq 0 ]; then {root}; else {sudo}; fi'
 _SUDO_NO_PASSWORD = "exec sudo -n -H -- sh -s"
-_SUDO_PASSWORD_ON_STDIN = "exec sudo -S -p '' -H -- sh -s"
+# sudo runs its askpass helper with the prompt as the only argument: with printenv as the helper
+# and the variable's name as the prompt, the helper prints the password. env_reset keeps the
+# variable out of the root shell; the script unsets it too, for hosts that turned env_reset off.
+PASSWORD_VARIABLE = "PROVISION_SUDO_PASSWORD"
+_SUDO_ASKPASS = (f"IFS= read -r {PASSWORD_VARIABLE}; export {PASSWORD_VARIABLE}; "
+                 f"SUDO_ASKPASS=$(command -v printenv) exec sudo -A -p {PASSWORD_VARIABLE} "
+                 "-H -- sh -s")
+# How much of a failed script's output its one-line error carries (-v shows all of it).
+ERROR_TAIL_LINES = 3
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,15 @@ class Result:
     @property
     def ok(self) -> bool:
         return self.exit_code == 0
+
+    def output(self) -> str:
+        """Everything the script printed, stdout then stderr."""
+        return "\n".join(part.rstrip("\n") for part in (self.stdout, self.stderr) if part.strip())
+
+    def tail(self, lines: int = ERROR_TAIL_LINES) -> str:
+        """The last lines it printed, on one line: where a failure usually says its cause."""
+        last = [ln.strip() for ln in self.output().splitlines() if ln.strip()][-lines:]
+        return " | ".join(last) or "no output"
 
 
 @dataclass
@@ -81,11 +100,10 @@ class Connection:
         if root:
             self._raise_for_sudo(result)
         if check and not result.ok:
-            detail = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:] or [""]
             raise RemoteCommandFailed(
-                f"{self.name}: {what} failed with exit code {result.exit_code}: {detail[0]}",
-                "rerun with -v for the full output",
-            )
+                f"{self.name}: {what} failed with exit code {result.exit_code}: "
+                f"{result.tail()}", "rerun with -v for the full output",
+                detail=result.output())
         return result
 
     def hold(self, script: str, timeout: float = 30) -> Held:
@@ -99,7 +117,8 @@ class Connection:
         return self._hold(command, stdin, timeout)
 
     def _command(self, script: str, env: dict[str, str] | None, root: bool) -> tuple[str, str]:
-        preamble = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in (env or {}).items())
+        preamble = f"unset {PASSWORD_VARIABLE}\n" + "".join(
+            f"export {k}={shlex.quote(v)}\n" for k, v in (env or {}).items())
         # sh runs a function only once it has read all of it: a script cut short in transit
         # (a dropped connection) is a syntax error, never half a script run.
         stdin = f"{preamble}provision_main() {{\n{script}\n}}\nprovision_main\n"
@@ -109,7 +128,7 @@ class Connection:
         if self.sudo_password is None:
             return _AS_ROOT.format(root="exec sh -s", sudo=_SUDO_NO_PASSWORD), stdin
         # Root has no use for the password line: read it off stdin before the script starts.
-        command = _AS_ROOT.format(root="read -r _; exec sh -s", sudo=_SUDO_PASSWORD_ON_STDIN)
+        command = _AS_ROOT.format(root="read -r _; exec sh -s", sudo=_SUDO_ASKPASS)
         return command, f"{self.sudo_password}\n{stdin}"
 
     def _raise_for_sudo(self, result: Result) -> None:

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from provision import __version__
 from provision.changes import Change, WriteFile
 from provision.connection import Connection
-from provision.errors import HostLocked, ProvisionError, RemoteCommandFailed
+from provision.errors import HostLocked, ProvisionError, RemoteCommandFailed, UnexpectedError
 from provision.facts import STATE_FILE, HostFacts, gather_facts
 from provision.inventory import Inventory
 from provision.steps import NoGpu, Step, StepBlocked, StepSkipped, former_members
@@ -243,6 +243,20 @@ def _prove(conn: Connection, step: Step, facts: HostFacts, inventory: Inventory)
 
 def run_hosts(hosts: list[str], work: Callable[[str], HostReport],
               parallel: int = 8) -> list[HostReport]:
-    """`work` on every host at once (bounded); one host's failure never stops another."""
-    with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(hosts)))) as pool:
-        return list(pool.map(work, hosts))
+    """`work` on every host at once (bounded); one host's failure, even a bug met on that host
+    alone, never stops another nor loses the other hosts' reports."""
+
+    def guarded(host: str) -> HostReport:
+        try:
+            return work(host)
+        except ProvisionError as exc:
+            return HostReport(host, error=exc)
+        except Exception as exc:
+            return HostReport(host, error=UnexpectedError.wrap(host, exc))
+
+    pool = ThreadPoolExecutor(max_workers=max(1, min(parallel, len(hosts))))
+    try:
+        return list(pool.map(guarded, hosts))
+    finally:
+        # Not `with`: on Ctrl-C its exit would wait for every host to finish first.
+        pool.shutdown(wait=False, cancel_futures=True)

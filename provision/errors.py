@@ -6,15 +6,19 @@ one line on stderr and a distinct status without knowing where it came from.
 
 from __future__ import annotations
 
+import traceback
+
 
 class ProvisionError(Exception):
     """Base of every error the CLI reports as one line (never with a traceback)."""
 
     exit_code = 1
 
-    def __init__(self, problem: str, remedy: str = "") -> None:
+    def __init__(self, problem: str, remedy: str = "", detail: str = "") -> None:
         self.problem = problem
         self.remedy = remedy
+        # What -v adds below the line: a remote script's whole output, a traceback.
+        self.detail = detail
         super().__init__(self.line())
 
     def line(self) -> str:
@@ -53,6 +57,10 @@ class RemoteCommandFailed(ProvisionError):
     exit_code = 8
 
 
+class FactsUnreadable(RemoteCommandFailed):
+    """The facts script ran but its output could not be read (cut short, or garbled)."""
+
+
 class HostLocked(ProvisionError):
     """Another provision run holds the host-side lock."""
 
@@ -81,3 +89,19 @@ class ChecksFailed(ProvisionError):
     """`provision doctor` found problems (each printed with its remedy)."""
 
     exit_code = 13
+
+
+class Interrupted(ProvisionError):
+    """Ctrl-C. Raised from the SIGINT handler, so typer never turns it into a silent exit."""
+
+    exit_code = 130
+
+
+class UnexpectedError(ProvisionError):
+    """A bug, not a state of the host: reported for its host alone, the traceback kept for -v."""
+
+    @classmethod
+    def wrap(cls, where: str, exc: BaseException) -> UnexpectedError:
+        trace = "".join(traceback.format_exception(exc))
+        return cls(f"{where}: unexpected {type(exc).__name__}: {exc}",
+                   "rerun with -v for the traceback, and report it", detail=trace)

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from provision.connection import Connection
+from provision.errors import FactsUnreadable
 from provision.inventory import Inventory
 
 SECTION = "@@@provision:"
@@ -291,6 +292,10 @@ class HostFacts:
     def text(self, path: str) -> str | None:
         return self.path(path).content
 
+    def json_object(self, path: str) -> dict[str, Any]:
+        """A JSON record provision keeps on the host; missing or unreadable reads as empty."""
+        return json_object_or_empty(self.text(path))
+
     def groups_of(self, user: str) -> set[str]:
         primary = {g.name for g in self.groups.values()
                    if user in self.accounts and g.gid == self.accounts[user].gid}
@@ -312,8 +317,12 @@ def gather_facts(conn: Connection, inventory: Inventory, paths: tuple[str, ...] 
 
     `paths` (absolute, or `~name/…` inside an account's home) are stat'ed, files also read.
     """
-    result = conn.run(FACTS_SCRIPT, env=facts_request(inventory, paths), what="facts")
-    return parse_facts(result.stdout, inventory.defaults.cache_dir)
+    return parse_facts(read_transcript(conn, inventory, paths), inventory.defaults.cache_dir)
+
+
+def read_transcript(conn: Connection, inventory: Inventory, paths: tuple[str, ...] = ()) -> str:
+    """What the facts script prints, unparsed: what recorded fixtures and bug reports hold."""
+    return conn.run(FACTS_SCRIPT, env=facts_request(inventory, paths), what="facts").stdout
 
 
 def split_sections(transcript: str) -> dict[str, list[str]]:
@@ -325,13 +334,23 @@ def split_sections(transcript: str) -> dict[str, list[str]]:
         elif current is not None:
             current.append(line)
     if "end" not in sections:
-        raise ValueError("facts transcript is incomplete (no end marker)")
+        raise FactsUnreadable("the host's answer ended early (no end marker)",
+                              "rerun; if it persists, run with -v to see what the host printed",
+                              detail=transcript)
     return {name: [ln for ln in lines if ln.strip()] for name, lines in sections.items()}
 
 
 def parse_facts(transcript: str, cache_dir: str) -> HostFacts:
-    """Pure: the facts script's output → HostFacts."""
-    s = split_sections(transcript)
+    """Pure: the facts script's output → HostFacts; output it cannot read is one clear error."""
+    try:
+        return _parse_sections(split_sections(transcript), cache_dir)
+    except (ValueError, IndexError) as exc:
+        raise FactsUnreadable(f"the host's facts could not be read ({exc})",
+                              "run with -v to see what the host printed, and report it",
+                              detail=transcript) from None
+
+
+def _parse_sections(s: dict[str, list[str]], cache_dir: str) -> HostFacts:
     paths = _paths(s.get("paths", []))
     state_text = paths[STATE_FILE].content if STATE_FILE in paths else None
     accounts = _accounts(s.get("passwd", []), s.get("account-status", []))
@@ -356,7 +375,7 @@ def parse_facts(transcript: str, cache_dir: str) -> HostFacts:
                        s.get("docker-repo", [])),
         nvidia=_nvidia(s),
         apt_lock_holder=_apt_lock_holder(s.get("apt-locks", [])),
-        state=_json_or_empty(state_text),
+        state=json_object_or_empty(state_text),
         cache_models=tuple(ln.strip() for ln in s.get("cache-models", [])),
     )
 
@@ -507,7 +526,7 @@ def _apt_lock_holder(lines: list[str]) -> str | None:
     return None
 
 
-def _json_or_empty(text: str | None) -> dict[str, Any]:
+def json_object_or_empty(text: str | None) -> dict[str, Any]:
     if not text:
         return {}
     try:

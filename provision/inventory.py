@@ -17,7 +17,9 @@ from typing import Any
 
 import paramiko
 
+from provision import safe
 from provision.errors import InventoryError
+from provision.versions import ImageError, resolve_image
 
 INVENTORY_ENV = "PROVISION_INVENTORY"
 DEFAULT_INVENTORY = "provision.toml"
@@ -35,6 +37,8 @@ SYSTEM_ACCOUNTS = frozenset(
     _chrony ntp postfix""".split()
 )
 DOCKER_SOURCES = ("auto", "docker-ce", "distro")
+HOST_FORMS = {"hostname": safe.HOSTNAME, "user": safe.LOGIN, "identity_file": safe.LOCAL_PATH,
+              "known_hosts": safe.LOCAL_PATH, "proxy_jump": safe.JUMPS}
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,10 @@ def parse_inventory(data: dict[str, Any], path: Path, text: str = "") -> Invento
     image = data.get("image", {})
     if not isinstance(image, dict) or not all(isinstance(v, str) for v in image.values()):
         raise where.error("image", "must be a table of strings, e.g. torch = \"2.9.1\"")
+    try:
+        resolve_image(image)
+    except ImageError as exc:
+        raise where.error(exc.key, exc.line()) from None
     return Inventory(path=path, defaults=defaults, hosts=hosts, members=members, image=image)
 
 
@@ -150,16 +158,17 @@ def _parse_defaults(table: Any, where: _Locator) -> Defaults:
         value = values[key]
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise where.error(key, f"must be a whole number from {low} to {high}, not {value!r}")
-    if not values["cache_dir"].startswith("/") or ".." in values["cache_dir"].split("/"):
-        raise where.error("cache_dir", "must be an absolute path without '..'")
+    for key, form in (("cache_dir", safe.ABSOLUTE_PATH), ("workspace_dir", safe.RELATIVE_PATH),
+                      ("nvidia_toolkit_version", safe.DEBIAN_VERSION)):
+        if values[key] and (why := safe.problem(values[key], form)):
+            raise where.error(key, why)
     if not MEMBER_NAME.match(values["cache_group"]):
         raise where.error("cache_group", f"must match {MEMBER_NAME.pattern}")
     if values["docker_source"] not in DOCKER_SOURCES:
         raise where.error("docker_source", f"must be one of {', '.join(DOCKER_SOURCES)}")
     if not isinstance(values["docker_daemon"], dict):
         raise where.error("docker_daemon", "must be a table of daemon.json keys")
-    workspace = values["workspace_dir"]
-    if workspace.startswith("/") or ".." in workspace.split("/") or not workspace:
+    if not values["workspace_dir"]:
         raise where.error("workspace_dir", "must be a path relative to the member's home")
     return Defaults(**values)
 
@@ -171,13 +180,17 @@ def _parse_host(alias: str, table: Any, where: _Locator) -> HostEntry:
     where.unknown_keys(table, set(fields) - {"alias"}, table=f"hosts.{alias}")
     if alias.startswith("@"):
         raise where.error(alias, "host aliases may not start with '@' (reserved for @local)")
+    if why := safe.problem(alias, safe.HOSTNAME):
+        raise where.error(alias, f"host alias {why}")
     port = table.get("port")
     if port is not None and (isinstance(port, bool) or not isinstance(port, int)
                              or not 1 <= port <= 65535):
         raise where.error("port", f"must be a port number from 1 to 65535, not {port!r}")
-    for key in set(table) - {"port"}:
+    for key in sorted(set(table) - {"port"}):
         if not isinstance(table[key], str) or not table[key]:
             raise where.error(key, "must be a non-empty string")
+        if why := safe.problem(table[key], HOST_FORMS[key]):
+            raise where.error(key, why, needle=alias)
     return HostEntry(alias=alias, **table)
 
 

@@ -28,13 +28,12 @@ Decisions a reader would otherwise have to rediscover:
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from provision.errors import InventoryError
+from provision.files import atomic_write
 from provision.inventory import Inventory, Member
 from provision.steps.hf_cache import CACHE_LINK, TOKEN_DIR
 from provision.target import Target
@@ -175,22 +174,12 @@ def repo_devcontainer() -> dict[str, str]:
 
 
 def write_files(files: dict[str, str], out: Path) -> list[Path]:
-    """Write each file under `out` through a temporary file and a rename, so a reader (or an
-    interrupted run) never sees half a file; scripts (`#!`) are made executable."""
+    """Write each file under `out`, atomically; scripts (`#!`) are made executable."""
     written = []
     for relative, content in files.items():
         if Path(relative).is_absolute() or ".." in Path(relative).parts:
             raise ValueError(f"{relative!r} is not a path inside the output directory")
         path = out / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as stream:
-                stream.write(content)
-            os.chmod(temporary, 0o755 if content.startswith("#!") else 0o644)
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        atomic_write(path, content, 0o755 if content.startswith("#!") else 0o644)
         written.append(path)
     return written

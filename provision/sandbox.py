@@ -336,7 +336,9 @@ def seed_offline_image(client: docker.DockerClient, cname: str, inventory: Path,
         archive = Path(tmp) / "seed.tar"
         saved = Path(tmp) / "base-image.tar"
         with saved.open("wb") as out:
-            for chunk in client.images.get(base).save(named=True):
+            # Named by the tag the [image] table uses: `named=True` would take the image's
+            # first tag, which is another name once the same image is tagged twice.
+            for chunk in client.images.get(base).save(named=base):
                 out.write(chunk)
         with tarfile.open(archive, "w") as tar:
             tar.add(wheels, arcname="wheelhouse",

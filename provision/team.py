@@ -6,28 +6,32 @@ validated as a whole, exactly as loading does, before it replaces the old file.
 
 from __future__ import annotations
 
-import os
+import stat
 from pathlib import Path
 
 import tomlkit
+import tomlkit.exceptions
 
 from provision.errors import InventoryError
+from provision.files import atomic_write
 from provision.inventory import Inventory, Member, parse_inventory, validate_member_name
 
 
 def _document(path: Path) -> tomlkit.TOMLDocument:
     if not path.exists():
         raise InventoryError(f"{path}: no such inventory", "run 'provision init' first")
-    return tomlkit.parse(path.read_text())
+    try:
+        return tomlkit.parse(path.read_text())
+    except tomlkit.exceptions.ParseError as exc:
+        raise InventoryError(f"{path}:{exc.line}: not valid TOML ({exc})",
+                             "fix the syntax; the file was not changed") from None
 
 
 def _save(path: Path, document: tomlkit.TOMLDocument) -> Inventory:
     """Validate the new text like a load does, then replace the file atomically."""
     text = tomlkit.dumps(document)
     inventory = parse_inventory(document.unwrap(), path, text)
-    temporary = path.with_name(f".{path.name}.provision-tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    atomic_write(path, text, stat.S_IMODE(path.stat().st_mode))
     return inventory
 
 

@@ -160,16 +160,32 @@ def verify(conn: Connection, inventory: Inventory, member: Member, *, model: str
     progress(f"generating ({size['model']}, --fp8 {fp8}, then bf16 to compare)")
     result = conn.run(run_script(inventory, member, facts, files, tag, fp8, size, on_gpu),
                       what="generation", timeout=3600, check=False)
+    logs = f"see {ROOT}/verify/{member.name}/*.log on the host"
     if not result.ok:
-        detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RemoteCommandFailed(f"{conn.name}: inference.py failed in {tag}: {detail}",
-                                  f"see {ROOT}/verify/{member.name}/*.log on the host")
-    sections = {name: "\n".join(lines) for name, lines in split_sections(result.stdout).items()}
-    report.runs = {m.removeprefix("run-"): json.loads(v) for m, v in sections.items()
-                   if m.startswith("run-")}
-    report.comparison = {**json.loads(sections["compare"]), **_ratios(report.runs, fp8)}
+        raise RemoteCommandFailed(f"{conn.name}: inference.py failed in {tag}: {result.tail()}",
+                                  logs, detail=result.output())
+    report.runs, comparison = read_runs(result.stdout, f"{conn.name}: {logs}")
+    report.comparison = {**comparison, **_ratios(report.runs, fp8)}
     report.png = str(_fetch_png(conn, member, fp8, out))
     return report
+
+
+def read_runs(stdout: str, logs: str) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """The run script's output → (metrics per FP8 mode, image comparison). Output cut short or
+    garbled (a killed container, a full disk) is one clear error, never a KeyError."""
+    try:
+        sections = {name: "\n".join(lines) for name, lines in split_sections(stdout).items()}
+        runs = {m.removeprefix("run-"): json.loads(v) for m, v in sections.items()
+                if m.startswith("run-")}
+        return runs, json.loads(sections["compare"])
+    except ProvisionError as exc:
+        reason = exc.problem
+    except KeyError as exc:
+        reason = f"no {exc.args[0]} section"
+    except ValueError as exc:
+        reason = f"a section is not JSON: {exc}"
+    raise RemoteCommandFailed(f"the generation's report could not be read ({reason})", logs,
+                              detail=stdout)
 
 
 def _ratios(runs: dict[str, dict[str, Any]], fp8: str) -> dict[str, Any]:

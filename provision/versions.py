@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from provision import safe
 from provision.errors import InventoryError
 
 PYTORCH_INDEX = "https://download.pytorch.org/whl"
@@ -68,6 +69,14 @@ FLAVOUR = re.compile(r"^(cpu|cu(\d+)(\d))$")  # cu130 -> CUDA 13.0
 CUDA_BASE = re.compile(r"(^|/)nvidia/cuda:(\d+)\.(\d+)")
 
 
+class ImageError(InventoryError):
+    """An `[image]` entry that cannot work; `key` is the entry to point the user at."""
+
+    def __init__(self, key: str, problem: str, remedy: str) -> None:
+        super().__init__(problem, remedy)
+        self.key = key
+
+
 @dataclass(frozen=True)
 class ImageSpec:
     """A checked version table: what the Dockerfile and requirements.txt are rendered from."""
@@ -108,10 +117,8 @@ def resolve_image(image_table: dict[str, str]) -> ImageSpec:
     """The inventory's `[image]` overrides over the defaults, checked as a whole."""
     unknown = sorted(set(image_table) - set(DEFAULT_IMAGE))
     if unknown:
-        raise InventoryError(
-            f"[image] {unknown[0]}: unknown key",
-            f"known keys are {', '.join(DEFAULT_IMAGE)}",
-        )
+        raise ImageError(unknown[0], f"[image] {unknown[0]}: unknown key",
+                         f"known keys are {', '.join(DEFAULT_IMAGE)}")
     table = {**DEFAULT_IMAGE, **image_table}
     for key, value in table.items():
         _check_form(key, value)
@@ -122,14 +129,15 @@ def resolve_image(image_table: dict[str, str]) -> ImageSpec:
 
 
 def _refuse(keys: tuple[str, ...], spec: ImageSpec, overrides: dict[str, str],
-            reason: str) -> InventoryError:
+            reason: str) -> ImageError:
     """Name each key involved with its value, and whether it is the user's or the default."""
     named = " and ".join(
         f"{key} = {getattr(spec, key)!r}{'' if key in overrides else ' (default)'}"
         for key in keys
     )
     defaults = ", ".join(f'{key} = "{DEFAULT_IMAGE[key]}"' for key in keys)
-    return InventoryError(
+    return ImageError(
+        next((key for key in keys if key in overrides), keys[0]),
         f"[image] {named}: {reason}",
         f"fix provision.toml's [image] table, or remove the override to use the tested "
         f"defaults ({defaults})",
@@ -140,28 +148,29 @@ def _check_form(key: str, value: str) -> None:
     if not value:
         if key in OPTIONAL:
             return
-        raise InventoryError(f"[image] {key}: may not be empty",
-                             "remove it to use the tested default")
+        raise ImageError(key, f"[image] {key}: may not be empty",
+                         "remove it to use the tested default")
     if key == "base":
-        ok, form = not re.search(r"\s", value), "an image reference without spaces"
+        ok, form = bool(safe.IMAGE_REFERENCE.match(value)), safe.FORMS[safe.IMAGE_REFERENCE]
     elif key == "python":
         ok, form = re.fullmatch(r"3\.\d+", value) is not None, 'a version like "3.12"'
     elif key == "cuda":
         ok, form = FLAVOUR.match(value) is not None, 'a wheel flavour like "cu130" or "cpu"'
     elif key in ("wheelhouse", "base_archive"):
         what = "directory" if key == "wheelhouse" else "file"
-        ok, form = (value.startswith("/") and not re.search(r"\s", value),
-                    f"an absolute {what} on the host")
+        ok, form = (safe.problem(value, safe.ABSOLUTE_PATH) is None,
+                    f"an absolute {what} on the host, of letters, digits and ._+@/- (no "
+                    "spaces, quotes or '..')")
     else:
         ok, form = (VERSION.match(value) is not None,
                     'an exact public version like "2.11.0" (the flavour comes from `cuda`)')
     if not ok:
-        raise InventoryError(f"[image] {key} = {value!r}: must be {form}",
-                             "fix it in provision.toml's [image] table")
+        raise ImageError(key, f"[image] {key} = {value!r}: must be {form}",
+                         "fix it in provision.toml's [image] table")
     if key == "python" and _release(value) < (3, 10):
-        raise InventoryError(f"[image] python = {value!r}: the pinned diffusers, transformers "
-                             "and torchvision need Python 3.10 or newer",
-                             "use a base image with a newer python3")
+        raise ImageError(key, f"[image] python = {value!r}: the pinned diffusers, transformers "
+                              "and torchvision need Python 3.10 or newer",
+                         "use a base image with a newer python3")
 
 
 def _fp8_torch(spec: ImageSpec, overrides: dict[str, str]) -> None:

@@ -6,6 +6,7 @@ removed at its end, by name, whatever the tests did to it.
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import json
 import os
@@ -25,6 +26,24 @@ from provision.sandbox import new_key_pair
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def require(available: object, what: str) -> None:
+    """A tool a test needs is missing: a failure under CI, where .ci/setup must have installed
+    it (a skipped check proves nothing), a skip anywhere else."""
+    if available:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"CI needs {what}: .ci/setup installs it", pytrace=False)
+    pytest.skip(f"{what} is not installed here", allow_module_level=True)
+
+
+def require_modules(*names: str) -> None:
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            require(False, f"the Python module {name!r}")
 
 
 @dataclass
@@ -121,7 +140,8 @@ class Host:
                               check=True).stdout.strip()
         cli = Path(root) / "@devcontainers" / "cli"
         node = shutil.which("node")
-        assert node and cli.is_dir(), "npm i -g @devcontainers/cli (.ci/setup does)"
+        require(node and cli.is_dir(), "the Dev Containers CLI (npm i -g @devcontainers/cli)")
+        assert node
         self.copy_in(cli, "/usr/local/lib/devcontainers-cli")
         subprocess.run(["docker", "cp", str(Path(node).resolve()),
                         f"{self.sandbox.container}:/usr/local/bin/node"], check=True)
@@ -141,9 +161,7 @@ def docker_engine() -> None:
     try:
         sandboxes.docker_client()
     except DockerUnavailable as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI needs a Docker engine: {exc.line()}")
-        pytest.skip(f"no Docker engine here: {exc.line()}")
+        require(False, f"a Docker engine ({exc.line()})")
 
 
 _names = itertools.count(1)

@@ -21,11 +21,13 @@ import pytest
 from provision import render as workspace
 from provision import sandbox
 from provision.errors import DockerUnavailable
+from tests.conftest import require
 from tests.test_render import HOSTS, INVENTORY, MEMBERS, REPO
 
-pytestmark = pytest.mark.skipif(shutil.which("devcontainer") is None,
-                                reason="the Dev Containers CLI is not installed "
-                                       "(npm i -g @devcontainers/cli@0.89.0)")
+
+@pytest.fixture(autouse=True)
+def devcontainer_cli() -> None:
+    require(shutil.which("devcontainer"), "the Dev Containers CLI (npm i -g @devcontainers/cli)")
 
 
 def devcontainer(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
@@ -68,7 +70,8 @@ def local_image() -> str:
     try:
         return sandbox.base_image(sandbox.docker_client(), log=lambda _: None)
     except DockerUnavailable as exc:
-        pytest.skip(exc.line())
+        require(False, f"a Docker engine ({exc.line()})")
+        raise
 
 
 # The GPU requests each member's container must get, even when the CLI believes a GPU runtime

@@ -19,6 +19,7 @@ from provision.facts import (
     DAEMON_JSON,
     FACTS_SCRIPT,
     STATE_FILE,
+    FactsUnreadable,
     Gpu,
     Group,
     HostFacts,
@@ -464,10 +465,22 @@ def test_to_json_is_serialisable(host: str) -> None:
 def test_truncated_transcript_is_refused(host: str, cut_before: str) -> None:
     text = transcript(host)
     truncated = text[:text.index(cut_before)]
-    with pytest.raises(ValueError, match="no end marker"):
+    with pytest.raises(FactsUnreadable, match="no end marker"):
         parse_facts(truncated, CACHE_DIR)
 
 
 def test_empty_transcript_is_refused() -> None:
-    with pytest.raises(ValueError, match="no end marker"):
+    with pytest.raises(FactsUnreadable, match="no end marker"):
         parse_facts("", CACHE_DIR)
+
+
+@pytest.mark.parametrize(("section", "garbled"), [
+    ("identity", "uid=root"),
+    ("passwd", "alice:x:one:1001::/home/alice:/bin/bash"),
+    ("group", "hfcache:x:nine:alice"),
+])
+def test_garbled_output_is_one_clear_error(section: str, garbled: str) -> None:
+    text = replace_section(transcript(NOBLE_H100), section, garbled)
+    with pytest.raises(FactsUnreadable, match="could not be read") as caught:
+        parse_facts(text, CACHE_DIR)
+    assert caught.value.detail == text  # -v shows what the host printed

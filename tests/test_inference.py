@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("torch", reason="inference.py needs torch (pip install torch)")
-pytest.importorskip("diffusers", reason="inference.py needs diffusers (pip install diffusers)")
-pytest.importorskip("transformers", reason="inference.py needs transformers")
-Image = pytest.importorskip("PIL.Image", reason="inference.py needs Pillow")
+from tests.conftest import require_modules
+
+require_modules("torch", "diffusers", "transformers", "PIL.Image")
+from PIL import Image  # noqa: E402  (after the check: a clear message instead of an ImportError)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "templates" / "workspace" / "inference.py"
 HEIGHT, WIDTH = 64, 96

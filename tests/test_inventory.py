@@ -65,6 +65,20 @@ def test_a_good_inventory_loads(tmp_path: Path, keys: Path) -> None:
     (('user = "ubuntu"', 'user = "ubuntu"\nprot = 22'), 9, "unknown key in [hosts.gpu-01]"),
     (('gpus = "0"', 'gpus = "first"'), 14, "gpus must be"),
     (('sudo = ["/usr/bin/nvidia-smi"]', 'sudo = ["nvidia-smi"]'), 13, "absolute path"),
+    # Strings that reach a root shell, a rendered script or an ssh config: a safe set only.
+    (('cache_dir = "/srv/hf"', 'cache_dir = "/srv/hf\\nrm -rf /"'), 3, "cache_dir:"),
+    (('cache_dir = "/srv/hf"', 'cache_dir = "/srv/h f"'), 3, "no spaces"),
+    (('cache_dir = "/srv/hf"', 'cache_dir = "/srv/../etc"'), 3, "'..'"),
+    (('keepalive_interval = 30', 'keepalive_interval = 30\nworkspace_dir = "a;b"'), 5,
+     "workspace_dir:"),
+    (('keepalive_interval = 30', 'keepalive_interval = 30\nnvidia_toolkit_version = '
+      '"1.17.8-1 && reboot"'), 5, "package version"),
+    (('hostname = "203.0.113.10"', 'hostname = "203.0.113.10\\nProxyCommand sh"'), 7,
+     "hostname:"),
+    (('user = "ubuntu"', 'user = "ubuntu -oProxyCommand"'), 8, "login name"),
+    (('gpus = "0"', 'gpus = "0"\n\n[image]\nwheelhouse = "/srv/w\'x"'), 17, "wheelhouse:"),
+    (('gpus = "0"', 'gpus = "0"\n\n[image]\nbase = "ubuntu:24.04;id"'), 17, "base:"),
+    (('gpus = "0"', 'gpus = "0"\n\n[image]\ntorch = "2.4.1"'), 17, "rowwise"),
 ])
 def test_bad_inventory_is_one_clear_line(tmp_path: Path, keys: Path, change, line: int,
                                          needle: str) -> None:

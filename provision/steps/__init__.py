@@ -6,6 +6,7 @@ all in its one facts round trip. Order matters: later steps use what earlier one
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -84,7 +85,7 @@ def apt_install(*packages: str) -> str:
 
     apt waits (bounded) for a dpkg lock held by e.g. unattended-upgrades instead of failing.
     """
-    names = " ".join(packages)
+    names = " ".join(shlex.quote(p) for p in packages)
     install = ("DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -q "
                f"--no-install-recommends {names} >/dev/null")
     return f"{install} 2>&1 || {{ apt-get -o DPkg::Lock::Timeout=300 update -q >/dev/null\n" \

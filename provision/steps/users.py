@@ -92,7 +92,8 @@ def _keys(facts: HostFacts, member: Member) -> list[Change]:
     ssh_dir = facts.path(f"~{name}/.ssh")
     if (ssh_dir.kind, ssh_dir.owner, ssh_dir.mode) != ("directory", name, "700"):
         changes.append(run(NAME, f"{home}/.ssh for {name} (0700)",
-                           f"install -d -m 0700 -o {name} -g {group} {home}/.ssh"))
+                           f"install -d -m 0700 -o {name} -g {group} "
+                           f"{shlex.quote(home + '/.ssh')}"))
     current = facts.path(f"~{name}/.ssh/authorized_keys")
     wanted = managed_keys(current.content, member.keys)
     if current.content != wanted or (current.owner, current.mode) != (name, "600"):

@@ -69,7 +69,8 @@ def _member(facts: HostFacts, inventory: Inventory, member: Member) -> list[Chan
     relative = inventory.defaults.workspace_dir
     root = f"{home_of(facts, name)}/{relative}"
     files = _files(facts, inventory, member)
-    recorded = json.loads(facts.text(record_path(name)) or "{}")
+    # Unreadable (hand-edited, cut short): nothing counts as provision's, so edits stay drift.
+    recorded = facts.json_object(record_path(name))
     record = dict(recorded)
     changes: list[Change] = []
     missing_dirs = [d for d in _directories(files)

@@ -1,0 +1,39 @@
+"""What an inventory string may hold when it reaches a root shell, a rendered script or an
+ssh config: checked once, when the inventory loads, below every module that uses the values.
+
+Quoting where a value is used is the second guard, not the only one: a newline in `cache_dir`
+would otherwise become a line of code in /etc/profile.d, and one in a hostname a directive in
+a member's ssh config.
+"""
+
+from __future__ import annotations
+
+import re
+
+ABSOLUTE_PATH = re.compile(r"^/[A-Za-z0-9._+@/-]*$")
+RELATIVE_PATH = re.compile(r"^[A-Za-z0-9._+@][A-Za-z0-9._+@/-]*$")
+LOCAL_PATH = re.compile(r"^~?[A-Za-z0-9._+@/-]+$")  # a file on the admin's machine
+HOSTNAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._:-]*$")  # names, IPv4, IPv6
+LOGIN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+# [user@]host[:port], comma-separated: ssh's ProxyJump.
+JUMPS = re.compile(r"^([A-Za-z0-9._-]+@)?[A-Za-z0-9._:-]+(,([A-Za-z0-9._-]+@)?[A-Za-z0-9._:-]+)*$")
+DEBIAN_VERSION = re.compile(r"^[0-9][A-Za-z0-9.+~:-]*$")
+IMAGE_REFERENCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$")
+
+FORMS = {
+    ABSOLUTE_PATH: "an absolute path of letters, digits and ._+@/- (no spaces, quotes or '..')",
+    RELATIVE_PATH: "a relative path of letters, digits and ._+@/- (no spaces, quotes or '..')",
+    LOCAL_PATH: "a path of letters, digits and ~._+@/- (no spaces or quotes)",
+    HOSTNAME: "a host name or address (letters, digits and ._:-)",
+    LOGIN: "a login name (letters, digits and ._-)",
+    JUMPS: "[user@]host[:port], comma-separated",
+    DEBIAN_VERSION: "a package version like 1.17.8-1",
+    IMAGE_REFERENCE: "an image reference like nvidia/cuda:13.0.0-base-ubuntu24.04",
+}
+
+
+def problem(value: str, form: re.Pattern[str]) -> str | None:
+    """Why `value` is not of `form`, or None when it is."""
+    if form.match(value) and ".." not in value.split("/"):
+        return None
+    return f"{value!r} must be {FORMS[form]}"
