@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from provision.sandbox import new_key_pair
 from tests.conftest import run_cli
 
 USAGE_ERRORS = [
@@ -77,10 +78,9 @@ def test_team_add_on_malformed_toml_is_one_line_and_leaves_the_file(tmp_path: Pa
     inventory = tmp_path / "provision.toml"
     inventory.write_text('[defaults]\ncache_dir = "/srv/hf"\n[[members]\nname = "x"\n')
     before = inventory.read_bytes()
-    key = tmp_path / "bob.pub"
-    key.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
-                   " bob\n")
-    result = run_cli("team", "add", "bob", "--key", str(key), inventory=inventory, home=tmp_path)
+    new_key_pair(tmp_path)
+    result = run_cli("team", "add", "bob", "--key", str(tmp_path / "id_ed25519.pub"),
+                     inventory=inventory, home=tmp_path)
     assert result.exit_code == 2, result.stderr
     assert len(result.error_lines) == 1 and "Traceback" not in result.stderr
     assert f"{inventory}:3: not valid TOML" in result.stderr
@@ -126,3 +126,30 @@ def test_end_of_input_at_the_password_prompt_is_one_line(tmp_path: Path) -> None
     assert result.error_lines == ["error: no sudo password was given (end of input): type it at "
                                   "the prompt, or drop --ask-sudo-pass for an admin with "
                                   "NOPASSWD sudo"]
+
+
+def test_ctrl_c_during_a_converge_is_one_line_and_a_rerun_converges(make_host) -> None:
+    """Ctrl-C while a step is being applied on a real host: the CLI says so in one line and exits
+    130 at once; what the host received runs to its end, and the next run converges."""
+    host = make_host()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "provision", "host", host.name], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, cwd=host.inventory.parent,
+        env={**os.environ, "HOME": str(host.home), "PROVISION_INVENTORY": str(host.inventory)})
+    deadline = time.monotonic() + 120
+    while host.exec("ls /var/lib/provision/apply-*.log")[0] != 0:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no step was applied"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    started = time.monotonic()
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert time.monotonic() - started < 10  # not after the host's work is done
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: interrupted"), stderr
+    assert "Traceback" not in stdout
+
+    again = host.cli("host", host.name)
+    assert again.exit_code == 0, again.stderr
+    assert host.cli("host", host.name, "--check").exit_code == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 
 import pytest
@@ -187,3 +188,32 @@ def test_sudo_with_a_password(make_host) -> None:
         wrong.run("true")
     wrong.close()
 
+
+
+def test_a_sudo_password_for_a_nopasswd_admin_reaches_no_shell_and_no_output(make_host) -> None:
+    """sudo under NOPASSWD reads no password: with `sudo -S` the line went on to the root shell
+    as a command ("sh: 1: <password>: not found"). Now nothing but sudo's askpass ever sees it."""
+    host: Host = make_host()
+    canary = "Pw-canary-5e1f0c"
+    snapshots: list[str] = []
+    done = threading.Event()
+
+    def watch_process_list() -> None:
+        while not done.is_set() and len(snapshots) < 2000:
+            snapshots.append(host.exec("ps -eo user,args")[1])
+
+    watcher = threading.Thread(target=watch_process_list)
+    watcher.start()
+    try:
+        result = host.cli("--ask-sudo-pass", "host", host.name, "--only", "keepalive",
+                          stdin=canary + "\n", timeout=300)
+    finally:
+        done.set()
+        watcher.join()
+    assert result.exit_code == 0, result.stderr
+    assert len(snapshots) > 3
+    _, logs = host.exec("cat /var/lib/provision/*.log; journalctl --no-pager -q; "
+                        "cat /var/log/auth.log /var/log/syslog 2>/dev/null")
+    assert "keepalive" in logs  # the apply log is there to search
+    for seen in (result.stdout, result.stderr, logs, *snapshots):
+        assert canary not in seen
