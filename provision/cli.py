@@ -134,8 +134,10 @@ def facts(ctx: typer.Context, host: str,
     """What the tool sees on HOST, read in one round trip."""
     settings: Settings = ctx.obj
     inventory = settings.load(missing_ok=True)
+    # The paths every step reads too, so this is all a converge would see.
+    paths = tuple(p for step in select_steps(None, None) for p in step.paths(inventory))
     with settings.connect(host, inventory) as conn:
-        transcript = read_transcript(conn, inventory)
+        transcript = read_transcript(conn, inventory, paths)
     if raw:
         print(transcript, end="")
         return

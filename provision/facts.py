@@ -31,7 +31,7 @@ home_of() { getent passwd "$1" | cut -d: -f6; }
 # "~name/rest" → that account's home + rest; fails for an account that does not exist.
 expand() { case "$1" in "~"*) u=${1%%/*}; h=$(home_of "${u#\~}"); [ -n "$h" ] && echo "$h/${1#*/}";; *) echo "$1";; esac; }
 # Members a previous run managed stay of interest after they leave the inventory (offboarding).
-PROVISION_ACCOUNTS="$PROVISION_ACCOUNTS $(sed -n 's/.*"members": *\[\([^]]*\)\].*/\1/p' /var/lib/provision/state.json 2>/dev/null | tr -d '",')"
+PROVISION_ACCOUNTS=$(printf '%s\n' $PROVISION_ACCOUNTS $(sed -n 's/.*"members": *\[\([^]]*\)\].*/\1/p' /var/lib/provision/state.json 2>/dev/null | tr -d '",') | sort -u)
 sec os-release; cat /etc/os-release 2>/dev/null
 sec uname; uname -m; uname -r; hostname
 sec init; cat /proc/1/comm 2>/dev/null; systemctl is-system-running 2>/dev/null

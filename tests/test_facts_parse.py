@@ -1,9 +1,11 @@
-"""parse_facts on recorded FACTS_SCRIPT transcripts: pure, no SSH.
+"""parse_facts on FACTS_SCRIPT transcripts: pure, no SSH.
 
-Each fixture under tests/fixtures/facts/ is what the facts script prints on one kind of host
-(Ubuntu 22.04/24.04 with and without an H100, Debian 12), run the way `Connection.run` runs
-it: the `export` preamble from `facts_request` (the two standard paths unless a fixture notes
-more), then the script on stdin to `sh -s` as root.
+Each fixture under tests/fixtures/facts/ is what the facts script prints on one kind of host,
+and its first lines say where it came from. RECORDED ones were taken with `provision facts
+HOST --raw` on a real host (a Debian 12 sandbox fresh and converged; the lent GPU machine).
+SYNTHESIZED ones (Ubuntu 22.04/24.04 with and without an H100, a GPU without a driver) were
+written by hand in that shape, since no such host can be reached here: tests on them are only
+as true as the hand that wrote them, and are named for it.
 """
 
 from __future__ import annotations
@@ -29,12 +31,15 @@ from provision.facts import (
 FIXTURES = Path(__file__).parent / "fixtures" / "facts"
 CACHE_DIR = "/data/cache/huggingface"
 
-JAMMY_H100 = "ubuntu-22.04-h100"
-NOBLE_H100 = "ubuntu-24.04-h100"
-NOBLE_NOGPU = "ubuntu-24.04-nogpu"
-JAMMY_NODRIVER = "ubuntu-22.04-gpu-nodriver"
-DEBIAN = "debian-12"
-HOSTS = (JAMMY_H100, NOBLE_H100, NOBLE_NOGPU, JAMMY_NODRIVER, DEBIAN)
+# Synthesized: written by hand (no such host can be reached here); each file says so.
+JAMMY_H100 = "ubuntu-22.04-h100.synthesized"
+NOBLE_H100 = "ubuntu-24.04-h100.synthesized"
+NOBLE_NOGPU = "ubuntu-24.04-nogpu.synthesized"
+JAMMY_NODRIVER = "ubuntu-22.04-gpu-nodriver.synthesized"
+# Recorded with `provision facts --raw` on a real Debian 12 sandbox, before and after a converge.
+DEBIAN = "debian-12-sandbox-fresh"
+DEBIAN_CONVERGED = "debian-12-sandbox-converged"
+HOSTS = (JAMMY_H100, NOBLE_H100, NOBLE_NOGPU, JAMMY_NODRIVER, DEBIAN, DEBIAN_CONVERGED)
 
 UBUNTU_TOOLS = ("setfacl", "visudo", "flock", "sshd", "systemctl", "apt-get")
 CLOUD_SUDOERS = ("90-cloud-init-users", "README")
@@ -67,7 +72,10 @@ def test_fixture_has_the_scripts_sections_in_order(host: str) -> None:
     text = transcript(host)
     printed = re.findall(r"^@@@provision:(.*)$", text, re.M)
     assert printed == re.findall(r"\bsec ([a-z-]+)", FACTS_SCRIPT)
-    assert text.startswith("\n@@@provision:os-release\n")
+    header, _, _ = text.partition("\n@@@provision:os-release\n")
+    provenance = "SYNTHESIZED" if host.endswith(".synthesized") else "RECORDED"
+    assert header.startswith(f"# {provenance} ") and all(
+        ln.startswith("# ") for ln in header.splitlines())
     assert text.endswith("\n@@@provision:end\n")
 
 
@@ -85,8 +93,8 @@ def test_fixture_has_the_scripts_sections_in_order(host: str) -> None:
          "cpu-noble-01"),
         (JAMMY_NODRIVER, "ubuntu", "22.04", "jammy", "Ubuntu 22.04.4 LTS", "5.15.0-119-generic",
          "h100-nodrv-01"),
-        (DEBIAN, "debian", "12", "bookworm", "Debian GNU/Linux 12 (bookworm)", "6.1.0-26-amd64",
-         "deb12-box"),
+        (DEBIAN, "debian", "12", "bookworm", "Debian GNU/Linux 12 (bookworm)", "6.18.44-fc-v657",
+         "rec12b"),
     ],
 )
 def test_os(host: str, os_id: str, version_id: str, codename: str, pretty_name: str,
@@ -104,7 +112,7 @@ def test_os(host: str, os_id: str, version_id: str, codename: str, pretty_name: 
         (NOBLE_H100, "running", "ubuntu"),
         (NOBLE_NOGPU, "running", "ubuntu"),
         (JAMMY_NODRIVER, "degraded", ""),  # the admin logs in as root: no SUDO_USER
-        (DEBIAN, "degraded", "debian"),
+        (DEBIAN, "running", "admin"),
     ],
 )
 def test_init_and_identity(host: str, system_state: str, sudo_user: str) -> None:
@@ -120,7 +128,8 @@ def test_init_and_identity(host: str, system_state: str, sudo_user: str) -> None
         (NOBLE_H100, CLOUD_SUDOERS, UBUNTU_TOOLS),
         (NOBLE_NOGPU, CLOUD_SUDOERS, UBUNTU_TOOLS),
         (JAMMY_NODRIVER, ("README",), UBUNTU_TOOLS),
-        (DEBIAN, CLOUD_SUDOERS, ("visudo", "flock", "sshd", "systemctl", "apt-get")),
+        (DEBIAN, ("90-admin", "README"), ("visudo", "flock", "sshd", "systemctl", "apt-get")),
+        (DEBIAN_CONVERGED, ("90-admin", "README"), UBUNTU_TOOLS),  # the converge added acl
     ],
 )
 def test_sudoers_d_and_tools(host: str, sudoers_d: tuple[str, ...], tools: tuple[str, ...]) -> None:
@@ -143,7 +152,9 @@ def test_sudoers_d_and_tools(host: str, sudoers_d: tuple[str, ...], tools: tuple
                           "carol": (1002, 1002, "/home/carol", False, 1)}, ("dave",)),
         (NOBLE_NOGPU, 34, {}, ("alice", "bob")),
         (JAMMY_NODRIVER, 34, {"alice": (1001, 1001, "/home/alice", False, 3)}, ()),
-        (DEBIAN, 25, {"alice": (1001, 1001, "/home/alice", False, 1)}, ()),
+        (DEBIAN, 22, {}, ("alice", "bob")),
+        (DEBIAN_CONVERGED, 24, {"alice": (1001, 1002, "/home/alice", False, 1),
+                                "bob": (1002, 1003, "/home/bob", False, 1)}, ()),
     ],
 )
 def test_accounts(host: str, n_accounts: int, asked: dict[str, tuple], not_created: tuple) -> None:
@@ -182,9 +193,9 @@ ADMIN_GROUPS_JAMMY = {"ubuntu", "adm", "dialout", "cdrom", "floppy", "sudo", "au
         (NOBLE_NOGPU, "alice", set()),  # no such account, in no group
         (JAMMY_NODRIVER, "alice", {"alice", "sudo"}),
         (JAMMY_NODRIVER, "root", {"root"}),
-        (DEBIAN, "debian", {"debian", "adm", "dialout", "cdrom", "floppy", "sudo", "audio", "dip",
-                            "video", "plugdev", "netdev"}),
-        (DEBIAN, "alice", {"alice"}),
+        (DEBIAN, "admin", {"admin"}),  # sudo through /etc/sudoers.d/90-admin, no group
+        (DEBIAN, "alice", set()),
+        (DEBIAN_CONVERGED, "alice", {"alice", "hfcache", "docker"}),
     ],
 )
 def test_groups_of(host: str, user: str, groups: set[str]) -> None:
@@ -198,7 +209,8 @@ def test_groups_of(host: str, user: str, groups: set[str]) -> None:
         (NOBLE_H100, 63, Group("hfcache", 988, ("alice", "carol"))),
         (NOBLE_NOGPU, 61, Group("docker", 988, ())),
         (JAMMY_NODRIVER, 60, Group("sudo", 27, ("alice",))),
-        (DEBIAN, 52, Group("adm", 4, ("debian",))),
+        (DEBIAN, 43, Group("adm", 4, ())),
+        (DEBIAN_CONVERGED, 47, Group("hfcache", 1001, ("alice", "bob"))),
     ],
 )
 def test_groups(host: str, n_groups: int, group: Group) -> None:
@@ -231,7 +243,14 @@ def test_sshd_ok(host: str, interval: int, root_login: str) -> None:
 
 
 def test_sshd_broken_config_without_include() -> None:
-    sshd = facts(DEBIAN).sshd
+    # The recorded host, with what sshd prints when a line of its config is bad (and the
+    # Include line gone): `sshd -t` names the line, `sshd -T` prints nothing.
+    text = replace_section(transcript(DEBIAN), "sshd-test",
+                           "/etc/ssh/sshd_config: line 12: Bad configuration option: Foo\n"
+                           "/etc/ssh/sshd_config: terminating, 1 bad configuration options\n"
+                           "exit=255")
+    text = replace_section(replace_section(text, "sshd-effective", ""), "sshd-include", "")
+    sshd = parse_facts(text, CACHE_DIR).sshd
     assert not sshd.test_ok
     assert sshd.test_error == (
         "/etc/ssh/sshd_config: line 12: Bad configuration option: Foo\n"
@@ -278,7 +297,8 @@ def test_cache_dir_shared_with_default_acl() -> None:
         (NOBLE_H100, {"alice": ("symlink", CACHE_DIR), "carol": ("symlink", CACHE_DIR)}),
         (NOBLE_NOGPU, {}),
         (JAMMY_NODRIVER, {"alice": ("missing", "")}),
-        (DEBIAN, {"alice": ("missing", "")}),
+        (DEBIAN, {}),  # no member account yet
+        (DEBIAN_CONVERGED, {"alice": ("symlink", CACHE_DIR), "bob": ("symlink", CACHE_DIR)}),
     ],
 )
 def test_member_caches(host: str, caches: dict[str, tuple[str, str]]) -> None:
@@ -295,7 +315,7 @@ def test_member_caches(host: str, caches: dict[str, tuple[str, str]]) -> None:
         (NOBLE_H100, "/data", 3844124475392, 2736582701056),
         (NOBLE_NOGPU, "/", 103865303040, 98448048128),
         (JAMMY_NODRIVER, "/", 1888556142592, 1761989021696),
-        (DEBIAN, "/", 21002579968, 18060320768),
+        (DEBIAN, "/", 270553174016, 73730039808),
     ],
 )
 def test_disk(host: str, mount: str, total: int, free: int) -> None:
@@ -340,20 +360,31 @@ def test_paths_of_every_kind() -> None:
 
 
 def test_state_from_state_json() -> None:
-    f = facts(NOBLE_H100)
+    f = facts(DEBIAN_CONVERGED)
     state = f.path(STATE_FILE)
-    assert (state.kind, state.owner, state.mode) == ("file", "root", "644")
-    assert f.state == {"tool_version": "0.1.0", "members": ["alice", "carol"],
-                       "cache_dir": CACHE_DIR, "cache_group": "hfcache",
-                       "applied_at": "2024-10-02T14:31:07+00:00"}
+    assert (state.kind, state.owner, state.mode) == ("file", "root", "600")
+    assert set(f.state) == {"tool_version", "inventory_digest", "members", "applied_at",
+                            "steps_applied"}
+    assert f.state["members"] == ["alice", "bob"]
+    assert f.state["steps_applied"] == ["users", "keepalive", "hf-cache", "docker", "workspace"]
+
+
+def test_synthesized_state_is_what_provision_writes() -> None:
+    assert set(facts(NOBLE_H100).state) == set(facts(DEBIAN_CONVERGED).state)
+    assert facts(NOBLE_H100).path(STATE_FILE).mode == "600"
 
 
 @pytest.mark.parametrize("host", [NOBLE_NOGPU, JAMMY_NODRIVER, DEBIAN])
 def test_paths_standard_both_missing(host: str) -> None:
     f = facts(host)
-    assert {p: s.kind for p, s in f.paths.items()} == {STATE_FILE: "missing",
-                                                       DAEMON_JSON: "missing"}
+    assert (f.path(STATE_FILE).kind, f.path(DAEMON_JSON).kind) == ("missing", "missing")
     assert f.state == {}
+
+
+def test_a_fresh_host_has_none_of_the_paths_the_steps_ask_for() -> None:
+    f = facts(DEBIAN)  # recorded with every step's paths, before any converge
+    assert len(f.paths) > 10
+    assert [p for p, s in f.paths.items() if s.exists] == ["/etc/ssh/sshd_config"]
 
 
 # --------------------------------------------------------------------------- docker, nvidia, apt
@@ -419,7 +450,7 @@ def test_nvidia_one_h100_without_toolkit() -> None:
 def test_nvidia_without_nvidia_smi(host: str, pci: tuple[str, ...], has_gpu: bool) -> None:
     nvidia = facts(host).nvidia
     assert (nvidia.pci_devices, nvidia.gpus, nvidia.has_gpu) == (pci, (), has_gpu)
-    assert nvidia.smi_error == "sh: 68: nvidia-smi: not found"
+    assert re.fullmatch(r"sh: \d+: nvidia-smi: not found", nvidia.smi_error)
     assert nvidia.ctk_version is None
 
 

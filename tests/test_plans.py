@@ -16,7 +16,7 @@ import pytest
 from provision.changes import Run, WriteFile
 from provision.engine import apply_script
 from provision.facts import Account, HostFacts, PathState, parse_facts
-from provision.inventory import Inventory, parse_inventory
+from provision.inventory import Inventory, load_inventory, parse_inventory
 from provision.sandbox import new_key_pair
 from provision.steps import (
     NoGpu,
@@ -27,7 +27,9 @@ from provision.steps import (
     hf_cache,
     keepalive,
     nvidia,
+    select_steps,
     users,
+    workspace,
 )
 from tests.conftest import FIXTURES
 
@@ -54,7 +56,7 @@ def summaries(changes) -> list[str]:
 
 
 def test_users_on_a_provisioned_host_adds_dave_and_offboards_carol(team: Inventory) -> None:
-    changes = users.plan(facts_of("ubuntu-24.04-h100"), team)
+    changes = users.plan(facts_of("ubuntu-24.04-h100.synthesized"), team)
     text = summaries(changes)
     assert "create account dave (home, bash)" in text
     assert not any("create account alice" in s for s in text)
@@ -71,13 +73,13 @@ def test_users_on_a_provisioned_host_adds_dave_and_offboards_carol(team: Invento
 
 
 def test_users_warns_that_docker_is_root_equivalent(team: Inventory) -> None:
-    changes = users.plan(facts_of("ubuntu-22.04-h100"), team)
+    changes = users.plan(facts_of("ubuntu-22.04-h100.synthesized"), team)
     joins = [c for c in changes if "docker" in c.summary and c.summary.startswith("add ")]
     assert joins and all(c.warning == users.DOCKER_WARNING for c in joins)
 
 
 def test_users_unlocks_a_returning_member(team: Inventory) -> None:
-    facts = facts_of("ubuntu-22.04-h100")
+    facts = facts_of("ubuntu-22.04-h100.synthesized")
     assert facts.accounts["bob"].locked is True
     bob = parse_inventory({"members": [{"name": "bob", "keys": list(team.members[0].keys)}]},
                           team.path)
@@ -85,7 +87,7 @@ def test_users_unlocks_a_returning_member(team: Inventory) -> None:
 
 
 def test_users_refuses_to_take_over_a_system_account(team: Inventory) -> None:
-    facts = facts_of("ubuntu-24.04-nogpu")
+    facts = facts_of("ubuntu-24.04-nogpu.synthesized")
     taken = {**facts.accounts, "dave": Account("dave", 120, 120, "/var/lib/dave", "/bin/false")}
     with pytest.raises(StepBlocked, match="system account"):
         users.plan(dataclasses.replace(facts, accounts=taken), team)
@@ -101,14 +103,19 @@ def test_managed_block_keeps_the_members_own_lines() -> None:
 
 
 def test_keepalive_refuses_a_host_whose_sshd_already_fails(team: Inventory) -> None:
+    facts = facts_of("debian-12-sandbox-fresh")
+    broken = dataclasses.replace(facts, sshd=dataclasses.replace(
+        facts.sshd, test_ok=False,
+        test_error="/etc/ssh/sshd_config: line 12: Bad configuration option: Foo"))
     with pytest.raises(StepBlocked, match=r"already fails 'sshd -t'.*Bad configuration option"):
-        keepalive.plan(facts_of("debian-12"), team)
+        keepalive.plan(broken, team)
 
 
 def test_keepalive_adds_the_missing_include_line(team: Inventory) -> None:
-    facts = facts_of("debian-12")
+    facts = facts_of("debian-12-sandbox-fresh")
     main = PathState(keepalive.MAIN, "file", "root", "root", "644", content="Port 22\n")
-    fixed = dataclasses.replace(facts, sshd=dataclasses.replace(facts.sshd, test_ok=True),
+    fixed = dataclasses.replace(facts, sshd=dataclasses.replace(facts.sshd,
+                                                                includes_dropins=False),
                                 paths={**facts.paths, keepalive.MAIN: main})
     first, dropin = keepalive.plan(fixed, team)
     assert "does not include sshd_config.d" in first.summary
@@ -120,7 +127,7 @@ def test_keepalive_adds_the_missing_include_line(team: Inventory) -> None:
 
 
 def test_keepalive_on_ubuntu_writes_a_validated_dropin_then_reloads(team: Inventory) -> None:
-    (change,) = keepalive.plan(facts_of("ubuntu-22.04-h100"), team)
+    (change,) = keepalive.plan(facts_of("ubuntu-22.04-h100.synthesized"), team)
     write, reload = change.actions
     assert write.path == keepalive.DROPIN and write.validate == "sshd -t -f {}"
     assert "ClientAliveInterval 60\nClientAliveCountMax 3\n" in write.content
@@ -128,7 +135,7 @@ def test_keepalive_on_ubuntu_writes_a_validated_dropin_then_reloads(team: Invent
 
 
 def test_hf_cache_merges_an_existing_cache_and_installs_acl(team: Inventory) -> None:
-    facts = facts_of("ubuntu-22.04-h100")
+    facts = facts_of("ubuntu-22.04-h100.synthesized")
     text = summaries(hf_cache.plan(facts, team))
     assert "create /data/cache/huggingface (root:hfcache, 2775)" in text
     assert any(s.startswith("/home/alice/.cache/huggingface: merge alice's own cache") for s in
@@ -139,7 +146,7 @@ def test_hf_cache_merges_an_existing_cache_and_installs_acl(team: Inventory) -> 
 
 
 def test_hf_cache_leaves_a_right_link_alone(team: Inventory) -> None:
-    text = summaries(hf_cache.plan(facts_of("ubuntu-24.04-h100"), team))
+    text = summaries(hf_cache.plan(facts_of("ubuntu-24.04-h100.synthesized"), team))
     assert not any(s.startswith("/home/alice/.cache/huggingface") for s in text)
 
 
@@ -164,7 +171,7 @@ def with_defaults(inventory: Inventory, **values: object) -> Inventory:
 
 
 def test_docker_ce_on_ubuntu_noble_uses_the_signed_by_deb822_source(team: Inventory) -> None:
-    facts = facts_of("ubuntu-24.04-h100")
+    facts = facts_of("ubuntu-24.04-h100.synthesized")
     assert facts.docker.repo_reachable is True
     repo, install = docker.plan(facts, team)
     assert "auto: download.docker.com answers" in repo.summary
@@ -180,7 +187,9 @@ def test_docker_ce_on_ubuntu_noble_uses_the_signed_by_deb822_source(team: Invent
 
 
 def test_docker_ce_on_debian_bookworm_and_distro_when_asked(team: Inventory) -> None:
-    facts = facts_of("debian-12")
+    recorded = facts_of("debian-12-sandbox-fresh")  # the sandbox cannot reach Docker's repo
+    facts = dataclasses.replace(recorded, docker=dataclasses.replace(
+        recorded.docker, repo_reachable=True))
     repo, _ = docker.plan(facts, team)
     assert "Suites: bookworm" in repo.actions[2].content
     assert "linux/debian" in repo.actions[2].content
@@ -193,7 +202,7 @@ def test_docker_ce_on_debian_bookworm_and_distro_when_asked(team: Inventory) -> 
 
 
 def test_docker_keeps_an_installed_engine_and_merges_daemon_json(team: Inventory) -> None:
-    facts = facts_of("ubuntu-22.04-h100")
+    facts = facts_of("ubuntu-22.04-h100.synthesized")
     assert docker.plan(facts, team) == []
     (change,) = docker.plan(facts, with_defaults(team, docker_daemon={"log-level": "warn"}))
     write, restart = change.actions
@@ -203,7 +212,7 @@ def test_docker_keeps_an_installed_engine_and_merges_daemon_json(team: Inventory
 
 
 def test_nvidia_toolkit_from_nvidias_repository_then_runtime(team: Inventory) -> None:
-    install, runtime = nvidia.plan(facts_of("ubuntu-24.04-h100"), team)
+    install, runtime = nvidia.plan(facts_of("ubuntu-24.04-h100.synthesized"), team)
     script = install.script()
     assert ("curl -fsSL https://nvidia.github.io/libnvidia-container/gpgkey | gpg --batch --yes "
             "--dearmor -o /usr/share/keyrings/nvidia-container-toolkit-keyring.gpg") in script
@@ -215,13 +224,13 @@ def test_nvidia_toolkit_from_nvidias_repository_then_runtime(team: Inventory) ->
     assert "nvidia-container-toolkit >/dev/null" in script
     assert runtime.restarts_docker
     assert "nvidia-ctk runtime configure --runtime=docker" in runtime.script()
-    pinned = nvidia.plan(facts_of("ubuntu-24.04-h100"),
+    pinned = nvidia.plan(facts_of("ubuntu-24.04-h100.synthesized"),
                          with_defaults(team, nvidia_toolkit_version="1.17.8-1"))
     assert "nvidia-container-toolkit=1.17.8-1" in pinned[0].script()
 
 
 def test_nvidia_on_a_ready_host_changes_nothing_and_proves_all_gpus(team: Inventory) -> None:
-    facts = facts_of("ubuntu-22.04-h100")
+    facts = facts_of("ubuntu-22.04-h100.synthesized")
     assert nvidia.plan(facts, team) == [] and nvidia.notes(facts, team) == []
     proof = nvidia.proof(facts, team)
     assert "docker run --rm --gpus all" in proof.script
@@ -232,15 +241,30 @@ def test_nvidia_on_a_ready_host_changes_nothing_and_proves_all_gpus(team: Invent
 
 def test_nvidia_without_gpu_skips_and_without_driver_says_how(team: Inventory) -> None:
     with pytest.raises(NoGpu, match="skipped: no NVIDIA GPU"):
-        nvidia.plan(facts_of("ubuntu-24.04-nogpu"), team)
+        nvidia.plan(facts_of("ubuntu-24.04-nogpu.synthesized"), team)
     with pytest.raises(StepBlocked, match=r"driver does not answer.*ubuntu-drivers"):
-        nvidia.plan(facts_of("ubuntu-22.04-gpu-nodriver"), team)
+        nvidia.plan(facts_of("ubuntu-22.04-gpu-nodriver.synthesized"), team)
 
 
 def test_nvidia_warns_below_compute_capability_8_9(team: Inventory) -> None:
-    facts = facts_of("ubuntu-22.04-h100")
+    facts = facts_of("ubuntu-22.04-h100.synthesized")
     ampere = tuple(dataclasses.replace(g, name="NVIDIA A100-SXM4-80GB", compute_capability="8.0")
                    for g in facts.nvidia.gpus)
     older = dataclasses.replace(facts, nvidia=dataclasses.replace(facts.nvidia, gpus=ampere))
     (first, _) = nvidia.notes(older, team)
     assert "8.0 < 8.9" in first and "storage only" in first
+
+
+def test_every_step_plans_nothing_on_the_host_it_just_converged() -> None:
+    """Recorded right after `provision host` converged a real Debian 12 sandbox with this same
+    inventory: a re-plan on those facts must be empty (nvidia: skipped, no GPU there)."""
+    inventory = load_inventory(FIXTURES / "facts" / "debian-12-sandbox.toml")
+    facts = facts_of("debian-12-sandbox-converged")
+    for step in select_steps(None, ["nvidia", "workspace"]):
+        assert step.plan(facts, inventory) == [], step.name
+    with pytest.raises(NoGpu):
+        nvidia.plan(facts, inventory)
+    # Templates change after a recording: then workspace files provision wrote are brought up
+    # to date, and none of them is mistaken for a member's edit.
+    changes = workspace.plan(facts, inventory)
+    assert all(c.summary.startswith("update ") and not c.needs_force for c in changes[:-1])
