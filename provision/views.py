@@ -144,6 +144,7 @@ def verify_table(report: VerifyReport) -> Table:
         if key in first:
             table.add_row(label, *(str(report.runs[m].get(key)) for m in runs))
     comparison = ", ".join(f"{k} {v}" for k, v in report.comparison.items())
-    table.caption = (f"image {report.image} ({'built' if report.built else 'cached'}); "
+    table.caption = (f"image {report.image} ({'built' if report.built else 'cached'}; "
+                     f"{report.image_choice}); "
                      f"FP8 vs bf16: {comparison}; PNG: {report.png}")
     return table
