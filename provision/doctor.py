@@ -125,7 +125,8 @@ def checks(facts: HostFacts, probe: str, inventory: Inventory, members: tuple[Me
             f"{member.name} reaches docker", "pass" if ok else "fail",
             f"docker version as {member.name}: {seen or 'no answer'}",
             "" if ok else f"provision host HOST --only users,docker (puts {member.name} in the "
-                          "docker group; she logs in again)"))
+                          "docker group; she logs in again)" if facts.docker.installed else
+            "Docker is not installed: provision host HOST --only docker"))
         ok, seen = _exit_ok(sections.get(f"cache-{member.name}", []))
         link = facts.member_caches.get(member.name)
         linked = link is not None and link.state == "symlink" and link.detail == defaults.cache_dir

@@ -14,6 +14,7 @@ from provision.inventory import Inventory, parse_inventory
 from provision.sandbox import new_key_pair
 from provision.steps import all_steps
 from provision.target import Target
+from tests.conftest import FIXTURES
 from tests.test_plans import synthesized_h100_transcript
 
 
@@ -92,3 +93,18 @@ def test_hosts_with_other_drivers_each_get_their_image(team: Inventory) -> None:
     assert "cu126 wheels" in notes["535.183.01"] and "12.2.2-base" in notes["535.183.01"]
     assert "cu128 wheels" in notes["570.133.20"] and "12.8.1-base" in notes["570.133.20"]
     assert "cu130 wheels" in notes["580.95.05"] and "13.0.0-base" in notes["580.95.05"]
+
+
+def test_the_recorded_lent_h200_plans_all_but_keepalive(team: Inventory) -> None:
+    """The facts recorded on the lent H200 (no sshd, sudo, setfacl or network): every step
+    but keepalive has a plan, keepalive says why not, and the image is the one driver 580 runs."""
+    host = ScriptedHost("@local", (FIXTURES / "facts" / "ubuntu-24.04-h200.txt").read_text())
+    report = converge_host(host, team, all_steps(), RunOptions(apply=False))
+    assert statuses(report) == {"users": "pending", "keepalive": "skipped",
+                                "hf-cache": "pending", "docker": "pending",
+                                "nvidia": "pending", "workspace": "pending"}
+    messages = {step.name: step.message for step in report.steps}
+    assert messages["keepalive"].startswith("skipped: no sshd on this host")
+    assert messages["workspace"] == ("image for this host: driver 580.159.04 → cu130 wheels, "
+                                     "base nvidia/cuda:13.0.0-base-ubuntu24.04")
+    assert report.error is None

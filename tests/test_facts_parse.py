@@ -1,9 +1,10 @@
 """parse_facts on recorded FACTS_SCRIPT transcripts: pure, no SSH.
 
 Each fixture under tests/fixtures/facts/ is what the facts script prints on one kind of host
-(Ubuntu 22.04/24.04 with and without an H100, Debian 12), run the way `Connection.run` runs
-it: the `export` preamble from `facts_request` (the two standard paths unless a fixture notes
-more), then the script on stdin to `sh -s` as root.
+(Ubuntu 22.04/24.04 with and without an H100, Debian 12, and the lent H200: Ubuntu 24.04 with
+no sshd, sudo, systemd or network), run the way `Connection.run` runs it: the `export` preamble
+from `facts_request` (the two standard paths unless a fixture notes more), then the script on
+stdin to `sh -s` as root. A fixture may open with `#` lines saying where it was recorded.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ NOBLE_H100 = "ubuntu-24.04-h100"
 NOBLE_NOGPU = "ubuntu-24.04-nogpu"
 JAMMY_NODRIVER = "ubuntu-22.04-gpu-nodriver"
 DEBIAN = "debian-12"
-HOSTS = (JAMMY_H100, NOBLE_H100, NOBLE_NOGPU, JAMMY_NODRIVER, DEBIAN)
+LENT_H200 = "ubuntu-24.04-h200"  # recorded on the lent H200, 2026-11-22 (see its header)
+HOSTS = (JAMMY_H100, NOBLE_H100, NOBLE_NOGPU, JAMMY_NODRIVER, DEBIAN, LENT_H200)
 
 UBUNTU_TOOLS = ("setfacl", "visudo", "flock", "sshd", "systemctl", "apt-get")
 CLOUD_SUDOERS = ("90-cloud-init-users", "README")
@@ -66,7 +68,8 @@ def test_fixture_has_the_scripts_sections_in_order(host: str) -> None:
     text = transcript(host)
     printed = re.findall(r"^@@@provision:(.*)$", text, re.M)
     assert printed == re.findall(r"\bsec ([a-z-]+)", FACTS_SCRIPT)
-    assert text.startswith("\n@@@provision:os-release\n")
+    header, start, _ = text.partition("\n@@@provision:os-release\n")
+    assert start and all(line.startswith("# ") for line in header.splitlines())
     assert text.endswith("\n@@@provision:end\n")
 
 
@@ -86,6 +89,7 @@ def test_fixture_has_the_scripts_sections_in_order(host: str) -> None:
          "h100-nodrv-01"),
         (DEBIAN, "debian", "12", "bookworm", "Debian GNU/Linux 12 (bookworm)", "6.1.0-26-amd64",
          "deb12-box"),
+        (LENT_H200, "ubuntu", "24.04", "noble", "Ubuntu 24.04.3 LTS", "6.18.44-fc-v657-gpu", "vm"),
     ],
 )
 def test_os(host: str, os_id: str, version_id: str, codename: str, pretty_name: str,
@@ -104,11 +108,13 @@ def test_os(host: str, os_id: str, version_id: str, codename: str, pretty_name: 
         (NOBLE_NOGPU, "running", "ubuntu"),
         (JAMMY_NODRIVER, "degraded", ""),  # the admin logs in as root: no SUDO_USER
         (DEBIAN, "degraded", "debian"),
+        (LENT_H200, "", ""),  # no systemd: PID 1 is the VM's own process_api
     ],
 )
 def test_init_and_identity(host: str, system_state: str, sudo_user: str) -> None:
     f = facts(host)
-    assert (f.init, f.system_state) == ("systemd", system_state)
+    assert (f.init, f.system_state) == (
+        "process_api" if host == LENT_H200 else "systemd", system_state)
     assert (f.uid, f.sudo_user) == (0, sudo_user)
 
 
@@ -120,6 +126,7 @@ def test_init_and_identity(host: str, system_state: str, sudo_user: str) -> None
         (NOBLE_NOGPU, CLOUD_SUDOERS, UBUNTU_TOOLS),
         (JAMMY_NODRIVER, ("README",), UBUNTU_TOOLS),
         (DEBIAN, CLOUD_SUDOERS, ("visudo", "flock", "sshd", "systemctl", "apt-get")),
+        (LENT_H200, (), ("flock", "apt-get")),  # no sudo, sshd, setfacl or systemd there
     ],
 )
 def test_sudoers_d_and_tools(host: str, sudoers_d: tuple[str, ...], tools: tuple[str, ...]) -> None:
@@ -143,6 +150,7 @@ def test_sudoers_d_and_tools(host: str, sudoers_d: tuple[str, ...], tools: tuple
         (NOBLE_NOGPU, 34, {}, ("alice", "bob")),
         (JAMMY_NODRIVER, 34, {"alice": (1001, 1001, "/home/alice", False, 3)}, ()),
         (DEBIAN, 25, {"alice": (1001, 1001, "/home/alice", False, 1)}, ()),
+        (LENT_H200, 19, {}, ("alice", "bob")),
     ],
 )
 def test_accounts(host: str, n_accounts: int, asked: dict[str, tuple], not_created: tuple) -> None:
@@ -249,7 +257,7 @@ def test_sshd_include_of_another_file_is_not_the_dropin_dir() -> None:
 # --------------------------------------------------------------------------- cache, disk
 
 
-@pytest.mark.parametrize("host", [JAMMY_H100, NOBLE_NOGPU, JAMMY_NODRIVER, DEBIAN])
+@pytest.mark.parametrize("host", [JAMMY_H100, NOBLE_NOGPU, JAMMY_NODRIVER, DEBIAN, LENT_H200])
 def test_cache_dir_missing(host: str) -> None:
     cache_dir = facts(host).cache
     assert (cache_dir.path, cache_dir.exists) == (CACHE_DIR, False)
@@ -295,6 +303,7 @@ def test_member_caches(host: str, caches: dict[str, tuple[str, str]]) -> None:
         (NOBLE_NOGPU, "/", 103865303040, 98448048128),
         (JAMMY_NODRIVER, "/", 1888556142592, 1761989021696),
         (DEBIAN, "/", 21002579968, 18060320768),
+        (LENT_H200, "/", 270553174016, 68668338176),
     ],
 )
 def test_disk(host: str, mount: str, total: int, free: int) -> None:
@@ -347,7 +356,7 @@ def test_state_from_state_json() -> None:
                        "applied_at": "2024-10-02T14:31:07+00:00"}
 
 
-@pytest.mark.parametrize("host", [NOBLE_NOGPU, JAMMY_NODRIVER, DEBIAN])
+@pytest.mark.parametrize("host", [NOBLE_NOGPU, JAMMY_NODRIVER, DEBIAN, LENT_H200])
 def test_paths_standard_both_missing(host: str) -> None:
     f = facts(host)
     assert {p: s.kind for p, s in f.paths.items()} == {STATE_FILE: "missing",
@@ -366,6 +375,7 @@ def test_paths_standard_both_missing(host: str) -> None:
         (NOBLE_NOGPU, True, "24.0.7", True, 0, RUNC_ONLY),  # docker.io from the archive
         (JAMMY_NODRIVER, True, "27.3.1", True, 0, RUNC_ONLY),
         (DEBIAN, False, None, False, 0, ()),
+        (LENT_H200, False, None, False, 0, ()),
     ],
 )
 def test_docker(host: str, installed: bool, version: str | None, up: bool, containers: int,
@@ -422,6 +432,25 @@ def test_nvidia_without_nvidia_smi(host: str, pci: tuple[str, ...], has_gpu: boo
     assert nvidia.ctk_version is None
 
 
+def test_lent_h200_without_sshd_sudo_or_systemd() -> None:
+    f = facts(LENT_H200)
+    assert f.nvidia.gpus == (Gpu(0, "NVIDIA H200", "580.159.04", "9.0", 143771,
+                                 "GPU-1ab72e4e-dadd-7665-26ba-d776ef8439b0"),)
+    assert (f.nvidia.pci_devices, f.nvidia.driver) == (("0000:00:06.0",), "580.159.04")
+    assert not f.sshd.test_ok and f.sshd.test_error == "sh: 29: sshd: not found"
+    assert f.sshd.effective == {} and "sshd" not in f.tools
+    assert f.member_caches == {} and f.groups_of("alice") == set()
+
+
+def test_lent_h200_facts_json_is_its_parsed_transcript() -> None:
+    """`provision facts @local --json`, recorded a second after the transcript on the same
+    machine, is the transcript's HostFacts.to_json() (only the free disk space moved)."""
+    recorded = json.loads((FIXTURES / f"{LENT_H200}.json").read_text())
+    parsed = json.loads(json.dumps(facts(LENT_H200).to_json()))
+    recorded["disk"]["free_bytes"] = parsed["disk"]["free_bytes"]
+    assert recorded == parsed
+
+
 def test_nvidia_driver_library_mismatch() -> None:
     # After a driver upgrade without a reboot: nvidia-smi runs, NVML does not.
     text = replace_section(transcript(NOBLE_H100), "nvidia-smi",
@@ -441,6 +470,7 @@ def test_nvidia_driver_library_mismatch() -> None:
     (NOBLE_NOGPU, None),
     (JAMMY_NODRIVER, None),
     (DEBIAN, None),
+    (LENT_H200, None),
 ])
 def test_apt_lock_holder(host: str, holder: str | None) -> None:
     assert facts(host).apt_lock_holder == holder

@@ -388,31 +388,31 @@ def test_the_image_builds_from_the_pip_mirrors(team: Inventory) -> None:
 # --------------------------------------------------------------------------- real causes
 
 
+# The lent H200 (recorded): Ubuntu 24.04 without sshd, sudo, setfacl, systemd or network.
+LENT_H200 = "ubuntu-24.04-h200"
+
+
 def test_keepalive_without_sshd_is_skipped_saying_so(team: Inventory) -> None:
-    facts = facts_of("ubuntu-24.04-nogpu")
-    no_sshd = dataclasses.replace(facts, tools=tuple(t for t in facts.tools if t != "sshd"))
     with pytest.raises(StepSkipped, match=r"skipped: no sshd on this host \(openssh-server"):
-        keepalive.plan(no_sshd, team)
+        keepalive.plan(facts_of(LENT_H200), team)
 
 
 def test_sudo_rules_without_visudo_install_sudo_first_and_last(team: Inventory) -> None:
-    facts = facts_of("ubuntu-24.04-nogpu")
-    no_sudo = dataclasses.replace(facts, tools=tuple(t for t in facts.tools if t != "visudo"))
-    text = summaries(users.plan(no_sudo, team))
+    changes = users.plan(facts_of(LENT_H200), team)
+    text = summaries(changes)
     install = text.index("install sudo (visudo is missing) for the sudo rules of alice")
     assert text[install + 1].startswith("sudo for alice"), "right before the rule that needs it"
     assert install == len(text) - 2, "after the accounts and keys, which do not need it"
-    rule = users.plan(no_sudo, team)[-1]
-    assert "command -v visudo >/dev/null ||" in rule.script()
-    assert "visudo is not installed: cannot check the new /etc/sudoers.d/provision-alice" in \
-        rule.script()
+    assert "could not install sudo: $why" in changes[install].script()
+    rule = changes[-1].script()
+    assert "command -v visudo >/dev/null ||" in rule
+    assert "visudo is not installed: cannot check the new /etc/sudoers.d/provision-alice" in rule
 
 
 def test_acls_come_last_so_a_missing_setfacl_blocks_nothing_before(team: Inventory) -> None:
-    facts = facts_of("ubuntu-24.04-nogpu")
-    no_acl = dataclasses.replace(facts, tools=tuple(t for t in facts.tools if t != "setfacl"))
-    text = summaries(hf_cache.plan(no_acl, team))
-    assert text[-2:] == ["install acl (setfacl is missing) for the cache's default ACLs",
-                         "/data/cache/huggingface: default ACLs keep members' files "
-                         "group-writable"]
-    assert "could not install acl: $why" in hf_cache.plan(no_acl, team)[-2].script()
+    changes = hf_cache.plan(facts_of(LENT_H200), team)
+    assert summaries(changes)[-2:] == [
+        "install acl (setfacl is missing) for the cache's default ACLs",
+        "/data/cache/huggingface: default ACLs keep members' files group-writable"]
+    assert summaries(changes)[0] == "create /data/cache/huggingface (root:hfcache, 2775)"
+    assert "could not install acl: $why" in changes[-2].script()
