@@ -214,7 +214,7 @@ def resolve_image(image_table: dict[str, str], driver: str | None = None) -> Ima
         table["base"] = CUDA_RELEASES[release].base
         if "python" not in image_table:
             table["python"] = CUDA_RELEASES[release].python
-    spec = ImageSpec(**table, driver=driver or "" if running else "")
+    spec = ImageSpec(**table, driver=(driver or "") if running else "")
     for check in (_fp8_torch, _diffusers, _torchao, _torchvision, _xformers, _flavour_published,
                   _driver_runs, _base_cuda, _base_python):
         check(spec, image_table)
@@ -227,9 +227,9 @@ def host_image(facts: HostFacts, inventory: Inventory) -> ImageSpec:
     return resolve_image(inventory.image, facts.nvidia.driver)
 
 
-def _flavour_for(torch: str, running: tuple[int, ...] | None, driver: str,
+def _flavour_for(torch: str, running: tuple[int, ...], driver: str,
                  base: str | None) -> str:
-    """The flavour of `torch` for this driver (None: unknown, taken to run them all): the
+    """The flavour of `torch` for this driver (() unknown, taken to run them all): the
     newest it runs natively, else the oldest of a major it runs through minor-version
     compatibility (the least that relies on it). A base the inventory fixed (CUDA `base`)
     keeps the wheels to its major, and not older than it."""
@@ -238,7 +238,7 @@ def _flavour_for(torch: str, running: tuple[int, ...] | None, driver: str,
                                         and _release(_cuda_of(f)) >= _release(base)))
     if not offered:
         return DEFAULT_IMAGE["cuda"]  # nothing to choose from: the checks say why
-    if running is None:
+    if not running:
         return max(offered, key=lambda f: _release(_cuda_of(f)))
     native = [f for f in offered if running >= _version(CUDA_RELEASES[_cuda_of(f)].driver)]
     if native:
@@ -254,7 +254,7 @@ def _flavour_for(torch: str, running: tuple[int, ...] | None, driver: str,
         "upgrade the host's NVIDIA driver, or pin [image] torch to a release built for its CUDA")
 
 
-def _base_release(flavour: str, running: tuple[int, ...] | None) -> str:
+def _base_release(flavour: str, running: tuple[int, ...]) -> str:
     """The newest CUDA release with a base image that the wheels' major shares, that is no
     newer than the wheels, and that the driver (when known) runs natively."""
     match = FLAVOUR.match(flavour)
@@ -262,7 +262,7 @@ def _base_release(flavour: str, running: tuple[int, ...] | None) -> str:
     fitting = [v for v, r in CUDA_RELEASES.items()
                if (wheels is None or (v.split(".")[0] == wheels.split(".")[0]
                                       and _release(v) <= _release(wheels)))
-               and (running is None or running >= _version(r.driver))]
+               and (not running or running >= _version(r.driver))]
     # Nothing fits only when the driver cannot run the flavour at all: _driver_runs says so.
     return max(fitting, key=_release) if fitting else DEFAULT_CUDA
 
@@ -438,9 +438,12 @@ def _driver_runs(spec: ImageSpec, overrides: dict[str, str]) -> None:
 
 def _driver_refusal(key: str, spec: ImageSpec, needed: str, why: str,
                     native: str) -> InventoryError:
-    auto = resolve_image({"torch": spec.torch}, spec.driver) if key == "cuda" else None
-    picked = auto.cuda if auto else _base_release(spec.cuda, _version(spec.driver))
-    suggestion = picked if auto else CUDA_RELEASES[picked].base
+    running = _version(spec.driver)
+    try:
+        suggestion = (_flavour_for(spec.torch, running, spec.driver, None) if key == "cuda"
+                      else CUDA_RELEASES[_base_release(spec.cuda, running)].base)
+    except InventoryError:  # no flavour of this torch runs there at all
+        suggestion = f"no flavour of torch {_minor(spec.torch)}"
     return InventoryError(
         f"[image] {key} = {getattr(spec, key)!r}: needs NVIDIA driver {needed} or newer ({why})"
         f"; this host's driver {spec.driver} runs CUDA {native}",
@@ -448,10 +451,10 @@ def _driver_refusal(key: str, spec: ImageSpec, needed: str, why: str,
         f"(provision picks {suggestion} for this driver)")
 
 
-def _version(text: str) -> tuple[int, ...] | None:
-    """A driver version ("550.127.05") as numbers to compare; None when it is not one."""
+def _version(text: str) -> tuple[int, ...]:
+    """A driver version ("550.127.05") as numbers to compare; () when it is not one."""
     parts = text.strip().split(".")
-    return tuple(int(p) for p in parts) if text and all(p.isdigit() for p in parts) else None
+    return tuple(int(p) for p in parts) if all(p.isdigit() for p in parts) else ()
 
 
 def _native_cuda(running: tuple[int, ...]) -> str | None:

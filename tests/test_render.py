@@ -260,6 +260,35 @@ def test_an_override_that_breaks_the_table_is_refused_with_its_reason(
     assert named in caught.value.problem and reason in caught.value.problem
 
 
+@pytest.mark.parametrize(("override", "driver", "cuda", "base"), [
+    # A base fixed in [image] keeps the wheels to its CUDA major, and not older than it.
+    ({"base": "nvidia/cuda:12.4.1-base-ubuntu22.04", "python": "3.10"}, None, "cu128",
+     "nvidia/cuda:12.4.1-base-ubuntu22.04"),
+    ({"base": "nvidia/cuda:12.4.1-base-ubuntu22.04", "python": "3.10"}, "580.95.05", "cu128",
+     "nvidia/cuda:12.4.1-base-ubuntu22.04"),
+    # A flavour fixed in [image] that the driver runs through minor-version compatibility.
+    ({"cuda": "cu128"}, "550.127.05", "cu128", "nvidia/cuda:12.4.1-base-ubuntu22.04"),
+    ({"cuda": "cu128"}, None, "cu128", "nvidia/cuda:12.8.1-base-ubuntu24.04"),
+    # Not a driver version: as if none were known.
+    ({}, "N/A", "cu130", "nvidia/cuda:13.0.0-base-ubuntu24.04"),
+])
+def test_what_overrides_and_drivers_make_of_the_image(override: dict[str, str],
+                                                      driver: str | None, cuda: str,
+                                                      base: str) -> None:
+    spec = resolve_image(override, driver)
+    assert (spec.cuda, spec.base) == (cuda, base)
+    assert spec.driver == (driver if driver and driver[0].isdigit() else "")
+
+
+def test_a_driver_too_old_for_every_flavour_is_refused_saying_which_it_needs() -> None:
+    with pytest.raises(InventoryError) as caught:
+        resolve_image({}, "520.61.05")
+    assert caught.value.problem == (
+        "[image] torch = '2.11.0': none of its CUDA flavours (cu126, cu128, cu130) runs on "
+        "NVIDIA driver 520.61.05 (they need 525.60.13 or newer)")
+    assert "upgrade the host's NVIDIA driver" in caught.value.remedy
+
+
 def test_a_broken_table_stops_rendering_before_any_file_exists(tmp_path: Path) -> None:
     inventory = dataclasses.replace(INVENTORY, image={"torch": "2.0.1"})
     with pytest.raises(InventoryError, match="float8"):
