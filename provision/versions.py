@@ -234,7 +234,7 @@ def _flavour_for(torch: str, running: tuple[int, ...], driver: str,
     compatibility (the least that relies on it). A base the inventory fixed (CUDA `base`)
     keeps the wheels to its major, and not older than it."""
     offered = tuple(f for f in TORCH_FLAVOURS.get(_minor(torch), ())
-                    if base is None or (_cuda_of(f).split(".")[0] == base.split(".")[0]
+                    if base is None or (_major(_cuda_of(f)) == _major(base)
                                         and _release(_cuda_of(f)) >= _release(base)))
     if not offered:
         return DEFAULT_IMAGE["cuda"]  # nothing to choose from: the checks say why
@@ -243,10 +243,10 @@ def _flavour_for(torch: str, running: tuple[int, ...], driver: str,
     native = [f for f in offered if running >= _version(CUDA_RELEASES[_cuda_of(f)].driver)]
     if native:
         return max(native, key=lambda f: _release(_cuda_of(f)))
-    compatible = [f for f in offered if running >= _version(MAJOR_FLOOR[_cuda_of(f)[:-2]])]
+    compatible = [f for f in offered if running >= _version(MAJOR_FLOOR[_major(_cuda_of(f))])]
     if compatible:
         return min(compatible, key=lambda f: _release(_cuda_of(f)))
-    floor = min((MAJOR_FLOOR[_cuda_of(f)[:-2]] for f in offered), key=_version, default="")
+    floor = min((MAJOR_FLOOR[_major(_cuda_of(f))] for f in offered), key=_version, default="")
     raise InventoryError(
         f"[image] torch = {torch!r}: none of its CUDA flavours "
         f"({', '.join(offered) or 'none known to provision'}) runs on NVIDIA driver {driver}"
@@ -260,7 +260,7 @@ def _base_release(flavour: str, running: tuple[int, ...]) -> str:
     match = FLAVOUR.match(flavour)
     wheels = f"{match.group(2)}.{match.group(3)}" if match and match.group(2) else None
     fitting = [v for v, r in CUDA_RELEASES.items()
-               if (wheels is None or (v.split(".")[0] == wheels.split(".")[0]
+               if (wheels is None or (_major(v) == _major(wheels)
                                       and _release(v) <= _release(wheels)))
                and (not running or running >= _version(r.driver))]
     # Nothing fits only when the driver cannot run the flavour at all: _driver_runs says so.
@@ -461,6 +461,10 @@ def _native_cuda(running: tuple[int, ...]) -> str | None:
     """The newest CUDA release (of those known) that this driver runs natively."""
     supported = [v for v, r in CUDA_RELEASES.items() if running >= _version(r.driver)]
     return max(supported, key=_release) if supported else None
+
+
+def _major(version: str) -> str:
+    return version.split(".")[0]
 
 
 def _cuda_of(flavour: str) -> str:
