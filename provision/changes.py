@@ -41,8 +41,13 @@ class WriteFile:
         data = base64.b64encode(self.content.encode()).decode()
         validate = ""
         if self.validate:
+            # A missing checker is said as such, not as a file it could not judge.
+            checker = self.validate.split()[0]
             check = self.validate.replace("{}", '"$tmp"')
-            validate = (f"{check} >&2 || {{ rm -f \"$tmp\"; "
+            validate = (f"command -v {checker} >/dev/null || {{ rm -f \"$tmp\"; echo \"{checker} "
+                        f"is not installed: cannot check the new {self.path} before it is "
+                        f"installed\" >&2; exit 3; }}\n"
+                        f"{check} >&2 || {{ rm -f \"$tmp\"; "
                         f"echo \"invalid new {self.path}\" >&2; exit 3; }}\n")
         path = shlex.quote(self.path)
         return (

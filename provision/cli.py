@@ -37,11 +37,12 @@ from provision.facts import gather_facts, parse_facts, read_transcript
 from provision.files import atomic_write
 from provision.inventory import Inventory, inventory_path, load_inventory
 from provision.onboard import bundle, merge_ssh_block
-from provision.render import member_files, render_workspace, write_files
+from provision.render import member_files, write_files
 from provision.steps import select_steps
 from provision.target import resolve_target
 from provision.templating import render
-from provision.verify import image_tag, verify
+from provision.verify import verify
+from provision.versions import ImageSpec, host_image
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="Provision GPU servers for Stable Diffusion 3.5 FP8 team work, over SSH.")
@@ -235,9 +236,6 @@ def doctor(
     settings: Settings = ctx.obj
     inventory = settings.load()
     members = (inventory.member(member),) if member else inventory.members
-    if image is None and members:
-        image = image_tag(render_workspace(inventory, members[0], host_alias=None, target=None,
-                                           cache_gid=None))
     with settings.connect(host, inventory) as conn:
         found = run_doctor(conn, inventory, members, image, min_free_gb)
     if as_json:
@@ -250,11 +248,14 @@ def doctor(
                            + "; ".join(c.name for c in failed), "see the remedies above")
 
 
-def _cache_gid(settings: Settings, host: str, inventory: Inventory) -> int | None:
-    """The cache group's gid on the host: the container's supplementary group."""
+def _host_side(settings: Settings, host: str, inventory: Inventory
+               ) -> tuple[int | None, ImageSpec]:
+    """What rendering for a host reads there: the cache group's gid (the container's
+    supplementary group) and the image its NVIDIA driver runs."""
     with settings.connect(host, inventory) as conn:
-        group = gather_facts(conn, inventory).groups.get(inventory.defaults.cache_group)
-    return group.gid if group else None
+        host_facts = gather_facts(conn, inventory)
+    group = host_facts.groups.get(inventory.defaults.cache_group)
+    return (group.gid if group else None), host_image(host_facts, inventory)
 
 
 @app.command("render")
@@ -275,10 +276,12 @@ def render_command(
     if not members:
         raise InventoryError(f"{inventory.path}: no members", "add one: provision team add")
     target = resolve_target(host, inventory, settings.ssh_config) if host else None
-    cache_gid = _cache_gid(settings, host, inventory) if host else None
+    cache_gid, image = _host_side(settings, host, inventory) if host else (None, None)
+    if image is not None:
+        err.print(f"{host}: {image.choice}")
     for each in members:
         files = member_files(inventory, each, host_alias=host, target=target,
-                             cache_gid=cache_gid, identity_file=identity_file)
+                             cache_gid=cache_gid, identity_file=identity_file, image=image)
         written = write_files(files, out_dir if member else out_dir / each.name)
         err.print(f"{each.name}: {len(written)} files in {written[0].parent.parent}")
 
@@ -301,8 +304,8 @@ def onboard(
     member = inventory.member(name)
     target = resolve_target(host, inventory, settings.ssh_config)
     folder = out_dir or Path(f"onboard-{name}")
-    written = bundle(inventory, member, host, target, _cache_gid(settings, host, inventory),
-                     identity_file, folder)
+    cache_gid, image = _host_side(settings, host, inventory)
+    written = bundle(inventory, member, host, target, cache_gid, image, identity_file, folder)
     err.print(f"{len(written)} files in {folder}: send her the folder; README.md has the steps")
     if merge_into is not None:
         block = (folder / "ssh_config").read_text()

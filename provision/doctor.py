@@ -12,9 +12,14 @@ import shlex
 from dataclasses import asdict, dataclass
 
 from provision.connection import Connection
+from provision.errors import InventoryError
 from provision.facts import HostFacts, gather_facts, split_sections
 from provision.inventory import Inventory, Member
+from provision.render import render_workspace
+from provision.steps.hf_cache import wanted_acl
 from provision.steps.nvidia import FP8_TENSOR_CORES, PROOF_IMAGE
+from provision.verify import image_tag
+from provision.versions import host_image
 
 WATCHED = ("**/.git/objects/**",)
 SETTINGS = ".vscode/settings.json"
@@ -91,6 +96,17 @@ def probe_script(inventory: Inventory, members: tuple[Member, ...], image: str |
     return "\n".join(lines) + "\n"
 
 
+def verify_image(facts: HostFacts, inventory: Inventory, member: Member) -> str | None:
+    """The tag `verify` builds on this host (None when its driver cannot run the image: the
+    image check says why)."""
+    try:
+        image = host_image(facts, inventory)
+    except InventoryError:
+        return None
+    return image_tag(render_workspace(inventory, member, host_alias=None, target=None,
+                                      cache_gid=None, image=image))
+
+
 def _exit_ok(lines: list[str]) -> tuple[bool, str]:
     body = [ln for ln in lines if not ln.startswith("exit=")]
     return ("exit=0" in lines), " ".join(body)[:200]
@@ -102,19 +118,15 @@ def checks(facts: HostFacts, probe: str, inventory: Inventory, members: tuple[Me
     sections = split_sections(probe)
     defaults = inventory.defaults
     found: list[Check] = []
-    keepalive = (facts.sshd.client_alive_interval, facts.sshd.client_alive_count_max)
-    wanted = (defaults.keepalive_interval, defaults.keepalive_count_max)
-    found.append(Check(
-        "ssh keepalive", "pass" if keepalive == wanted else "fail",
-        f"sshd -T: ClientAliveInterval {keepalive[0]}, ClientAliveCountMax {keepalive[1]}",
-        "" if keepalive == wanted else "provision host HOST --only keepalive"))
+    found.append(_keepalive(facts, inventory))
     for member in members:
         ok, seen = _exit_ok(sections.get(f"docker-{member.name}", []))
         found.append(Check(
             f"{member.name} reaches docker", "pass" if ok else "fail",
             f"docker version as {member.name}: {seen or 'no answer'}",
             "" if ok else f"provision host HOST --only users,docker (puts {member.name} in the "
-                          "docker group; she logs in again)"))
+                          "docker group; she logs in again)" if facts.docker.installed else
+            "Docker is not installed: provision host HOST --only docker"))
         ok, seen = _exit_ok(sections.get(f"cache-{member.name}", []))
         link = facts.member_caches.get(member.name)
         linked = link is not None and link.state == "symlink" and link.detail == defaults.cache_dir
@@ -130,13 +142,8 @@ def checks(facts: HostFacts, probe: str, inventory: Inventory, members: tuple[Me
             f"{SETTINGS}: " + ("excludes .git/objects" if watched else
                                "missing" if settings is None else "no .git/objects exclude"),
             "" if watched else "provision host HOST --only workspace (or render it again)"))
+    found.append(_shared_cache(facts, inventory))
     cache = facts.cache
-    shape = (cache.group, cache.mode) == (defaults.cache_group, "2775")
-    found.append(Check(
-        "shared cache", "pass" if cache.exists and shape else "fail",
-        f"{cache.path}: " + (f"{cache.owner}:{cache.group} {cache.mode}" if cache.exists
-                             else "missing"),
-        "" if cache.exists and shape else "provision host HOST --only hf-cache"))
     found.append(Check(
         "no token in the shared cache", "fail" if cache.token_files else "pass",
         ", ".join(cache.token_files) or "no token file",
@@ -150,8 +157,48 @@ def checks(facts: HostFacts, probe: str, inventory: Inventory, members: tuple[Me
         "" if free_gb >= min_free_gb else "free space there, or move cache_dir to a larger "
                                           "volume (SD3.5 Large needs about 30 GB)"))
     found.extend(_gpu_checks(facts, sections))
+    found.append(_image_vs_driver(facts, inventory))
     found.extend(_image_checks(facts, sections))
     return found
+
+
+def _keepalive(facts: HostFacts, inventory: Inventory) -> Check:
+    if "sshd" not in facts.tools:
+        return Check("ssh keepalive", "skip", "no sshd on this host (openssh-server is not "
+                     "installed): nobody logs in over SSH")
+    keepalive = (facts.sshd.client_alive_interval, facts.sshd.client_alive_count_max)
+    wanted = (inventory.defaults.keepalive_interval, inventory.defaults.keepalive_count_max)
+    return Check(
+        "ssh keepalive", "pass" if keepalive == wanted else "fail",
+        f"sshd -T: ClientAliveInterval {keepalive[0]}, ClientAliveCountMax {keepalive[1]}",
+        "" if keepalive == wanted else "provision host HOST --only keepalive")
+
+
+def _shared_cache(facts: HostFacts, inventory: Inventory) -> Check:
+    """Its owner and mode, then its default ACLs (without them a member's new files may not
+    stay writable for the others: a warning, since the setgid directory still shares them)."""
+    cache, group = facts.cache, inventory.defaults.cache_group
+    where = f"{cache.path}: " + (f"{cache.owner}:{cache.group} {cache.mode}" if cache.exists
+                                 else "missing")
+    if not cache.exists or (cache.group, cache.mode) != (group, "2775"):
+        return Check("shared cache", "fail", where, "provision host HOST --only hf-cache")
+    if not wanted_acl(group) <= set(cache.acl):
+        setfacl = "" if "setfacl" in facts.tools else " (setfacl is not installed: apt-get " \
+                                                      "install acl)"
+        return Check("shared cache", "warn", f"{where}, no default ACLs",
+                     f"provision host HOST --only hf-cache{setfacl}")
+    return Check("shared cache", "pass", f"{where}, default ACLs for {group}")
+
+
+def _image_vs_driver(facts: HostFacts, inventory: Inventory) -> Check:
+    """The team image's CUDA (flavour and base) against this host's driver."""
+    name = "image's CUDA vs the driver"
+    if facts.nvidia.driver is None:
+        return Check(name, "skip", "no NVIDIA driver answers on this host")
+    try:
+        return Check(name, "pass", host_image(facts, inventory).choice)
+    except InventoryError as exc:
+        return Check(name, "fail", exc.problem, exc.remedy)
 
 
 def _gpu_checks(facts: HostFacts, sections: dict[str, list[str]]) -> list[Check]:
@@ -211,9 +258,12 @@ def _image_checks(facts: HostFacts, sections: dict[str, list[str]]) -> list[Chec
 
 def run_doctor(conn: Connection, inventory: Inventory, members: tuple[Member, ...],
                image: str | None, min_free_gb: float) -> list[Check]:
+    """`image`: the image to look inside; None: the one `verify` builds for this host."""
     workspace = inventory.defaults.workspace_dir
     settings_paths = {m.name: f"~{m.name}/{workspace}/{SETTINGS}" for m in members}
     facts = gather_facts(conn, inventory, tuple(settings_paths.values()))
+    if image is None and members:
+        image = verify_image(facts, inventory, members[0])
     probe = conn.run(probe_script(inventory, members, image, bool(facts.nvidia.gpus)),
                      what="doctor probe", check=False)
     settings = {name: facts.text(path) for name, path in settings_paths.items()}

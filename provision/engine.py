@@ -3,7 +3,8 @@
 Per host: take the host lock → read facts (one round trip) → for each step, plan (pure) and,
 when applying, run all of that step's changes as one script, then re-read facts so the next
 step plans on what is really there → record state → re-plan everything to confirm that
-nothing is left to do. A failure stops that host's remaining steps; other hosts go on.
+nothing is left to do. A step that fails (or cannot apply on this host) stops only the steps
+that need it (`Step.needs`); the others go on, and so do other hosts.
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ from datetime import UTC, datetime
 from provision import __version__
 from provision.changes import Change, WriteFile
 from provision.connection import Connection
-from provision.errors import HostLocked, ProvisionError, RemoteCommandFailed, UnexpectedError
+from provision.errors import (
+    HostLocked,
+    InventoryError,
+    ProvisionError,
+    RemoteCommandFailed,
+    UnexpectedError,
+)
 from provision.facts import STATE_FILE, HostFacts, gather_facts
 from provision.inventory import Inventory
 from provision.steps import NoGpu, Step, StepBlocked, StepSkipped, former_members
@@ -166,11 +173,18 @@ def _run_steps(conn: Connection, inventory: Inventory, steps: tuple[Step, ...],
     progress(conn.name, "reading facts")
     facts = gather_facts(conn, inventory, paths)
     applied: list[str] = []
-    for index, step in enumerate(steps):
+    unconverged: set[str] = set()  # steps that failed, or did not run because of one
+    for step in steps:
         progress(conn.name, step.name)
         started = time.monotonic()
         entry = StepReport(step.name, "unchanged")
         report.steps.append(entry)
+        waiting = [name for name in step.needs if name in unconverged]
+        if waiting:
+            entry.status, entry.message = "not run", f"needs {', '.join(waiting)}, which did " \
+                                                     "not converge"
+            unconverged.add(step.name)
+            continue
         try:
             entry.changes, held = _plan(step, facts, inventory, options)
             entry.message = "; ".join([*step.notes(facts, inventory),
@@ -186,11 +200,13 @@ def _run_steps(conn: Connection, inventory: Inventory, steps: tuple[Step, ...],
                 _prove(conn, step, facts, inventory)
         except StepSkipped as exc:
             entry.status, entry.message = "skipped", exc.line()
-        except (StepBlocked, RemoteCommandFailed) as exc:
+        except (StepBlocked, RemoteCommandFailed, InventoryError) as exc:
+            # InventoryError: an [image] override this host's driver cannot run.
             entry.status, entry.message = "failed", exc.line()
-            report.steps.extend(StepReport(s.name, "not run") for s in steps[index + 1:])
-            report.error = exc
-            return
+            unconverged.add(step.name)
+            report.error = report.error or exc
+            if options.apply:
+                facts = gather_facts(conn, inventory, paths)  # what a partial apply changed
         finally:
             entry.seconds = time.monotonic() - started
     if not options.apply:
@@ -199,7 +215,8 @@ def _run_steps(conn: Connection, inventory: Inventory, steps: tuple[Step, ...],
     if record is not None:
         conn.run(apply_script("state", [record]), what="state record")
     progress(conn.name, "confirming")
-    report.drift = [c for step in steps for c in _replan(step, facts, inventory, options)]
+    report.drift = [c for step in steps if step.name not in unconverged
+                    for c in _replan(step, facts, inventory, options)]
 
 
 def _plan(step: Step, facts: HostFacts, inventory: Inventory,

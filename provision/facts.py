@@ -259,6 +259,11 @@ class Nvidia:
     def has_gpu(self) -> bool:
         return bool(self.pci_devices or self.gpus)
 
+    @property
+    def driver(self) -> str | None:
+        """The NVIDIA driver version (one per host, whatever its GPUs), when nvidia-smi answers."""
+        return self.gpus[0].driver if self.gpus else None
+
 
 @dataclass(frozen=True)
 class HostFacts:
@@ -308,7 +313,9 @@ def facts_request(inventory: Inventory, paths: tuple[str, ...] = ()) -> dict[str
         "PROVISION_ACCOUNTS": " ".join(sorted(m.name for m in inventory.members)),
         "PROVISION_CACHE_DIR": inventory.defaults.cache_dir,
         "PROVISION_PATHS": "\n".join((STATE_FILE, DAEMON_JSON, *paths)),
-        "PROVISION_PROBE_DOCKER_REPO": "1" if inventory.defaults.docker_source == "auto" else "",
+        # Only when the tool chooses Docker's source and no mirror stands for the repository.
+        "PROVISION_PROBE_DOCKER_REPO": "1" if inventory.defaults.docker_source == "auto"
+        and not inventory.mirrors.docker_apt else "",
     }
 
 

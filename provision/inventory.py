@@ -39,6 +39,10 @@ SYSTEM_ACCOUNTS = frozenset(
 DOCKER_SOURCES = ("auto", "docker-ce", "distro")
 HOST_FORMS = {"hostname": safe.HOSTNAME, "user": safe.LOGIN, "identity_file": safe.LOCAL_PATH,
               "known_hosts": safe.LOCAL_PATH, "proxy_jump": safe.JUMPS}
+# A mirror URL goes into apt sources, pip options and shell scripts on the host: http(s), a
+# host, and a path of plain characters only (no credentials, query, quotes or shell syntax).
+MIRROR_URL = re.compile(r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~%+/-]*)?$")
+ARMORED_KEY = "-----BEGIN PGP PUBLIC KEY BLOCK-----"
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,37 @@ class Defaults:
     # Keys merged into /etc/docker/daemon.json (keys others set there are kept).
     docker_daemon: dict[str, Any] = field(default_factory=dict)
     nvidia_toolkit_version: str = ""  # empty: the newest in NVIDIA's repository
+
+
+@dataclass(frozen=True)
+class AptKey:
+    """An apt mirror's signing key: a URL the host fetches it from, or the ASCII-armored text
+    of a key file on this machine, read when the inventory loads and shipped to the host."""
+
+    url: str = ""
+    text: str = ""
+    path: str = ""  # where `text` was read from, for messages
+
+    @property
+    def source(self) -> str:
+        return self.url or self.path
+
+
+@dataclass(frozen=True)
+class Mirrors:
+    """Internal mirrors used instead of the public repositories; empty: the public one.
+
+    docker_apt stands for https://download.docker.com, nvidia_apt for
+    https://nvidia.github.io/libnvidia-container, pytorch for https://download.pytorch.org/whl
+    and pypi for https://pypi.org/simple: the same trees under another root.
+    """
+
+    docker_apt: str = ""
+    docker_apt_key: AptKey | None = None  # None: the mirror's copy of the vendor's key
+    nvidia_apt: str = ""
+    nvidia_apt_key: AptKey | None = None
+    pypi: str = ""
+    pytorch: str = ""
 
 
 @dataclass(frozen=True)
@@ -83,6 +118,7 @@ class Inventory:
     members: tuple[Member, ...] = ()
     # The [image] table (base image, version overrides, wheelhouse), checked by versions.py.
     image: dict[str, str] = field(default_factory=dict)
+    mirrors: Mirrors = field(default_factory=Mirrors)
 
     def member(self, name: str) -> Member:
         for member in self.members:
@@ -119,7 +155,7 @@ def load_inventory(path: Path, *, missing_ok: bool = False) -> Inventory:
 def parse_inventory(data: dict[str, Any], path: Path, text: str = "") -> Inventory:
     """Validate parsed TOML; pure, so tests can feed it dictionaries."""
     where = _Locator(path, text)
-    where.unknown_keys(data, {"defaults", "hosts", "members", "image"}, table=None)
+    where.unknown_keys(data, {"defaults", "hosts", "members", "image", "mirrors"}, table=None)
     defaults = _parse_defaults(data.get("defaults", {}), where)
     hosts_data = data.get("hosts", {})
     if not isinstance(hosts_data, dict):
@@ -141,7 +177,63 @@ def parse_inventory(data: dict[str, Any], path: Path, text: str = "") -> Invento
         resolve_image(image)
     except ImageError as exc:
         raise where.error(exc.key, exc.line()) from None
-    return Inventory(path=path, defaults=defaults, hosts=hosts, members=members, image=image)
+    mirrors = parse_mirrors(data.get("mirrors", {}), where)
+    return Inventory(path=path, defaults=defaults, hosts=hosts, members=members, image=image,
+                     mirrors=mirrors)
+
+
+def parse_mirrors(table: Any, where: _Locator) -> Mirrors:
+    """[mirrors]: each a strict http(s) URL; an apt mirror's key a URL or an absolute key file."""
+    if not isinstance(table, dict):
+        raise where.error("mirrors", "must be a table of URLs")
+    keys = {"docker_apt", "docker_apt_key", "nvidia_apt", "nvidia_apt_key", "pypi", "pytorch"}
+    where.unknown_keys(table, keys, table="mirrors")
+    for key, value in table.items():
+        if not isinstance(value, str) or not value:
+            raise where.error(key, "must be a non-empty string")
+    urls = {key: mirror_url(key, table[key], where) for key in keys - {"docker_apt_key",
+                                                                       "nvidia_apt_key"}
+            if key in table}
+    apt_keys = {}
+    for repository in ("docker_apt", "nvidia_apt"):
+        key = f"{repository}_key"
+        if key in table and repository not in table:
+            raise where.error(key, f"is the key of the {repository} mirror: set {repository} too")
+        if key in table:
+            apt_keys[key] = apt_key(key, table[key], where)
+    return Mirrors(**urls, **apt_keys)
+
+
+def mirror_url(key: str, value: str, where: _Locator) -> str:
+    """The URL without a trailing slash (paths are appended to it), or a refusal saying why."""
+    if "@" in value:
+        raise where.error(key, "holds credentials (not shown): keep them out of the inventory "
+                               "(apt: /etc/apt/auth.conf.d on the host; pip: a netrc file)")
+    if not MIRROR_URL.match(value):
+        raise where.error(key, f"{value!r} is not a plain http(s) URL: use scheme://host[:port]"
+                               "/path with letters, digits and . _ ~ % + - / only (no "
+                               "credentials, query, spaces, quotes or shell characters)")
+    return value.rstrip("/")
+
+
+def apt_key(key: str, value: str, where: _Locator) -> AptKey:
+    """A key URL, or an absolute path to an ASCII-armored public key file (read now)."""
+    if value.startswith(("http://", "https://")):
+        return AptKey(url=mirror_url(key, value, where))
+    if not value.startswith("/"):
+        raise where.error(key, f"{value!r} must be a key URL (http/https) or an absolute path "
+                               "to an ASCII-armored key file")
+    path = Path(value)
+    if not path.is_file():
+        raise where.error(key, f"key file {value} not found")
+    text = path.read_text(errors="replace")
+    if "PRIVATE KEY BLOCK" in text:
+        raise where.error(key, f"{value} is a private key; give the public key (gpg --armor "
+                               "--export) instead (its content is not shown)")
+    if ARMORED_KEY not in text:
+        raise where.error(key, f"{value} is not an ASCII-armored public key (it must hold "
+                               f"'{ARMORED_KEY}'; gpg --armor --export writes one)")
+    return AptKey(text=text, path=value)
 
 
 def _parse_defaults(table: Any, where: _Locator) -> Defaults:

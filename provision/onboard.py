@@ -13,17 +13,17 @@ from provision.inventory import Inventory, Member
 from provision.render import member_files, write_files
 from provision.target import Target
 from provision.templating import render
-from provision.versions import resolve_image
+from provision.versions import ImageSpec
 
 LAUNCH_NAME = "Debug SD3.5 FP8 Inference"
 
 
 def bundle(inventory: Inventory, member: Member, host: str, target: Target, cache_gid: int | None,
-           identity_file: str, out: Path) -> list[Path]:
-    """Her workspace files, her ssh block and the three steps, written under `out`."""
-    image = resolve_image(inventory.image)
+           image: ImageSpec, identity_file: str, out: Path) -> list[Path]:
+    """Her workspace files, her ssh block and the three steps, written under `out`; `image`
+    is the one the host's driver runs (`versions.host_image`)."""
     files = member_files(inventory, member, host_alias=host, target=target,
-                         cache_gid=cache_gid, identity_file=identity_file)
+                         cache_gid=cache_gid, identity_file=identity_file, image=image)
     files["README.md"] = render("onboard/README.md.j2", name=member.name, host=host,
                                 workspace_dir=inventory.defaults.workspace_dir,
                                 torch=image.torch, diffusers=image.diffusers,

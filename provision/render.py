@@ -1,9 +1,9 @@
 """A member's workspace files and `~/.ssh/config` block, rendered from the inventory.
 
 Pure functions: the inventory, the member and what the caller knows of the host (its alias,
-the cache group's gid) in, file contents out; only `write_files` touches the disk. The version
-table is checked first (`versions.resolve_image`), so a broken pin stops here, before any file
-or image exists.
+the cache group's gid, the image its driver runs) in, file contents out; only `write_files`
+touches the disk. The version table is checked first (`versions.resolve_image`), so a broken
+pin stops here, before any file or image exists.
 
 Decisions a reader would otherwise have to rediscover:
 
@@ -21,6 +21,9 @@ Decisions a reader would otherwise have to rediscover:
 - The Hugging Face token never enters the shared cache: HF_TOKEN_PATH points into her own
   `~/.config/huggingface` (0700 on the host, made by the hf-cache step, where her login shells
   keep the token too), bind-mounted into the container; one `hf auth login` serves both.
+- pip installs from PyTorch's index for the flavour and PyPI, or from the inventory's
+  `[mirrors]` pytorch and pypi (a plain-http mirror is named a trusted host: pip refuses it
+  otherwise), unless the image builds from a wheelhouse.
 - The Inductor cache lives in the workspace (`.cache/torchinductor`): on the host's disk, so it
   survives image rebuilds (a cold FP8 compile takes minutes), and private to her; the file
   watcher, search and git all skip it.
@@ -31,6 +34,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from provision.errors import InventoryError
 from provision.files import atomic_write
@@ -38,7 +42,7 @@ from provision.inventory import Inventory, Member
 from provision.steps.hf_cache import CACHE_LINK, TOKEN_DIR
 from provision.target import Target
 from provision.templating import raw, render
-from provision.versions import ImageSpec, resolve_image
+from provision.versions import PYPI_INDEX, PYTORCH_INDEX, ImageSpec, resolve_image
 
 # Rendered from `templates/workspace/<path>.j2`, in this order; inference.py is copied as is.
 RENDERED = (
@@ -65,14 +69,17 @@ REPO_MEMBER = Member(name="dev", keys=())
 
 
 def render_workspace(inventory: Inventory, member: Member, *, host_alias: str | None,
-                     target: Target | None, cache_gid: int | None) -> dict[str, str]:
+                     target: Target | None, cache_gid: int | None,
+                     image: ImageSpec | None = None) -> dict[str, str]:
     """Every workspace file, by path relative to the workspace.
 
     `cache_gid` is the cache group's gid on the host (from its facts): the container gets it as
     a supplementary group, without which the shared cache is read-only inside. `host_alias`
-    (else the target's alias) names the container after where it runs.
+    (else the target's alias) names the container after where it runs. `image` is the image
+    for the host's driver (`resolve_image(inventory.image, driver)`); None: for no particular
+    host, the defaults.
     """
-    image = resolve_image(inventory.image)
+    image = image or resolve_image(inventory.image)
     where = host_alias or (target.alias if target else None)
     context = workspace_context(inventory, member, image, where=where, cache_gid=cache_gid)
     files = {path: render(f"workspace/{path}.j2", **context)
@@ -88,6 +95,7 @@ def workspace_context(inventory: Inventory, member: Member, image: ImageSpec, *,
     on_gpu = member.gpus != "none"
     # A GPU debugs the real architecture in FP8 matmuls; a CPU the tiny one in FP8 storage.
     model, fp8 = ("large", "dq") if on_gpu else ("tiny", "storage")
+    torch_index = image.index_url(inventory.mirrors.pytorch or PYTORCH_INDEX)
     return {
         "name": f"SD3.5 FP8 ({member.name} on {where})" if where else f"SD3.5 FP8 ({member.name})",
         "user": member.name,
@@ -95,6 +103,10 @@ def workspace_context(inventory: Inventory, member: Member, image: ImageSpec, *,
         "image": image,
         "venv": VENV,
         "wheelhouse": Path(WHEELHOUSE).name,  # relative to the build context
+        "torch_index": torch_index,
+        # Offline, pip sees only the wheelhouse copied into the build context.
+        "pip_source": f"--no-index --find-links /{Path(WHEELHOUSE).name}" if image.wheelhouse
+        else pip_indexes(torch_index, inventory.mirrors.pypi or PYPI_INDEX),
         "run_args": [*gpu_run_args(member.gpus), f"--shm-size={SHM_SIZE}",
                      *([f"--group-add={cache_gid}"] if cache_gid is not None else [])],
         "gpu_required": member.gpus == "all",
@@ -110,6 +122,15 @@ def workspace_context(inventory: Inventory, member: Member, image: ImageSpec, *,
         "debugpy_port": DEBUGPY_PORT,
         "generated": GENERATED,
     }
+
+
+def pip_indexes(torch_index: str, pypi_index: str) -> str:
+    """pip's options for the image build: PyTorch's index for the flavour first (its +cuXYZ
+    wheels), the PyPI one for the rest; a plain-http one named a trusted host."""
+    plain = sorted({urlsplit(url).netloc for url in (torch_index, pypi_index)
+                    if url.startswith("http://")})
+    return " ".join([f"--index-url {torch_index}", f"--extra-index-url {pypi_index}",
+                     *(f"--trusted-host {host}" for host in plain)])
 
 
 def gpu_run_args(gpus: str) -> list[str]:
@@ -156,10 +177,10 @@ def ssh_config_block(inventory: Inventory, member: Member, host_alias: str, targ
 
 def member_files(inventory: Inventory, member: Member, *, host_alias: str | None,
                  target: Target | None, cache_gid: int | None,
-                 identity_file: str) -> dict[str, str]:
+                 identity_file: str, image: ImageSpec | None = None) -> dict[str, str]:
     """Her workspace files and, when the host is known, her `ssh_config` block beside them."""
     files = render_workspace(inventory, member, host_alias=host_alias, target=target,
-                             cache_gid=cache_gid)
+                             cache_gid=cache_gid, image=image)
     if host_alias and target:
         files["ssh_config"] = ssh_config_block(inventory, member, host_alias, target,
                                                identity_file)

@@ -23,7 +23,7 @@ from provision.errors import InventoryError, ProvisionError, RemoteCommandFailed
 from provision.facts import HostFacts, gather_facts, split_sections
 from provision.inventory import Inventory, Member
 from provision.render import INFERENCE, WHEELHOUSE, gpu_run_args, render_workspace
-from provision.versions import ImageSpec, resolve_image
+from provision.versions import ImageSpec, host_image, resolve_image
 
 ROOT = "/var/lib/provision"
 IMAGE_REPOSITORY = "provision/sd35-fp8"
@@ -54,6 +54,7 @@ class VerifyReport:
     image: str
     built: bool
     device_note: str
+    image_choice: str  # the driver, the wheel flavour and the base it chose
     runs: dict[str, dict[str, Any]] = field(default_factory=dict)
     comparison: dict[str, Any] = field(default_factory=dict)
     png: str | None = None
@@ -133,7 +134,7 @@ def run_script(inventory: Inventory, member: Member, facts: HostFacts, files: di
 
 def verify(conn: Connection, inventory: Inventory, member: Member, *, model: str | None,
            fp8: str, out: Path, progress: Callable[[str], None]) -> VerifyReport:
-    image = resolve_image(inventory.image)  # a broken pin stops here, before the host is read
+    resolve_image(inventory.image)  # a broken pin stops here, before the host is read
     progress("reading facts")
     facts = gather_facts(conn, inventory)
     if not facts.docker.installed:
@@ -149,14 +150,19 @@ def verify(conn: Connection, inventory: Inventory, member: Member, *, model: str
             f"CPU: no NVIDIA GPU {'for ' + member.name if facts.nvidia.gpus else 'on this host'}"
             f"; the {size['model']} model at {size['height']}x{size['width']}, "
             f"{size['steps']} steps")
+    # Refused here, before a multi-GB build, when the host's driver cannot run the image.
+    image = host_image(facts, inventory)
     gid = facts.groups[inventory.defaults.cache_group].gid
-    files = render_workspace(inventory, member, host_alias=conn.name, target=None, cache_gid=gid)
+    files = render_workspace(inventory, member, host_alias=conn.name, target=None, cache_gid=gid,
+                             image=image)
     tag = image_tag(files)
-    progress(f"building {tag} (the first build downloads and installs torch: minutes)")
+    progress(f"building {tag} ({image.choice}; the first build downloads and installs torch: "
+             "minutes)")
     built = conn.run(build_script(files, tag, image),
                      what="image build", timeout=3600,
                      on_line=lambda line: progress(f"building {tag}: {line[:90]}"))
-    report = VerifyReport(conn.name, member.name, tag, "cached" not in built.stdout, note)
+    report = VerifyReport(conn.name, member.name, tag, "cached" not in built.stdout, note,
+                          image.choice)
     progress(f"generating ({size['model']}, --fp8 {fp8}, then bf16 to compare)")
     result = conn.run(run_script(inventory, member, facts, files, tag, fp8, size, on_gpu),
                       what="generation", timeout=3600, check=False)

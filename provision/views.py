@@ -61,7 +61,8 @@ def plan_lines(report: HostReport) -> Group:
         if step.message and step.status != "failed":
             parts.append(Text(f"  [{step.name}] {step.message}", style="cyan"))
         for change in step.changes:
-            verb = "~" if step.status == "pending" else "+"
+            # ~ to do, + done, ! tried by a step that failed (done up to the failure)
+            verb = {"pending": "~", "failed": "!"}.get(step.status, "+")
             parts.append(Text(f"  {verb} [{step.name}] {change.summary}"))
             if change.warning:
                 parts.append(Text(f"      warning: {change.warning}", style="yellow"))
@@ -70,6 +71,9 @@ def plan_lines(report: HostReport) -> Group:
                                   "needs --yes when any run)", style="yellow"))
             parts.extend(Text(f"      {line}", style=_diff_style(line))
                          for line in change.diff().splitlines())
+        if step.status == "failed":
+            # Every failed step says why: several can fail, independently, in one run.
+            parts.append(Text(f"  [{step.name}] failed: {step.message}", style="red"))
     if not any(step.changes for step in report.steps) and report.error is None:
         parts.append(Text("  nothing to change", style="dim"))
     return Group(*parts)
@@ -144,6 +148,7 @@ def verify_table(report: VerifyReport) -> Table:
         if key in first:
             table.add_row(label, *(str(report.runs[m].get(key)) for m in runs))
     comparison = ", ".join(f"{k} {v}" for k, v in report.comparison.items())
-    table.caption = (f"image {report.image} ({'built' if report.built else 'cached'}); "
+    table.caption = (f"image {report.image} ({'built' if report.built else 'cached'}; "
+                     f"{report.image_choice}); "
                      f"FP8 vs bf16: {comparison}; PNG: {report.png}")
     return table

@@ -39,7 +39,9 @@ JAMMY_NODRIVER = "ubuntu-22.04-gpu-nodriver.synthesized"
 # Recorded with `provision facts --raw` on a real Debian 12 sandbox, before and after a converge.
 DEBIAN = "debian-12-sandbox-fresh"
 DEBIAN_CONVERGED = "debian-12-sandbox-converged"
-HOSTS = (JAMMY_H100, NOBLE_H100, NOBLE_NOGPU, JAMMY_NODRIVER, DEBIAN, DEBIAN_CONVERGED)
+LENT_H200 = "ubuntu-24.04-h200"  # recorded on the lent H200, 2026-11-22 (see its header)
+HOSTS = (JAMMY_H100, NOBLE_H100, NOBLE_NOGPU, JAMMY_NODRIVER, DEBIAN, DEBIAN_CONVERGED,
+         LENT_H200)
 
 UBUNTU_TOOLS = ("setfacl", "visudo", "flock", "sshd", "systemctl", "apt-get")
 CLOUD_SUDOERS = ("90-cloud-init-users", "README")
@@ -95,6 +97,7 @@ def test_fixture_has_the_scripts_sections_in_order(host: str) -> None:
          "h100-nodrv-01"),
         (DEBIAN, "debian", "12", "bookworm", "Debian GNU/Linux 12 (bookworm)", "6.18.44-fc-v657",
          "rec12b"),
+        (LENT_H200, "ubuntu", "24.04", "noble", "Ubuntu 24.04.3 LTS", "6.18.44-fc-v657-gpu", "vm"),
     ],
 )
 def test_os(host: str, os_id: str, version_id: str, codename: str, pretty_name: str,
@@ -113,11 +116,13 @@ def test_os(host: str, os_id: str, version_id: str, codename: str, pretty_name: 
         (NOBLE_NOGPU, "running", "ubuntu"),
         (JAMMY_NODRIVER, "degraded", ""),  # the admin logs in as root: no SUDO_USER
         (DEBIAN, "running", "admin"),
+        (LENT_H200, "", ""),  # no systemd: PID 1 is the VM's own process_api
     ],
 )
 def test_init_and_identity(host: str, system_state: str, sudo_user: str) -> None:
     f = facts(host)
-    assert (f.init, f.system_state) == ("systemd", system_state)
+    assert (f.init, f.system_state) == (
+        "process_api" if host == LENT_H200 else "systemd", system_state)
     assert (f.uid, f.sudo_user) == (0, sudo_user)
 
 
@@ -130,6 +135,7 @@ def test_init_and_identity(host: str, system_state: str, sudo_user: str) -> None
         (JAMMY_NODRIVER, ("README",), UBUNTU_TOOLS),
         (DEBIAN, ("90-admin", "README"), ("visudo", "flock", "sshd", "systemctl", "apt-get")),
         (DEBIAN_CONVERGED, ("90-admin", "README"), UBUNTU_TOOLS),  # the converge added acl
+        (LENT_H200, (), ("flock", "apt-get")),  # no sudo, sshd, setfacl or systemd there
     ],
 )
 def test_sudoers_d_and_tools(host: str, sudoers_d: tuple[str, ...], tools: tuple[str, ...]) -> None:
@@ -155,6 +161,7 @@ def test_sudoers_d_and_tools(host: str, sudoers_d: tuple[str, ...], tools: tuple
         (DEBIAN, 22, {}, ("alice", "bob")),
         (DEBIAN_CONVERGED, 24, {"alice": (1001, 1002, "/home/alice", False, 1),
                                 "bob": (1002, 1003, "/home/bob", False, 1)}, ()),
+        (LENT_H200, 19, {}, ("alice", "bob")),
     ],
 )
 def test_accounts(host: str, n_accounts: int, asked: dict[str, tuple], not_created: tuple) -> None:
@@ -269,7 +276,7 @@ def test_sshd_include_of_another_file_is_not_the_dropin_dir() -> None:
 # --------------------------------------------------------------------------- cache, disk
 
 
-@pytest.mark.parametrize("host", [JAMMY_H100, NOBLE_NOGPU, JAMMY_NODRIVER, DEBIAN])
+@pytest.mark.parametrize("host", [JAMMY_H100, NOBLE_NOGPU, JAMMY_NODRIVER, DEBIAN, LENT_H200])
 def test_cache_dir_missing(host: str) -> None:
     cache_dir = facts(host).cache
     assert (cache_dir.path, cache_dir.exists) == (CACHE_DIR, False)
@@ -316,6 +323,7 @@ def test_member_caches(host: str, caches: dict[str, tuple[str, str]]) -> None:
         (NOBLE_NOGPU, "/", 103865303040, 98448048128),
         (JAMMY_NODRIVER, "/", 1888556142592, 1761989021696),
         (DEBIAN, "/", 270553174016, 73730039808),
+        (LENT_H200, "/", 270553174016, 68668338176),
     ],
 )
 def test_disk(host: str, mount: str, total: int, free: int) -> None:
@@ -374,7 +382,7 @@ def test_synthesized_state_is_what_provision_writes() -> None:
     assert facts(NOBLE_H100).path(STATE_FILE).mode == "600"
 
 
-@pytest.mark.parametrize("host", [NOBLE_NOGPU, JAMMY_NODRIVER, DEBIAN])
+@pytest.mark.parametrize("host", [NOBLE_NOGPU, JAMMY_NODRIVER, DEBIAN, LENT_H200])
 def test_paths_standard_both_missing(host: str) -> None:
     f = facts(host)
     assert (f.path(STATE_FILE).kind, f.path(DAEMON_JSON).kind) == ("missing", "missing")
@@ -398,6 +406,7 @@ def test_a_fresh_host_has_none_of_the_paths_the_steps_ask_for() -> None:
         (NOBLE_NOGPU, True, "24.0.7", True, 0, RUNC_ONLY),  # docker.io from the archive
         (JAMMY_NODRIVER, True, "27.3.1", True, 0, RUNC_ONLY),
         (DEBIAN, False, None, False, 0, ()),
+        (LENT_H200, False, None, False, 0, ()),
     ],
 )
 def test_docker(host: str, installed: bool, version: str | None, up: bool, containers: int,
@@ -454,6 +463,25 @@ def test_nvidia_without_nvidia_smi(host: str, pci: tuple[str, ...], has_gpu: boo
     assert nvidia.ctk_version is None
 
 
+def test_lent_h200_without_sshd_sudo_or_systemd() -> None:
+    f = facts(LENT_H200)
+    assert f.nvidia.gpus == (Gpu(0, "NVIDIA H200", "580.159.04", "9.0", 143771,
+                                 "GPU-1ab72e4e-dadd-7665-26ba-d776ef8439b0"),)
+    assert (f.nvidia.pci_devices, f.nvidia.driver) == (("0000:00:06.0",), "580.159.04")
+    assert not f.sshd.test_ok and f.sshd.test_error == "sh: 29: sshd: not found"
+    assert f.sshd.effective == {} and "sshd" not in f.tools
+    assert f.member_caches == {} and f.groups_of("alice") == set()
+
+
+def test_lent_h200_facts_json_is_its_parsed_transcript() -> None:
+    """`provision facts @local --json`, recorded a second after the transcript on the same
+    machine, is the transcript's HostFacts.to_json() (only the free disk space moved)."""
+    recorded = json.loads((FIXTURES / f"{LENT_H200}.json").read_text())
+    parsed = json.loads(json.dumps(facts(LENT_H200).to_json()))
+    recorded["disk"]["free_bytes"] = parsed["disk"]["free_bytes"]
+    assert recorded == parsed
+
+
 def test_nvidia_driver_library_mismatch() -> None:
     # After a driver upgrade without a reboot: nvidia-smi runs, NVML does not.
     text = replace_section(transcript(NOBLE_H100), "nvidia-smi",
@@ -473,6 +501,7 @@ def test_nvidia_driver_library_mismatch() -> None:
     (NOBLE_NOGPU, None),
     (JAMMY_NODRIVER, None),
     (DEBIAN, None),
+    (LENT_H200, None),
 ])
 def test_apt_lock_holder(host: str, holder: str | None) -> None:
     assert facts(host).apt_lock_holder == holder

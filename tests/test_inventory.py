@@ -163,3 +163,63 @@ def test_public_key_types_paramiko_knows_are_accepted(tmp_path: Path) -> None:
     line = f"{rsa.get_name()} {rsa.get_base64()} bob@laptop"
     text = GOOD.replace('"keys/id_ed25519.pub"', f'"{line}"')
     assert load_inventory(write(tmp_path, text)).member("alice").keys == (line,)
+
+
+ARMORED = "-----BEGIN PGP PUBLIC KEY BLOCK-----\n\nmDMEZtest\n-----END PGP PUBLIC KEY BLOCK-----\n"
+
+
+def test_mirrors_load_with_a_key_url_and_a_key_file(tmp_path: Path) -> None:
+    key = tmp_path / "nvidia-mirror.asc"
+    key.write_text(ARMORED)
+    inventory = load_inventory(write(tmp_path, f"""
+[mirrors]
+docker_apt = "https://mirror.example/docker/"
+docker_apt_key = "https://mirror.example/keys/docker.asc"
+nvidia_apt = "http://10.0.0.5:8080/libnvidia-container"
+nvidia_apt_key = "{key}"
+pypi = "https://mirror.example/pypi/simple"
+pytorch = "https://mirror.example/pytorch/whl"
+"""))
+    mirrors = inventory.mirrors
+    assert mirrors.docker_apt == "https://mirror.example/docker", "no trailing slash"
+    assert mirrors.docker_apt_key is not None and mirrors.docker_apt_key.url.endswith("docker.asc")
+    assert mirrors.nvidia_apt_key is not None and mirrors.nvidia_apt_key.text == ARMORED
+    assert mirrors.nvidia_apt_key.source == str(key)
+    assert (mirrors.pypi, mirrors.pytorch) == ("https://mirror.example/pypi/simple",
+                                               "https://mirror.example/pytorch/whl")
+
+
+@pytest.mark.parametrize(("line", "reason"), [
+    ('pypi = "ftp://mirror.example/pypi"', "not a plain http(s) URL"),
+    ('pypi = "https://mirror.example/pypi simple"', "not a plain http(s) URL"),
+    ('pypi = "https://mirror.example/$(reboot)"', "not a plain http(s) URL"),
+    ('pypi = "https://mirror.example/pypi;rm"', "not a plain http(s) URL"),
+    ("pypi = \"https://mirror.example/p'y\"", "not a plain http(s) URL"),
+    ('pypi = "https://user:secret@mirror.example/pypi"', "credentials (not shown)"),
+    ('pypi = "https://mirror.example/pypi?x=1"', "not a plain http(s) URL"),
+    ('pytorch = ""', "non-empty string"),
+    ('docker = "https://mirror.example/docker"', "unknown key in [mirrors]"),
+    ('docker_apt_key = "https://mirror.example/docker.asc"', "set docker_apt too"),
+    ('docker_apt = "https://m.example/d"\ndocker_apt_key = "keys/docker.asc"',
+     "absolute path"),
+    ('docker_apt = "https://m.example/d"\ndocker_apt_key = "/nonexistent/docker.asc"',
+     "not found"),
+])
+def test_a_bad_mirror_is_refused_at_load(tmp_path: Path, line: str, reason: str) -> None:
+    with pytest.raises(InventoryError) as caught:
+        load_inventory(write(tmp_path, f"[mirrors]\n{line}\n"))
+    assert reason in caught.value.line() and "secret" not in caught.value.line()
+
+
+@pytest.mark.parametrize(("text", "reason"), [
+    ("-----BEGIN PGP PRIVATE KEY BLOCK-----\nsecret\n", "is a private key"),
+    ("mDMEZ binary or something else\n", "not an ASCII-armored public key"),
+])
+def test_a_mirror_key_file_must_be_an_armored_public_key(tmp_path: Path, text: str,
+                                                         reason: str) -> None:
+    key = tmp_path / "key.asc"
+    key.write_text(text)
+    with pytest.raises(InventoryError, match=reason) as caught:
+        load_inventory(write(tmp_path, f'[mirrors]\nnvidia_apt = "https://m.example/n"\n'
+                                       f'nvidia_apt_key = "{key}"\n'))
+    assert "secret" not in caught.value.line()

@@ -15,8 +15,9 @@ import pytest
 
 from provision.changes import Run, WriteFile
 from provision.engine import apply_script
-from provision.facts import Account, HostFacts, PathState, parse_facts
-from provision.inventory import Inventory, load_inventory, parse_inventory
+from provision.errors import InventoryError
+from provision.facts import Account, HostFacts, PathState, facts_request, parse_facts
+from provision.inventory import AptKey, Inventory, Mirrors, load_inventory, parse_inventory
 from provision.sandbox import new_key_pair
 from provision.steps import (
     NoGpu,
@@ -175,9 +176,12 @@ def test_docker_ce_on_ubuntu_noble_uses_the_signed_by_deb822_source(team: Invent
     assert facts.docker.repo_reachable is True
     repo, install = docker.plan(facts, team)
     assert "auto: download.docker.com answers" in repo.summary
-    fetch_key, sources = repo.actions[1], repo.actions[2]
-    assert "curl -fsSL https://download.docker.com/linux/ubuntu/gpg -o " \
-           "/etc/apt/keyrings/docker.asc" in fetch_key.command
+    fetch_key, sources, check = repo.actions
+    assert 'curl -fsSL https://download.docker.com/linux/ubuntu/gpg -o "$backup/key.new"' \
+        in fetch_key.command
+    assert "cp \"$backup/key.new\" /etc/apt/keyrings/docker.asc.provision-new" in \
+        fetch_key.command, "an .asc keyring stays ASCII-armored"
+    assert "Dir::Etc::SourceList=/etc/apt/sources.list.d/docker.sources" in check.command
     assert sources.path == "/etc/apt/sources.list.d/docker.sources"
     assert "URIs: https://download.docker.com/linux/ubuntu\nSuites: noble\n" in sources.content
     assert "Signed-By: /etc/apt/keyrings/docker.asc" in sources.content
@@ -191,8 +195,8 @@ def test_docker_ce_on_debian_bookworm_and_distro_when_asked(team: Inventory) -> 
     facts = dataclasses.replace(recorded, docker=dataclasses.replace(
         recorded.docker, repo_reachable=True))
     repo, _ = docker.plan(facts, team)
-    assert "Suites: bookworm" in repo.actions[2].content
-    assert "linux/debian" in repo.actions[2].content
+    assert "Suites: bookworm" in repo.actions[1].content
+    assert "linux/debian" in repo.actions[1].content
     (distro,) = docker.plan(facts, with_defaults(team, docker_source="distro"))
     assert "install docker.io" in distro.summary and "apt-get" in distro.script()
     unreachable = dataclasses.replace(facts, docker=dataclasses.replace(
@@ -212,11 +216,13 @@ def test_docker_keeps_an_installed_engine_and_merges_daemon_json(team: Inventory
 
 
 def test_nvidia_toolkit_from_nvidias_repository_then_runtime(team: Inventory) -> None:
-    install, runtime = nvidia.plan(facts_of("ubuntu-24.04-h100.synthesized"), team)
-    script = install.script()
-    assert ("curl -fsSL https://nvidia.github.io/libnvidia-container/gpgkey | gpg --batch --yes "
-            "--dearmor -o /usr/share/keyrings/nvidia-container-toolkit-keyring.gpg") in script
-    (sources,) = [a for a in install.actions if isinstance(a, WriteFile)]
+    repo, install, runtime = nvidia.plan(facts_of("ubuntu-24.04-h100.synthesized"), team)
+    script = repo.script() + install.script()
+    assert ('curl -fsSL https://nvidia.github.io/libnvidia-container/gpgkey -o "$backup/key.new"'
+            in script)
+    assert ('gpg --batch --yes --dearmor -o '
+            '/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg.provision-new') in script
+    (sources,) = [a for a in repo.actions if isinstance(a, WriteFile)]
     assert sources.path == "/etc/apt/sources.list.d/nvidia-container-toolkit.list"
     assert ("deb [signed-by=/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg] "
             "https://nvidia.github.io/libnvidia-container/stable/deb/$(ARCH) /") in \
@@ -226,7 +232,9 @@ def test_nvidia_toolkit_from_nvidias_repository_then_runtime(team: Inventory) ->
     assert "nvidia-ctk runtime configure --runtime=docker" in runtime.script()
     pinned = nvidia.plan(facts_of("ubuntu-24.04-h100.synthesized"),
                          with_defaults(team, nvidia_toolkit_version="1.17.8-1"))
-    assert "nvidia-container-toolkit=1.17.8-1" in pinned[0].script()
+    assert ("nvidia-container-toolkit=1.17.8-1 nvidia-container-toolkit-base=1.17.8-1 "
+            "libnvidia-container-tools=1.17.8-1 libnvidia-container1=1.17.8-1") in \
+        pinned[1].script(), "all four together, as NVIDIA's guide pins them"
 
 
 def test_nvidia_on_a_ready_host_changes_nothing_and_proves_all_gpus(team: Inventory) -> None:
@@ -268,3 +276,166 @@ def test_every_step_plans_nothing_on_the_host_it_just_converged() -> None:
     # to date, and none of them is mistaken for a member's edit.
     changes = workspace.plan(facts, inventory)
     assert all(c.summary.startswith("update ") and not c.needs_force for c in changes[:-1])
+
+
+# --------------------------------------------------------------------------- the host's image
+
+# SYNTHESIZED facts, not recorded: the synthesized Ubuntu 24.04 H100 host (driver 560) with its
+# nvidia-smi line rewritten to report another driver. What each driver gets follows NVIDIA's
+# driver table and minor-version compatibility (provision/versions.py cites both).
+SYNTHESIZED_DRIVERS = {
+    "535.183.01": ("cu126", "nvidia/cuda:12.2.2-base-ubuntu22.04", "3.10"),
+    "550.127.05": ("cu126", "nvidia/cuda:12.4.1-base-ubuntu22.04", "3.10"),
+    "570.133.20": ("cu128", "nvidia/cuda:12.8.1-base-ubuntu24.04", "3.12"),
+    "580.95.05": ("cu130", "nvidia/cuda:13.0.0-base-ubuntu24.04", "3.12"),
+}
+
+
+def synthesized_h100_transcript(driver: str) -> str:
+    """SYNTHESIZED: ubuntu-24.04-h100's transcript with nvidia-smi reporting `driver`."""
+    text = (FIXTURES / "facts" / "ubuntu-24.04-h100.synthesized.txt").read_text()
+    recorded = "0, NVIDIA H100 80GB HBM3, 560.35.03, 9.0, 81559, "
+    assert recorded in text
+    return text.replace(recorded, f"0, NVIDIA H100 80GB HBM3, {driver}, 9.0, 81559, ")
+
+
+def synthesized_h100(driver: str) -> HostFacts:
+    """SYNTHESIZED facts (see synthesized_h100_transcript)."""
+    return parse_facts(synthesized_h100_transcript(driver), "/data/cache/huggingface")
+
+
+def workspace_file(changes, suffix: str) -> str:
+    (write,) = [a for c in changes for a in c.actions
+                if isinstance(a, WriteFile) and a.path.endswith(suffix)][:1]
+    return write.content
+
+
+@pytest.mark.parametrize("driver", sorted(SYNTHESIZED_DRIVERS))
+def test_synthesized_h100_gets_the_newest_image_its_driver_runs(driver: str,
+                                                                team: Inventory) -> None:
+    flavour, base, python = SYNTHESIZED_DRIVERS[driver]
+    facts = synthesized_h100(driver)
+    changes = workspace.plan(facts, team)
+    dockerfile = workspace_file(changes, "/home/alice/sd35-fp8/.devcontainer/Dockerfile")
+    requirements = workspace_file(changes, "/home/alice/sd35-fp8/.devcontainer/requirements.txt")
+    assert f"ARG BASE_IMAGE={base}\n" in dockerfile
+    assert f'v == "{python}"' in dockerfile, "the base's own python3"
+    assert f"torch==2.11.0+{flavour}\n" in requirements
+    assert f"--index-url https://download.pytorch.org/whl/{flavour} " in dockerfile
+    (note,) = workspace.notes(facts, team)
+    assert f"driver {driver} → {flavour} wheels" in note and f"base {base}" in note
+
+
+@pytest.mark.parametrize(("driver", "override", "needed"), [
+    ("535.183.01", {"cuda": "cu130"}, "580.65.06"),
+    ("550.127.05", {"cuda": "cu130"}, "580.65.06"),
+    ("570.133.20", {"cuda": "cu130"}, "580.65.06"),
+    ("550.127.05", {"base": "nvidia/cuda:12.8.1-base-ubuntu24.04"}, "570.26"),
+    ("535.183.01", {"base": "nvidia/cuda:12.4.1-base-ubuntu22.04", "python": "3.10"},
+     "550.54.14"),
+])
+def test_an_override_the_synthesized_driver_cannot_run_is_refused_at_plan_time(
+        driver: str, override: dict[str, str], needed: str, team: Inventory) -> None:
+    facts = synthesized_h100(driver)
+    wanting = dataclasses.replace(team, image=override)
+    with pytest.raises(InventoryError) as caught:
+        workspace.plan(facts, wanting)
+    line = caught.value.line()
+    assert f"needs NVIDIA driver {needed} or newer" in line
+    assert f"this host's driver {driver}" in line and "upgrade the host's driver" in line
+    # ... and the same override is fine where the driver runs it.
+    assert workspace.plan(synthesized_h100("580.95.05"), wanting)
+
+
+def test_one_inventory_several_drivers_each_host_gets_its_own(team: Inventory) -> None:
+    bases = {driver: workspace_file(workspace.plan(synthesized_h100(driver), team),
+                                    "alice/sd35-fp8/.devcontainer/Dockerfile")
+             for driver in SYNTHESIZED_DRIVERS}
+    assert len(set(bases.values())) == len(SYNTHESIZED_DRIVERS)
+
+
+def test_synthesized_hosts_get_the_image_their_driver_runs(team: Inventory) -> None:
+    noble = workspace.notes(facts_of("ubuntu-24.04-h100.synthesized"), team)
+    assert noble == ["image for this host: driver 560.35.03 → cu126 wheels, base "
+                     "nvidia/cuda:12.6.3-base-ubuntu24.04"]
+    jammy = workspace.notes(facts_of("ubuntu-22.04-h100.synthesized"), team)[0]
+    assert "driver 550.54.15 → cu126 wheels (CUDA 12.6 on a CUDA 12.4 driver: minor-version " \
+           "compatibility), base nvidia/cuda:12.4.1-base-ubuntu22.04" in jammy
+    nogpu = workspace.notes(facts_of("ubuntu-24.04-nogpu.synthesized"), team)[0]
+    assert "no NVIDIA driver known → cu130 wheels (need driver 580.65.06 or newer)" in nogpu
+
+
+# --------------------------------------------------------------------------- mirrors
+
+
+def with_mirrors(inventory: Inventory, **values: object) -> Inventory:
+    return dataclasses.replace(inventory, mirrors=Mirrors(**values))
+
+
+def test_docker_from_a_mirror_with_a_key_file(team: Inventory) -> None:
+    key = AptKey(text="-----BEGIN PGP PUBLIC KEY BLOCK-----\nk\n", path="/keys/docker.asc")
+    mirrored = with_mirrors(team, docker_apt="http://10.0.0.5/docker", docker_apt_key=key)
+    facts = facts_of("ubuntu-24.04-nogpu.synthesized")
+    unreachable = dataclasses.replace(facts, docker=dataclasses.replace(
+        facts.docker, installed=False, repo_reachable=False))
+    repo, _ = docker.plan(unreachable, mirrored)
+    assert "auto: [mirrors] docker_apt" in repo.summary, "the mirror, not docker.io"
+    fetch, sources, check = repo.actions
+    assert "URIs: http://10.0.0.5/docker/linux/ubuntu\n" in sources.content
+    assert "curl" not in fetch.command, "a key file travels with the script"
+    assert "/keys/docker.asc" in fetch.command and "base64 -d" in fetch.command
+    assert "check [mirrors] docker_apt_key" in check.command
+    assert "rm -f /etc/apt/keyrings/docker.asc /etc/apt/sources.list.d/docker.sources" in \
+        check.command, "a refused source is taken back"
+    assert facts_request(mirrored)["PROVISION_PROBE_DOCKER_REPO"] == "", "no probe needed"
+
+
+def test_nvidia_from_a_mirror_fetches_the_mirrors_key(team: Inventory) -> None:
+    mirrored = with_mirrors(team, nvidia_apt="https://mirror.example/libnvidia-container")
+    repo, _, _ = nvidia.plan(facts_of("ubuntu-24.04-h100.synthesized"), mirrored)
+    script = repo.script()
+    assert "curl -fsSL https://mirror.example/libnvidia-container/gpgkey" in script
+    (sources,) = [a for a in repo.actions if isinstance(a, WriteFile)]
+    assert "https://mirror.example/libnvidia-container/stable/deb/$(ARCH) /" in sources.content
+
+
+def test_the_image_builds_from_the_pip_mirrors(team: Inventory) -> None:
+    mirrored = with_mirrors(team, pypi="http://10.0.0.5:3141/root/pypi/+simple",
+                            pytorch="https://mirror.example/pytorch/whl")
+    changes = workspace.plan(synthesized_h100("550.127.05"), mirrored)
+    dockerfile = workspace_file(changes, "alice/sd35-fp8/.devcontainer/Dockerfile")
+    assert ("--index-url https://mirror.example/pytorch/whl/cu126 --extra-index-url "
+            "http://10.0.0.5:3141/root/pypi/+simple --trusted-host 10.0.0.5:3141") in dockerfile
+
+
+# --------------------------------------------------------------------------- real causes
+
+
+# The lent H200 (recorded): Ubuntu 24.04 without sshd, sudo, setfacl, systemd or network.
+LENT_H200 = "ubuntu-24.04-h200"
+
+
+def test_keepalive_without_sshd_is_skipped_saying_so(team: Inventory) -> None:
+    with pytest.raises(StepSkipped, match=r"skipped: no sshd on this host \(openssh-server"):
+        keepalive.plan(facts_of(LENT_H200), team)
+
+
+def test_sudo_rules_without_visudo_install_sudo_first_and_last(team: Inventory) -> None:
+    changes = users.plan(facts_of(LENT_H200), team)
+    text = summaries(changes)
+    install = text.index("install sudo (visudo is missing) for the sudo rules of alice")
+    assert text[install + 1].startswith("sudo for alice"), "right before the rule that needs it"
+    assert install == len(text) - 2, "after the accounts and keys, which do not need it"
+    assert "could not install sudo: $why" in changes[install].script()
+    rule = changes[-1].script()
+    assert "command -v visudo >/dev/null ||" in rule
+    assert "visudo is not installed: cannot check the new /etc/sudoers.d/provision-alice" in rule
+
+
+def test_acls_come_last_so_a_missing_setfacl_blocks_nothing_before(team: Inventory) -> None:
+    changes = hf_cache.plan(facts_of(LENT_H200), team)
+    assert summaries(changes)[-2:] == [
+        "install acl (setfacl is missing) for the cache's default ACLs",
+        "/data/cache/huggingface: default ACLs keep members' files group-writable"]
+    assert summaries(changes)[0] == "create /data/cache/huggingface (root:hfcache, 2775)"
+    assert "could not install acl: $why" in changes[-2].script()

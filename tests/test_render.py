@@ -207,7 +207,7 @@ def test_dockerfile_fails_early_and_builds_without_buildkit(image: dict[str, str
         assert "--no-index --find-links /wheelhouse" in dockerfile
         assert "COPY wheelhouse/ /wheelhouse/" in dockerfile
     else:
-        assert f"--index-url {spec.index_url} " in dockerfile
+        assert f"--index-url {spec.index_url()} " in dockerfile
     pins = [ln for ln in files[".devcontainer/requirements.txt"].splitlines()
             if ln and not ln.startswith("#")]
     assert tuple(pins) == spec.pins()
@@ -218,10 +218,11 @@ def test_defaults_are_the_measured_set() -> None:
     spec = resolve_image({})
     assert (spec.torch, spec.diffusers, spec.transformers, spec.torchao, spec.accelerate) == (
         "2.11.0", "0.40.0", "5.17.0", "0.17.0", "1.15.0")
-    assert spec.index_url == "https://download.pytorch.org/whl/cu130"
+    assert spec.index_url() == "https://download.pytorch.org/whl/cu130"
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.torch = "2.0.1"  # type: ignore[misc]
-    assert [f.name for f in dataclasses.fields(ImageSpec)] == list(DEFAULT_IMAGE)
+    table = [f.name for f in dataclasses.fields(ImageSpec) if f.name != "driver"]
+    assert table == list(DEFAULT_IMAGE)
 
 
 def test_cpu_table_of_the_test_machines_is_accepted() -> None:
@@ -241,7 +242,9 @@ def test_cpu_table_of_the_test_machines_is_accepted() -> None:
     ({"xformers": "0.0.33.post2"}, "xformers = '0.0.33.post2'", "built for torch 2.9"),
     ({**CPU_IMAGE, "xformers": "0.0.35"}, "xformers = '0.0.35'", "CUDA-only"),
     ({"diffusers": "0.32.2"}, "diffusers = '0.32.2'", "layerwise casting"),
-    ({"cuda": "cu128"}, "cuda = 'cu128'", "base image is CUDA 13.0"),
+    ({"cuda": "cu128", "base": DEFAULT_IMAGE["base"]}, "cuda = 'cu128'",
+     "base image is CUDA 13.0"),
+    ({"cuda": "cu124"}, "cuda = 'cu124'", "no cu124 wheels of torch 2.11"),
     ({"torch": ">=2.5"}, "torch = '>=2.5'", "exact public version"),
     ({"torch": "2.11.0+cu130"}, "torch = '2.11.0+cu130'", "flavour comes from `cuda`"),
     ({"python": "3.9"}, "python = '3.9'", "3.10 or newer"),
@@ -255,6 +258,35 @@ def test_an_override_that_breaks_the_table_is_refused_with_its_reason(
         resolve_image(override)
     assert caught.value.problem.startswith("[image] ")
     assert named in caught.value.problem and reason in caught.value.problem
+
+
+@pytest.mark.parametrize(("override", "driver", "cuda", "base"), [
+    # A base fixed in [image] keeps the wheels to its CUDA major, and not older than it.
+    ({"base": "nvidia/cuda:12.4.1-base-ubuntu22.04", "python": "3.10"}, None, "cu128",
+     "nvidia/cuda:12.4.1-base-ubuntu22.04"),
+    ({"base": "nvidia/cuda:12.4.1-base-ubuntu22.04", "python": "3.10"}, "580.95.05", "cu128",
+     "nvidia/cuda:12.4.1-base-ubuntu22.04"),
+    # A flavour fixed in [image] that the driver runs through minor-version compatibility.
+    ({"cuda": "cu128"}, "550.127.05", "cu128", "nvidia/cuda:12.4.1-base-ubuntu22.04"),
+    ({"cuda": "cu128"}, None, "cu128", "nvidia/cuda:12.8.1-base-ubuntu24.04"),
+    # Not a driver version: as if none were known.
+    ({}, "N/A", "cu130", "nvidia/cuda:13.0.0-base-ubuntu24.04"),
+])
+def test_what_overrides_and_drivers_make_of_the_image(override: dict[str, str],
+                                                      driver: str | None, cuda: str,
+                                                      base: str) -> None:
+    spec = resolve_image(override, driver)
+    assert (spec.cuda, spec.base) == (cuda, base)
+    assert spec.driver == (driver if driver and driver[0].isdigit() else "")
+
+
+def test_a_driver_too_old_for_every_flavour_is_refused_saying_which_it_needs() -> None:
+    with pytest.raises(InventoryError) as caught:
+        resolve_image({}, "520.61.05")
+    assert caught.value.problem == (
+        "[image] torch = '2.11.0': none of its CUDA flavours (cu126, cu128, cu130) runs on "
+        "NVIDIA driver 520.61.05 (they need 525.60.13 or newer)")
+    assert "upgrade the host's NVIDIA driver" in caught.value.remedy
 
 
 def test_a_broken_table_stops_rendering_before_any_file_exists(tmp_path: Path) -> None:

@@ -6,14 +6,17 @@ all in its one facts round trip. Order matters: later steps use what earlier one
 
 from __future__ import annotations
 
+import base64
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 
-from provision.changes import Change
+from provision.changes import Change, Run, WriteFile
 from provision.errors import InventoryError, ProvisionError
 from provision.facts import HostFacts
-from provision.inventory import Inventory
+from provision.inventory import AptKey, Inventory
+from provision.templating import render
 
 
 class StepBlocked(ProvisionError):
@@ -58,6 +61,9 @@ class Step:
     # What the user should know even when nothing changes (e.g. FP8 limits of this GPU).
     notes: Callable[[HostFacts, Inventory], list[str]] = _no_notes
     proof: Callable[[HostFacts, Inventory], Proof | None] = _no_proof
+    # Steps whose result this one builds on: when one of them fails, this one does not run
+    # (its own errors would only hide the real cause); every other step still does.
+    needs: tuple[str, ...] = ()
 
 
 def home_of(facts: HostFacts, name: str) -> str:
@@ -80,16 +86,41 @@ def former_members(facts: HostFacts, inventory: Inventory) -> list[str]:
     return sorted(set(facts.state.get("members", [])) - current)
 
 
-def apt_install(*packages: str) -> str:
-    """Install packages, refreshing the package lists only when the first try fails.
+# apt waits (bounded) for a dpkg lock held by e.g. unattended-upgrades instead of failing.
+APT_UPDATE = "apt-get -o DPkg::Lock::Timeout=300 update -q >/dev/null"
 
-    apt waits (bounded) for a dpkg lock held by e.g. unattended-upgrades instead of failing.
-    """
+
+def apt_install(*packages: str) -> str:
+    """Shell that installs packages (templates/host/apt-install.sh.j2 says how and why)."""
     names = " ".join(shlex.quote(p) for p in packages)
-    install = ("DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -q "
-               f"--no-install-recommends {names} >/dev/null")
-    return f"{install} 2>&1 || {{ apt-get -o DPkg::Lock::Timeout=300 update -q >/dev/null\n" \
-           f"{install}; }}"
+    return render("host/apt-install.sh.j2", packages=names, update=APT_UPDATE,
+                  install=("DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 "
+                           f"install -y -q --no-install-recommends {names} >/dev/null"))
+
+
+def signed_repository(step: str, summary: str, *, what: str, uri: str, key: AptKey,
+                      setting: str, keyring: str, sources: str, content: str,
+                      current: str | None) -> Change:
+    """An apt repository trusted only with its own key, proven before it stays.
+
+    The key (fetched from its URL on the host, or a key file's text shipped from here) goes to
+    `keyring`, the source `content` to `sources`; then `apt-get update` of that source alone
+    must accept the signature. When it does not (a wrong key, a mirror that does not answer),
+    keyring and source go back to what they were and the step fails naming the repository,
+    the key and `setting` (the inventory key to fix): the host's apt keeps working.
+    """
+    keyring_path, sources_path = PurePosixPath(keyring), PurePosixPath(sources)
+    shared = {"what": what, "keyring": keyring, "sources": sources, "setting": setting,
+              "backup": f"/var/lib/provision/apt-backup/{sources_path.stem}"}
+    fetch = render("host/apt-key.sh.j2", **shared, key_url=key.url, key_path=key.path,
+                   key_base64=base64.b64encode(key.text.encode()).decode(),
+                   keyring_dir=str(keyring_path.parent),
+                   dearmor=keyring_path.suffix != ".asc",
+                   install_curl=apt_install("curl", "ca-certificates"),
+                   install_gpg=apt_install("gnupg"))
+    check = render("host/apt-source-check.sh.j2", **shared, uri=uri, key_source=key.source,
+                   keyring_name=keyring_path.name, sources_name=sources_path.name)
+    return Change(step, summary, (Run(fetch), WriteFile(sources, content, current), Run(check)))
 
 
 def all_steps() -> tuple[Step, ...]:

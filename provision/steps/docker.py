@@ -2,7 +2,10 @@
 
 Sources: Docker's own apt repository (deb822 source, signed-by keyring) or the distribution's
 `docker.io`. `auto` takes Docker's repository when the host reaches it, else the distro's,
-and says which. An engine already installed is kept as it is, whatever its source.
+and says which; with a `[mirrors] docker_apt` it takes the mirror, which stands for
+download.docker.com (its key: `docker_apt_key`, else the mirror's copy of Docker's). The
+repository must be accepted by `apt-get update` with its key before it stays
+(`signed_repository`). An engine already installed is kept as it is, whatever its source.
 Group membership (root-equivalent, and said so) is the users step's.
 """
 
@@ -13,11 +16,12 @@ from typing import Any
 
 from provision.changes import Change, Run, WriteFile, run
 from provision.facts import DAEMON_JSON, HostFacts
-from provision.inventory import Inventory
-from provision.steps import Step, StepBlocked, apt_install
+from provision.inventory import AptKey, Inventory
+from provision.steps import APT_UPDATE, Step, StepBlocked, apt_install, signed_repository
 from provision.templating import render
 
 NAME = "docker"
+DOWNLOAD = "https://download.docker.com"
 KEYRING = "/etc/apt/keyrings/docker.asc"
 SOURCES = "/etc/apt/sources.list.d/docker.sources"
 DOCKER_CE = ("docker-ce", "docker-ce-cli", "containerd.io", "docker-buildx-plugin",
@@ -31,6 +35,8 @@ def choose_source(facts: HostFacts, inventory: Inventory) -> tuple[str, str]:
     wanted = inventory.defaults.docker_source
     if wanted != "auto":
         return wanted, f"docker_source = {wanted!r}"
+    if inventory.mirrors.docker_apt:
+        return "docker-ce", "auto: [mirrors] docker_apt"
     if facts.docker.repo_reachable:
         return "docker-ce", "auto: download.docker.com answers"
     return "distro", "auto: download.docker.com does not answer"
@@ -65,18 +71,20 @@ def _install(facts: HostFacts, inventory: Inventory) -> list[Change]:
     if codename not in SUPPORTED.get(os_id, ()):
         raise StepBlocked(f"Docker's apt repository has no {os_id} {codename or '?'} here",
                           "set docker_source = \"distro\" in [defaults]")
-    repository = f"https://download.docker.com/linux/{os_id}"
+    mirrors = inventory.mirrors
+    repository = f"{mirrors.docker_apt or DOWNLOAD}/linux/{os_id}"
+    key = mirrors.docker_apt_key or AptKey(url=f"{repository}/gpg")
     sources = render("host/docker.sources.j2", repository=repository, codename=codename,
                      keyring=KEYRING)
     return [
-        Change(NAME, f"Docker's apt repository for {os_id} {codename}, signed-by {KEYRING} "
-                     f"({why})",
-               (Run(apt_install("ca-certificates", "curl")),
-                Run(f"install -m 0755 -d /etc/apt/keyrings\n"
-                    f"curl -fsSL {repository}/gpg -o {KEYRING}\nchmod a+r {KEYRING}"),
-                WriteFile(SOURCES, sources, facts.text(SOURCES)))),
+        signed_repository(
+            NAME, f"Docker's apt repository for {os_id} {codename} ({repository}), signed-by "
+                  f"{KEYRING} with the key from {key.source} ({why})",
+            what="Docker's apt repository", uri=repository, key=key,
+            setting="[mirrors] docker_apt_key" if mirrors.docker_apt else "the host's network",
+            keyring=KEYRING, sources=SOURCES, content=sources, current=facts.text(SOURCES)),
         run(NAME, f"install Docker Engine ({', '.join(DOCKER_CE)}), enable and start it",
-            "apt-get -o DPkg::Lock::Timeout=300 update -q >/dev/null",
+            APT_UPDATE,
             apt_install(*DOCKER_CE), ENABLE),
     ]
 

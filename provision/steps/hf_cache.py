@@ -56,9 +56,6 @@ def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
     cache, group = defaults.cache_dir, defaults.cache_group
     q = shlex.quote(cache)
     changes = []
-    if "setfacl" not in facts.tools:
-        changes.append(run(NAME, "install acl (setfacl) for the cache's default ACLs",
-                           apt_install("acl")))
     state = facts.path(cache)
     if not state.exists:
         changes.append(run(NAME, f"create {cache} (root:{group}, 2775)",
@@ -70,9 +67,6 @@ def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
         changes.append(run(NAME, f"{cache}: root:{group} 2775 (was {state.owner}:"
                                  f"{state.group} {state.mode})",
                            f"chown root:{group} {q}\nchmod 2775 {q}"))
-    if not state.exists or not wanted_acl(group) <= set(facts.cache.acl):
-        changes.append(run(NAME, f"{cache}: default ACLs keep members' files group-writable",
-                           f"setfacl -R -m g:{group}:rwX,d:g:{group}:rwX,d:g::rwX,d:m::rwX {q}"))
     profile = render("host/hf-profile.sh.j2", cache_dir=cache, cache_group=group)
     current = facts.path(PROFILE)
     if current.content != profile:
@@ -81,6 +75,13 @@ def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
                               (WriteFile(PROFILE, profile, current.content),)))
     for member in inventory.members:
         changes.extend(_member(facts, inventory, member))
+    # ACLs last: when acl cannot be installed, the cache and the links are already in place.
+    if not state.exists or not wanted_acl(group) <= set(facts.cache.acl):
+        if "setfacl" not in facts.tools:
+            changes.append(run(NAME, "install acl (setfacl is missing) for the cache's default "
+                                     "ACLs", apt_install("acl")))
+        changes.append(run(NAME, f"{cache}: default ACLs keep members' files group-writable",
+                           f"setfacl -R -m g:{group}:rwX,d:g:{group}:rwX,d:g::rwX,d:m::rwX {q}"))
     return changes
 
 
@@ -127,4 +128,4 @@ def _own_dir(path: str, owner: str, group: str, state: PathState) -> str:
     return f"install -d -o {owner} -g {group} {shlex.quote(path)}\n"
 
 
-STEP = Step(NAME, plan, paths)
+STEP = Step(NAME, plan, paths, needs=("users",))

@@ -3,7 +3,8 @@
 sshd keeps the first value it reads, and Debian/Ubuntu include sshd_config.d/*.conf at the top
 of sshd_config in name order, so the drop-in is named to sort first. A config that fails
 `sshd -t` with the drop-in in place gets the drop-in removed and no reload: the admin's own
-session, and sshd itself, stay as they were.
+session, and sshd itself, stay as they were. A host without sshd (openssh-server not
+installed: a lent machine, a container) has no keepalive to set: the step is skipped, saying so.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from provision.changes import Change, Run, WriteFile
 from provision.facts import HostFacts
 from provision.inventory import Inventory
-from provision.steps import Step, StepBlocked
+from provision.steps import Step, StepBlocked, StepSkipped
 from provision.templating import render
 
 NAME = "keepalive"
@@ -32,6 +33,9 @@ def paths(inventory: Inventory) -> tuple[str, ...]:
 
 
 def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
+    if "sshd" not in facts.tools:
+        raise StepSkipped("skipped: no sshd on this host (openssh-server is not installed)",
+                          "install openssh-server if members are to log in over SSH, then rerun")
     if not facts.sshd.test_ok:
         first = (facts.sshd.test_error.strip().splitlines() or ["no detail"])[0]
         raise StepBlocked(f"sshd's configuration already fails 'sshd -t' ({first})",

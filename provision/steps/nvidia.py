@@ -5,20 +5,35 @@ Only on hosts whose facts show an NVIDIA GPU; otherwise the step says "skipped: 
 (a failure under --require-gpu). A GPU without a working driver is an error with the remedy:
 installing the driver itself is out of scope. Docker restarts only when `nvidia-ctk` changes
 its configuration, and never under running containers without --yes (the engine's rule).
+
+NVIDIA's repository (or `[mirrors] nvidia_apt`, which stands for it, with `nvidia_apt_key` or
+the mirror's copy of NVIDIA's key) must be accepted by `apt-get update` with its key before it
+stays (`signed_repository`). A pinned `nvidia_toolkit_version` pins the toolkit's four packages
+together, as NVIDIA's install guide does: each requires the others at exactly its version.
 """
 
 from __future__ import annotations
 
-from provision.changes import Change, Run, WriteFile, run
+from provision.changes import Change, Run, run
 from provision.facts import HostFacts
-from provision.inventory import Inventory
-from provision.steps import NoGpu, Proof, Step, StepBlocked, apt_install
+from provision.inventory import AptKey, Inventory
+from provision.steps import (
+    APT_UPDATE,
+    NoGpu,
+    Proof,
+    Step,
+    StepBlocked,
+    apt_install,
+    signed_repository,
+)
 from provision.templating import render
 
 NAME = "nvidia"
 REPOSITORY = "https://nvidia.github.io/libnvidia-container"
 KEYRING = "/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg"
 SOURCES = "/etc/apt/sources.list.d/nvidia-container-toolkit.list"
+TOOLKIT = ("nvidia-container-toolkit", "nvidia-container-toolkit-base", "libnvidia-container-tools",
+           "libnvidia-container1")
 FP8_TENSOR_CORES = (8, 9)
 PROOF_IMAGE = "ubuntu:24.04"
 
@@ -37,17 +52,22 @@ def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
     pinned = inventory.defaults.nvidia_toolkit_version
     installed = nvidia.ctk_version
     if installed is None or (pinned and not pinned.startswith(installed)):
-        package = f"nvidia-container-toolkit={pinned}" if pinned else "nvidia-container-toolkit"
-        changes.append(Change(
-            NAME, f"NVIDIA Container Toolkit {pinned or '(newest)'} from NVIDIA's apt repository"
-                  f", signed-by {KEYRING}",
-            (Run(apt_install("ca-certificates", "curl", "gnupg")),
-             Run(f"curl -fsSL {REPOSITORY}/gpgkey | gpg --batch --yes --dearmor -o {KEYRING}"),
-             WriteFile(SOURCES, render("host/nvidia-container-toolkit.list.j2",
-                                       repository=REPOSITORY, keyring=KEYRING),
-                       facts.text(SOURCES)),
-             Run("apt-get -o DPkg::Lock::Timeout=300 update -q >/dev/null"),
-             Run(apt_install(package)))))
+        mirror = inventory.mirrors.nvidia_apt
+        repository = mirror or REPOSITORY
+        key = inventory.mirrors.nvidia_apt_key or AptKey(url=f"{repository}/gpgkey")
+        packages = [f"{p}={pinned}" for p in TOOLKIT] if pinned else [TOOLKIT[0]]
+        changes += [
+            signed_repository(
+                NAME, f"NVIDIA's apt repository ({repository}), signed-by {KEYRING} with the "
+                      f"key from {key.source}",
+                what="NVIDIA's container toolkit repository", uri=repository, key=key,
+                setting="[mirrors] nvidia_apt_key" if mirror else "the host's network",
+                keyring=KEYRING, sources=SOURCES,
+                content=render("host/nvidia-container-toolkit.list.j2",
+                               repository=repository, keyring=KEYRING),
+                current=facts.text(SOURCES)),
+            Change(NAME, f"install NVIDIA Container Toolkit {pinned or '(newest)'}",
+                   (Run(APT_UPDATE), Run(apt_install(*packages))))]
     if "nvidia" not in facts.docker.runtimes:
         changes.append(run(NAME, "register the nvidia runtime in /etc/docker/daemon.json "
                                  "(nvidia-ctk merges it), restart Docker",
@@ -77,4 +97,5 @@ def proof(facts: HostFacts, inventory: Inventory) -> Proof:
                  "nvidia-smi --query-gpu=uuid --format=csv,noheader", check)
 
 
-STEP = Step(NAME, plan, lambda inventory: (SOURCES,), notes, proof)
+STEP = Step(NAME, plan, lambda inventory: (SOURCES,), notes, proof,
+            needs=("docker",))

@@ -12,7 +12,14 @@ import shlex
 from provision.changes import Change, WriteFile, run
 from provision.facts import HostFacts
 from provision.inventory import Inventory, Member
-from provision.steps import Step, StepBlocked, former_members, home_of, primary_group
+from provision.steps import (
+    Step,
+    StepBlocked,
+    apt_install,
+    former_members,
+    home_of,
+    primary_group,
+)
 from provision.templating import render
 
 NAME = "users"
@@ -57,6 +64,13 @@ def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
         changes.extend(_member(facts, inventory, member))
     for name in former_members(facts, inventory):
         changes.extend(_offboard(facts, inventory, name))
+    # Sudo rules last: when sudo itself cannot be installed, the accounts are already made.
+    with_sudo = [m.name for m in inventory.members if m.sudo]
+    if with_sudo and "visudo" not in facts.tools:
+        changes.append(run(NAME, f"install sudo (visudo is missing) for the sudo rules of "
+                                 f"{', '.join(with_sudo)}", apt_install("sudo")))
+    for member in inventory.members:
+        changes.extend(_sudo(facts, member))
     return changes
 
 
@@ -81,7 +95,6 @@ def _member(facts: HostFacts, inventory: Inventory, member: Member) -> list[Chan
                            f"usermod --append --groups {','.join(missing)} {name}",
                            warning=DOCKER_WARNING if DOCKER_GROUP in missing else None))
     changes.extend(_keys(facts, member))
-    changes.extend(_sudo(facts, member))
     return changes
 
 

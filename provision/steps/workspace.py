@@ -4,6 +4,10 @@ A missing file is written; one still as provision wrote it is brought up to date
 member edited is drift: reported and left alone (`--force` overwrites it, keeping a backup).
 What provision wrote is remembered by digest in a record per member under /var/lib/provision,
 and the facts carry digests, not contents, so a team's no-op converge stays small.
+
+The Dockerfile and requirements.txt are for this host's NVIDIA driver (`host_image`): the plan
+says which flavour and base it got, and an `[image]` override the driver cannot run fails the
+step at plan time, naming the driver it needs.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from provision.facts import HostFacts
 from provision.inventory import Inventory, Member
 from provision.render import WHEELHOUSE, render_workspace
 from provision.steps import Step, StepBlocked, home_of, primary_group
-from provision.versions import resolve_image
+from provision.versions import host_image, resolve_image
 
 NAME = "workspace"
 
@@ -30,7 +34,8 @@ def record_path(member: str) -> str:
 def _files(facts: HostFacts, inventory: Inventory, member: Member) -> dict[str, str]:
     group = facts.groups.get(inventory.defaults.cache_group)
     return render_workspace(inventory, member, host_alias=facts.os.hostname or None, target=None,
-                            cache_gid=group.gid if group else None)
+                            cache_gid=group.gid if group else None,
+                            image=host_image(facts, inventory))
 
 
 def _directories(files: dict[str, str]) -> list[str]:
@@ -113,7 +118,7 @@ def _wheelhouse(facts: HostFacts, inventory: Inventory, member: Member, root: st
                 group: str) -> list[Change]:
     """Air-gapped hosts: the image builds from the wheels in the build context, so her
     workspace gets the host's wheelhouse (hard links where the filesystem allows)."""
-    source = resolve_image(inventory.image).wheelhouse
+    source = host_image(facts, inventory).wheelhouse
     here = facts.path(f"~{member.name}/{inventory.defaults.workspace_dir}/{WHEELHOUSE}")
     if not source or here.exists:
         return []
@@ -128,4 +133,9 @@ def _wheelhouse(facts: HostFacts, inventory: Inventory, member: Member, root: st
                 f"chown {member.name}:{group} {target}")]
 
 
-STEP = Step(NAME, plan, paths)
+def notes(facts: HostFacts, inventory: Inventory) -> list[str]:
+    return [f"image for this host: {host_image(facts, inventory).choice}"] \
+        if inventory.members else []
+
+
+STEP = Step(NAME, plan, paths, notes, needs=("users",))
