@@ -193,6 +193,14 @@ def make_host(docker_engine, tmp_path_factory) -> Iterator[Callable[..., Host]]:
         sandboxes.down(host.name, host.inventory, log=lambda *_: None)
 
 
+@pytest.fixture
+def own_host(make_host) -> Iterator[Host]:
+    """A sandbox for one test alone, removed when the test ends: fewer hosts alive at once."""
+    host = make_host()
+    yield host
+    sandboxes.down(host.name, host.inventory, log=lambda *_: None)
+
+
 @pytest.fixture(scope="session")
 def shared_host(make_host) -> Host:
     """One sandbox for tests that only read."""

@@ -128,10 +128,10 @@ def test_end_of_input_at_the_password_prompt_is_one_line(tmp_path: Path) -> None
                                   "NOPASSWD sudo"]
 
 
-def test_ctrl_c_during_a_converge_is_one_line_and_a_rerun_converges(make_host) -> None:
+def test_ctrl_c_during_a_converge_is_one_line_and_a_rerun_converges(own_host) -> None:
     """Ctrl-C while a step is being applied on a real host: the CLI says so in one line and exits
     130 at once; what the host received runs to its end, and the next run converges."""
-    host = make_host()
+    host = own_host
     process = subprocess.Popen(
         [sys.executable, "-m", "provision", "host", host.name], stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, cwd=host.inventory.parent,

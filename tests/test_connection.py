@@ -190,10 +190,10 @@ def test_sudo_with_a_password(make_host) -> None:
 
 
 
-def test_a_sudo_password_for_a_nopasswd_admin_reaches_no_shell_and_no_output(make_host) -> None:
+def test_a_sudo_password_for_a_nopasswd_admin_reaches_no_shell_and_no_output(own_host) -> None:
     """sudo under NOPASSWD reads no password: with `sudo -S` the line went on to the root shell
     as a command ("sh: 1: <password>: not found"). Now nothing but sudo's askpass ever sees it."""
-    host: Host = make_host()
+    host: Host = own_host
     canary = "Pw-canary-5e1f0c"
     snapshots: list[str] = []
     done = threading.Event()
