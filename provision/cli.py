@@ -29,8 +29,9 @@ from provision.errors import (
     ProvisionError,
     StepFailed,
 )
-from provision.facts import gather_facts
+from provision.facts import HostFacts, gather_facts
 from provision.inventory import Inventory, inventory_path, load_inventory
+from provision.models import debug_model
 from provision.onboard import bundle, merge_ssh_block
 from provision.render import member_files, render_workspace, write_files
 from provision.steps import select_steps
@@ -225,11 +226,11 @@ def doctor(
                            + "; ".join(c.name for c in failed), "see the remedies above")
 
 
-def _cache_gid(settings: Settings, host: str, inventory: Inventory) -> int | None:
-    """The cache group's gid on the host: the container's supplementary group."""
+def _facts(settings: Settings, host: str, inventory: Inventory) -> HostFacts:
+    """What the rendered files need of the host: the cache group's gid (the container's
+    supplementary group), the shared cache's models and her GPUs' memory."""
     with settings.connect(host, inventory) as conn:
-        group = gather_facts(conn, inventory).groups.get(inventory.defaults.cache_group)
-    return group.gid if group else None
+        return gather_facts(conn, inventory)
 
 
 @app.command("render")
@@ -250,12 +251,14 @@ def render_command(
     if not members:
         raise InventoryError(f"{inventory.path}: no members", "add one: provision team add")
     target = resolve_target(host, inventory, settings.ssh_config) if host else None
-    cache_gid = _cache_gid(settings, host, inventory) if host else None
+    facts = _facts(settings, host, inventory) if host else None
     for each in members:
-        files = member_files(inventory, each, host_alias=host, target=target,
-                             cache_gid=cache_gid, identity_file=identity_file)
+        files = member_files(inventory, each, host_alias=host, target=target, facts=facts,
+                             identity_file=identity_file)
         written = write_files(files, out_dir if member else out_dir / each.name)
-        err.print(f"{each.name}: {len(written)} files in {written[0].parent.parent}")
+        model = debug_model(each, facts)
+        err.print(f"{each.name}: {len(written)} files in {written[0].parent.parent}; "
+                  f"launch.json runs --model {model.model} ({model.why})")
 
 
 @app.command()
@@ -276,9 +279,11 @@ def onboard(
     member = inventory.member(name)
     target = resolve_target(host, inventory, settings.ssh_config)
     folder = out_dir or Path(f"onboard-{name}")
-    written = bundle(inventory, member, host, target, _cache_gid(settings, host, inventory),
-                     identity_file, folder)
-    err.print(f"{len(written)} files in {folder}: send her the folder; README.md has the steps")
+    facts = _facts(settings, host, inventory)
+    written = bundle(inventory, member, host, target, facts, identity_file, folder)
+    model = debug_model(member, facts)
+    err.print(f"{len(written)} files in {folder}: send her the folder; README.md has the steps; "
+              f"launch.json runs --model {model.model} ({model.why})")
     if merge_into is not None:
         block = (folder / "ssh_config").read_text()
         changed = merge_ssh_block(merge_into.expanduser(), block, name, host)
