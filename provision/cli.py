@@ -38,7 +38,7 @@ from provision.files import atomic_write
 from provision.inventory import Inventory, inventory_path, load_inventory
 from provision.onboard import bundle, merge_ssh_block
 from provision.render import member_files, write_files
-from provision.steps import select_steps
+from provision.steps import paths_of, select_steps
 from provision.target import resolve_target
 from provision.templating import render
 from provision.verify import verify
@@ -136,7 +136,7 @@ def facts(ctx: typer.Context, host: str,
     settings: Settings = ctx.obj
     inventory = settings.load(missing_ok=True)
     # The paths every step reads too, so this is all a converge would see.
-    paths = tuple(p for step in select_steps(None, None) for p in step.paths(inventory))
+    paths = paths_of(select_steps(None, None), inventory)
     with settings.connect(host, inventory) as conn:
         transcript = read_transcript(conn, inventory, paths)
     if raw:

@@ -29,7 +29,7 @@ from provision.errors import (
 )
 from provision.facts import STATE_FILE, HostFacts, gather_facts
 from provision.inventory import Inventory
-from provision.steps import NoGpu, Step, StepBlocked, StepSkipped, former_members
+from provision.steps import NoGpu, Step, StepBlocked, StepSkipped, former_members, paths_of
 
 # An applying run holds the lock exclusively; a planning one shares it and writes nothing
 # (on a host never converged there is no lock file, and nothing to race with).
@@ -149,7 +149,7 @@ def converge_host(conn: Connection, inventory: Inventory, steps: tuple[Step, ...
     """Plan (and apply) `steps` on one connected host; never raises, the report says all."""
     report = HostReport(conn.name)
     started = time.monotonic()
-    paths = tuple(p for step in steps for p in step.paths(inventory))
+    paths = paths_of(steps, inventory)
     try:
         held = conn.hold(LOCK_EXCLUSIVE if options.apply else LOCK_SHARED)
         if held.first_line != "locked":

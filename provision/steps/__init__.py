@@ -123,6 +123,11 @@ def signed_repository(step: str, summary: str, *, what: str, uri: str, key: AptK
     return Change(step, summary, (Run(fetch), WriteFile(sources, content, current), Run(check)))
 
 
+def paths_of(steps: tuple[Step, ...], inventory: Inventory) -> tuple[str, ...]:
+    """Every path these steps read, asked for in the one facts round trip."""
+    return tuple(p for step in steps for p in step.paths(inventory))
+
+
 def all_steps() -> tuple[Step, ...]:
     from provision.steps import docker, hf_cache, keepalive, nvidia, users, workspace
 
