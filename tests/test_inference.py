@@ -2,17 +2,22 @@
 
 Why: every member runs this script and `provision verify` parses its output, so these pin its
 contract without a GPU or a download: one JSON line on stdout, a PNG of the requested size,
-the loud dq -> storage fallback, the one-line `--strict` refusal, and the breakpoint line that
-shows SD3's 16-channel latents. Tiny model, 64x96 (non-square, to catch a swapped H/W), 2 steps.
+the loud dq -> storage fallback, the one-line `--strict` refusal, the breakpoint line that
+shows SD3's 16-channel latents, no compilation under a debugger, the model built from
+uninitialised memory and loaded from a saved pipeline, and the attention maps (the helper
+against the processor's own queries and keys, one PNG per prompt token). Tiny model, 64x96
+(non-square, to catch a swapped H/W), 2 steps.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -28,6 +33,7 @@ METRIC_FIELDS = {
     "device", "gpu", "compute_capability", "torch", "diffusers", "transformers", "torchao",
     "model", "weights", "text_encoders", "fp8_requested", "fp8_applied", "load_s",
     "first_step_s", "step_ms_mean", "step_ms_note", "total_s", "peak_mem_gib",
+    "compiled", "compile_skipped_reason", "load_phases_s", "attention_maps",
     "transformer_weights_gib", "height", "width", "steps", "output", "latents_shape",
 }  # fmt: skip
 MARKER = "# BREAKPOINT: latents before VAE decode"
@@ -54,6 +60,30 @@ with open(out, "w") as f:
     json.dump(seen, f)
 """
 
+# Runs inference.py with torch's compile entry points replaced by a recorder (so nothing is
+# really compiled), optionally under a trace function as a debugger sets one; writes the
+# names of the compile calls it saw.
+COMPILE_DRIVER = """
+import json, runpy, sys, torch
+script, out, traced = sys.argv[1], sys.argv[2], sys.argv[3] == "traced"
+calls = []
+torch.nn.Module.compile = lambda self, *a, **k: calls.append(type(self).__name__)
+torch.compile = lambda *a, **k: calls.append("torch.compile")
+def tracer(frame, event, arg):
+    return None  # a debugger with no breakpoint in this frame
+sys.argv = [script, *sys.argv[4:]]
+if traced:
+    sys.settrace(tracer)
+try:
+    runpy.run_path(script, run_name="__main__")
+except SystemExit as exit:
+    assert not exit.code, exit.code
+finally:
+    sys.settrace(None)
+with open(out, "w") as f:
+    json.dump(calls, f)
+"""
+
 
 def cpu_env(tmp: Path) -> dict[str, str]:
     """CPU only, offline, private compile cache: the test must not depend on the machine."""
@@ -66,15 +96,25 @@ def cpu_env(tmp: Path) -> dict[str, str]:
     }
 
 
-def run_script(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def run_python(tmp: Path, *argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *TINY, *args],
+        [sys.executable, *argv],
         capture_output=True,
         text=True,
         env=cpu_env(tmp),
         cwd=tmp,
         timeout=300,
     )
+
+
+def run_script(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """inference.py with the tiny model at the test size."""
+    return run_python(tmp, str(SCRIPT), *TINY, *args)
+
+
+def run_driver(tmp: Path, driver: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """inference.py run by `driver` (which gets the script's path, then `args`)."""
+    return run_python(tmp, "-c", driver, str(SCRIPT), *args)
 
 
 def metrics_of(proc: subprocess.CompletedProcess[str]) -> dict:
@@ -112,6 +152,8 @@ def test_metrics_line_has_the_reported_fields(storage_run: tuple[dict, Path, Pat
     assert metrics["step_ms_mean"] > 0 and metrics["peak_mem_gib"] > 0
     assert Path(metrics["output"]) == png
     assert json.loads(metrics_file.read_text()) == metrics
+    assert metrics["attention_maps"] is None, "nothing recorded without --attention-maps"
+    assert {"imports", "build", "fp8", "ready"} <= metrics["load_phases_s"].keys()
 
 
 def test_dq_without_gpu_falls_back_to_storage_loudly(tmp_path: Path) -> None:
@@ -139,13 +181,123 @@ def test_breakpoint_line_shows_sd3_latents(tmp_path: Path) -> None:
     assert len(marked) == 1, f"expected one line ending with {MARKER!r}"
     seen_file = tmp_path / "seen.json"
     args = [*TINY, "--fp8", "off", "--output", str(tmp_path / "bp.png")]
-    proc = subprocess.run(
-        [sys.executable, "-c", TRACE_DRIVER, str(SCRIPT), str(marked[0]), str(seen_file), *args],
-        capture_output=True,
-        text=True,
-        env=cpu_env(tmp_path),
-        cwd=tmp_path,
-        timeout=300,
-    )
+    proc = run_driver(tmp_path, TRACE_DRIVER, str(marked[0]), str(seen_file), *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(seen_file.read_text()) == [[1, 16, HEIGHT // 8, WIDTH // 8]]
+
+
+@pytest.mark.parametrize("traced", [True, False], ids=["under-a-debugger", "without"])
+def test_a_run_with_a_trace_function_set_never_compiles(tmp_path: Path, traced: bool) -> None:
+    """Breakpoints inside compiled code never fire, so under a debugger `--compile` is ignored,
+    loudly; without one the same command compiles every transformer block."""
+    calls_file = tmp_path / "calls.json"
+    mode = "traced" if traced else "plain"
+    args = [*TINY, "--fp8", "storage", "--compile", "--output", str(tmp_path / "c.png")]
+    proc = run_driver(tmp_path, COMPILE_DRIVER, str(calls_file), mode, *args)
+    metrics = metrics_of(proc)
+    calls = json.loads(calls_file.read_text())
+    if traced:
+        assert calls == []
+        assert metrics["compiled"] is False
+        assert "trace function" in metrics["compile_skipped_reason"]
+        assert "NOT COMPILING" in proc.stderr
+    else:
+        assert calls == ["JointTransformerBlock"] * 2  # the tiny model's two blocks
+        assert metrics["compiled"] is True and metrics["compile_skipped_reason"] is None
+
+
+def load_workspace_module(name: str) -> ModuleType:
+    """A workspace file imported as the debug console imports it (its folder on sys.path)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
+        assert spec and spec.loader
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+
+
+def test_attention_helper_is_the_processors_own_attention_and_rows_sum_to_1(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """text_to_image recomputes what JointAttnProcessor2_0 hands to SDPA: its rows must be the
+    softmax of those very queries (text) and keys (image), for the prompt half of the batch."""
+    import torch
+
+    inference, maps = load_workspace_module("inference"), load_workspace_module("attention_maps")
+    transformer = inference.random_pipeline("tiny", torch.device("cpu"), seed=0).transformer
+    seen: dict[str, object] = {}
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy_sdpa(query: torch.Tensor, key: torch.Tensor, *args: object, **kwargs: object):
+        seen.setdefault("qk", (query, key))
+        return sdpa(query, key, *args, **kwargs)
+
+    def spy_processor(attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        seen.setdefault("inputs", (attn, hidden_states, encoder_hidden_states))
+        return processor(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+
+    attn = transformer.transformer_blocks[0].attn
+    processor = attn.processor
+    attn.processor = spy_processor
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy_sdpa)
+    g = torch.Generator().manual_seed(0)
+    config = transformer.config
+    with torch.inference_mode():
+        transformer(
+            hidden_states=torch.randn(2, 16, HEIGHT // 8, WIDTH // 8, generator=g).bfloat16(),
+            encoder_hidden_states=torch.randn(2, 9, config.joint_attention_dim, generator=g)
+            .bfloat16(),
+            pooled_projections=torch.randn(2, config.pooled_projection_dim, generator=g)
+            .bfloat16(),
+            timestep=torch.tensor([500.0, 500.0]),
+        )
+        m = maps.text_to_image(*seen["inputs"])
+        heads = maps.text_to_image(*seen["inputs"], per_head=True)
+    image_tokens = (HEIGHT // 16) * (WIDTH // 16)
+    query, key = seen["qk"]
+    scores = query[-1, :, image_tokens:].float() @ key[-1, :, :image_tokens].float().mT
+    expected = (scores / query.shape[-1] ** 0.5).softmax(-1)
+    assert m.shape == (9, image_tokens) and heads.shape == (config.num_attention_heads, 9,
+                                                             image_tokens)
+    torch.testing.assert_close(heads, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(m, expected.mean(0), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(m.sum(-1), torch.ones(9), atol=1e-5, rtol=0)
+
+
+def test_attention_maps_writes_one_png_per_prompt_token_and_an_overlay(tmp_path: Path) -> None:
+    prompt = "a red cube"
+    out = tmp_path / "maps"
+    proc = run_script(tmp_path, "--fp8", "storage", "--compile", "--prompt", prompt,
+                      "--output", str(tmp_path / "a.png"), "--attention-maps", str(out),
+                      "--attention-blocks", "1", "--attention-step", "2")
+    metrics = metrics_of(proc)
+    recorded = metrics["attention_maps"]
+    pngs = sorted(out.glob("token-*.png"))
+    assert len(pngs) == len(prompt) == len(recorded["tokens"])  # character-level tokenizer
+    assert [p.name for p in pngs] == recorded["files"]
+    assert (recorded["blocks"], recorded["step"]) == ([1], 2)
+    assert metrics["compiled"] is False and "--attention-maps" in metrics["compile_skipped_reason"]
+    for png in pngs:
+        with Image.open(png) as im:
+            assert im.size == (WIDTH, HEIGHT)
+    assert (out / "overlay.png").is_file()
+
+
+def test_a_saved_pipeline_loads_through_the_device_map(tmp_path: Path) -> None:
+    """The real-weights path (`--model PATH`, device_map onto the device), on a saved tiny
+    pipeline: the same image as the random-weight run that saved it."""
+    import torch
+
+    inference = load_workspace_module("inference")
+    saved = tmp_path / "tiny-pipeline"
+    inference.random_pipeline("tiny", torch.device("cpu"), seed=0).save_pretrained(saved)
+    args = ["--fp8", "off", "--steps", "2", "--height", str(HEIGHT), "--width", str(WIDTH)]
+    loaded = metrics_of(run_python(tmp_path, str(SCRIPT), *args, "--model", str(saved),
+                                   "--output", str(tmp_path / "loaded.png")))
+    built = metrics_of(run_script(tmp_path, "--fp8", "off", "--output", str(tmp_path / "b.png")))
+    assert loaded["weights"] == "pretrained" and built["weights"].startswith("random")
+    with Image.open(tmp_path / "loaded.png") as a, Image.open(tmp_path / "b.png") as b:
+        assert a.tobytes() == b.tobytes()

@@ -16,21 +16,34 @@ FP8 modes, because they trade different things:
            Inductor cache in TORCHINDUCTOR_CACHE_DIR so only the first run pays for compilation.
            Where it cannot run it falls back to `storage` with a warning (`--strict`: exit 2).
 
+Under a debugger (VS Code's F5, `python -m debugpy`, any trace function or sys.monitoring
+debugger) nothing is compiled, whatever `--fp8` or `--compile` say: breakpoints inside compiled
+code never fire, and compiling under a tracing debugger takes many times longer. The transformer
+then runs eager in the requested FP8 mode; stderr says so and the metrics carry the reason.
+
 Weights: an HF id or local path loads from the HF cache (never downloads under
-HF_HUB_OFFLINE=1). `tiny`, `medium` and `large` build that architecture with random weights,
-offline, seeded by `--seed`, so every FP8 mode of one seed starts from the same weights. For
-`medium`/`large` the full-size text encoders (T5-XXL alone is 4.7 B parameters) are skipped and
-seeded random prompt embeddings of the right shapes are passed instead; `tiny` builds tiny but
-real CLIP/T5 encoders and tokenizers so the whole pipeline path runs on a CPU in seconds.
+HF_HUB_OFFLINE=1), each safetensors file straight onto the GPU. `tiny`, `medium` and `large`
+build that architecture with random weights, offline, seeded by `--seed`, so every FP8 mode of
+one seed starts from the same weights: allocated on the GPU uninitialised (no default init to
+throw away) and initialised in place. For `medium`/`large` the full-size text encoders (T5-XXL
+alone is 4.7 B parameters) are not built and seeded random prompt embeddings of the right shapes
+are passed instead; `tiny` builds tiny but real CLIP/T5 encoders and tokenizers so the whole
+pipeline path runs on a CPU in seconds.
+
+`--attention-maps DIR` saves, for the joint attention of `--attention-blocks` at
+`--attention-step`, one heatmap PNG per prompt token (where that token attends in the image)
+and an overlay on the final image: see attention_maps.py, which is also the helper to call
+from the debug console. Without the flag nothing of it is imported or hooked.
 
 Output: the PNG, and exactly one JSON line on stdout (everything else goes to stderr). Fields:
 ok, device, gpu, compute_capability, cuda, torch, diffusers, transformers, torchao, model,
 weights, text_encoders, fp8_requested, fp8_applied, fp8_fallback_reason, fp8_linear_layers,
-linear_layers, compiled, inductor_cache_dir, seed, height, width, steps, guidance, load_s,
-first_step_s, step_ms_mean, step_ms_note, denoise_s, decode_s, total_s, peak_mem_gib,
-peak_mem_kind, load_peak_mem_gib, transformer_weights_gib, transformer_params, latents_shape,
-output. load_s runs from start to ready-to-denoise (library imports, build or load, FP8
-conversion); compilation happens in the first step, so first_step_s holds it and step_ms_mean
+linear_layers, compiled, compile_skipped_reason, inductor_cache_dir, seed, height, width,
+steps, guidance, load_s, load_phases_s, first_step_s, step_ms_mean, step_ms_note, denoise_s,
+decode_s, total_s, peak_mem_gib, peak_mem_kind, load_peak_mem_gib, transformer_weights_gib,
+transformer_params, latents_shape, attention_maps, output. load_s runs from start to
+ready-to-denoise (library imports, build or load, FP8 conversion; load_phases_s splits it);
+compilation happens in the first step, so first_step_s holds it and step_ms_mean
 (CUDA-synchronised) leaves step 1 out. peak_mem_gib is the CUDA allocator peak during generation
 (load_peak_mem_gib: while loading) on a GPU, the process's max RSS on a CPU.
 Exit codes: 0 done, 1 known error (one line on stderr), 2 usage or `--strict` refusal.
@@ -46,6 +59,7 @@ import json
 import os
 import resource
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -168,12 +182,78 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--strict", action="store_true", help="fail instead of falling back from dq")
     p.add_argument("--guidance", type=float, default=3.5, help="CFG scale (default: %(default)s)")
     p.add_argument("--metrics", type=Path, help="also write the JSON metrics line to this file")
+    p.add_argument(
+        "--attention-maps",
+        type=Path,
+        metavar="DIR",
+        help="save one heatmap PNG per prompt token (where it attends in the image) and "
+        "overlay.png into DIR; runs the transformer eager",
+    )
+    p.add_argument(
+        "--attention-blocks",
+        type=block_list,
+        metavar="N,M-K",
+        help="joint transformer blocks to average the maps over (default: all)",
+    )
+    p.add_argument(
+        "--attention-step",
+        type=int,
+        help="denoising step (1-based) to record the maps at (default: the middle one)",
+    )
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error("--steps must be >= 1")
+    if args.attention_step is not None and not 1 <= args.attention_step <= args.steps:
+        p.error(f"--attention-step must be in 1..{args.steps}")
     if args.height % 16 or args.width % 16 or min(args.height, args.width) < 16:
         p.error("--height and --width must be positive multiples of 16 (VAE 8x, patch 2)")
     return args
+
+
+def block_list(text: str) -> list[int]:
+    """`--attention-blocks`: "0,5,10-12" -> [0, 5, 10, 11, 12]."""
+    blocks: list[int] = []
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            first, _, last = part.partition("-")
+            blocks += range(int(first), int(last or first) + 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list like 0,5,10-12") from None
+    if not blocks:
+        raise argparse.ArgumentTypeError("no block given")
+    return sorted(set(blocks))
+
+
+def debugger_reason() -> str | None:
+    """What is tracing this process (so compiling must not happen), or None.
+
+    VS Code's F5 runs the program under debugpy, which traces with sys.settrace up to Python
+    3.11 and registers as sys.monitoring's debugger tool from 3.12; `python -m debugpy`
+    attached later shows as a connected client. Any trace function counts: compiled code would
+    hide breakpoints from it, and compiling under it is many times slower.
+    """
+    debugpy = sys.modules.get("debugpy")
+    if debugpy is not None and debugpy.is_client_connected():
+        return "a debugpy client is connected"
+    trace = sys.gettrace()
+    if trace is not None:
+        return f"a trace function is set ({getattr(trace, '__qualname__', type(trace).__name__)})"
+    monitoring = getattr(sys, "monitoring", None)  # Python >= 3.12
+    if monitoring is not None:
+        tool = monitoring.get_tool(monitoring.DEBUGGER_ID)
+        if tool is not None:
+            return f"debugger {tool!r} is registered with sys.monitoring"
+    return None
+
+
+def compile_skipped_reason(args: argparse.Namespace) -> str | None:
+    """Why the transformer must run eager although compilation was asked for, or None."""
+    reason = debugger_reason()
+    if reason:
+        return f"{reason}: breakpoints inside compiled code never fire"
+    if args.attention_maps:
+        return "--attention-maps records attention in eager blocks"
+    return None
 
 
 def torch_version() -> tuple[int, int]:
@@ -238,34 +318,78 @@ def resolve_fp8(requested: str, device: torch.device, strict: bool) -> tuple[str
     return "storage", reason
 
 
+class Stopwatch:
+    """Seconds spent in each loading phase, for the metrics' load_phases_s."""
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[phase] = round(now - self.last, 3)
+        self.last = now
+
+
+def start_cuda(device: torch.device) -> threading.Thread | None:
+    """Initialise CUDA (driver, context, cuBLAS) in a background thread.
+
+    Each takes a second or more, and none needs the libraries that Python imports meanwhile on
+    the main thread. A failure here shows again, with its message, at the first real use.
+    """
+    if device.type != "cuda":
+        return None
+
+    def initialise() -> None:
+        with contextlib.suppress(Exception):
+            torch.empty(1, device=device)
+            torch.cuda.current_blas_handle()
+
+    thread = threading.Thread(target=initialise, name="cuda-init", daemon=True)
+    thread.start()
+    return thread
+
+
 @contextlib.contextmanager
 def building_on(device: torch.device) -> Iterator[None]:
-    """Create modules directly on `device` in bf16.
+    """Create modules directly on `device` in bf16, their parameters left uninitialised.
 
     Building 8 B parameters in fp32 on the CPU and moving them takes minutes and twice the
-    memory; allocating them where they will run, in their final dtype, takes seconds.
+    memory; allocating them where they will run, in their final dtype, takes a moment. torch's
+    default init is skipped (diffusers' no_init_weights, as its from_pretrained does), since
+    `init_random_` writes every parameter once, in place, right after.
     """
+    from diffusers.models.modeling_utils import no_init_weights
+
     previous = torch.get_default_dtype()
     torch.set_default_dtype(DTYPE)
     try:
-        with device:
+        with device, no_init_weights():
             yield
     finally:
         torch.set_default_dtype(previous)
 
 
-def init_linear_(module: torch.nn.Module) -> None:
-    """Give every Linear N(0, 0.02) weights and zero biases.
+def init_random_(module: torch.nn.Module) -> None:
+    """Write every parameter of a freshly built, uninitialised model, in place.
 
-    Explicit, so random models are finite and well scaled whatever a library's default init
-    does: NaN/Inf or huge weights would break FP8 scaling and make the bf16-vs-FP8 comparison
-    meaningless.
+    Explicit, so random models are finite and well scaled whatever the memory held before:
+    NaN/Inf or huge weights would break FP8 scaling and make the bf16-vs-FP8 comparison
+    meaningless. Matrices (Linear, embeddings) N(0, 0.02); convolution kernels U(+-1/sqrt(fan
+    in)), torch's default scale, so the VAE's convolutions neither vanish nor explode; other
+    1-D weights (norm scales) 1; biases 0.
     """
-    for m in module.modules():
-        if isinstance(m, torch.nn.Linear):
-            torch.nn.init.normal_(m.weight, mean=0.0, std=0.02)
-            if m.bias is not None:
-                torch.nn.init.zeros_(m.bias)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if name.endswith("bias"):
+                param.zero_()
+            elif param.ndim == 1:
+                param.fill_(1.0)
+            elif param.ndim == 2:
+                param.normal_(0.0, 0.02)
+            else:
+                bound = param[0].numel() ** -0.5
+                param.uniform_(-bound, bound)
 
 
 def tiny_tokenizer(max_length: int, add_bos: bool) -> Any:
@@ -293,8 +417,10 @@ def tiny_tokenizer(max_length: int, add_bos: bool) -> Any:
     )
 
 
-def tiny_text_stack(device: torch.device) -> dict[str, Any]:
-    """Two tiny CLIP text encoders and a tiny T5 encoder with tokenizers, as SD3 wires them."""
+def tiny_text_stack() -> dict[str, Any]:
+    """Two tiny CLIP text encoders and a tiny T5 encoder with tokenizers, as SD3 wires them.
+
+    Built where the caller's `building_on` says, uninitialised."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     parts: dict[str, Any] = {
@@ -327,13 +453,9 @@ def tiny_text_stack(device: torch.device) -> dict[str, Any]:
         eos_token_id=3,
         decoder_start_token_id=0,
     )
-    with building_on(device):
-        parts["text_encoder"] = CLIPTextModelWithProjection(clip)
-        parts["text_encoder_2"] = CLIPTextModelWithProjection(clip)
-        parts["text_encoder_3"] = T5EncoderModel(t5)
-    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-        init_linear_(parts[name])
-        parts[name].to(device=device, dtype=DTYPE).eval()
+    parts["text_encoder"] = CLIPTextModelWithProjection(clip).eval()
+    parts["text_encoder_2"] = CLIPTextModelWithProjection(clip).eval()
+    parts["text_encoder_3"] = T5EncoderModel(t5).eval()
     return parts
 
 
@@ -351,13 +473,15 @@ def random_pipeline(size: str, device: torch.device, seed: int) -> StableDiffusi
             f"warning: building SD3.5-{size} on the CPU takes minutes and tens of GB of RAM",
             file=sys.stderr,
         )
-    torch.manual_seed(seed)  # same seed -> same weights in every FP8 mode
     with building_on(device):
         transformer = SD3Transformer2DModel(**TRANSFORMER_CONFIGS[size])
         vae = AutoencoderKL(**(TINY_VAE if size == "tiny" else SD3_VAE))
-    init_linear_(transformer)
-    init_linear_(vae)
-    text = tiny_text_stack(device) if size == "tiny" else dict.fromkeys(TEXT_COMPONENTS)
+        # The full-size encoders are never built: random prompt embeddings stand in for them.
+        text = tiny_text_stack() if size == "tiny" else dict.fromkeys(TEXT_COMPONENTS)
+    torch.manual_seed(seed)  # same seed -> same weights in every FP8 mode
+    for part in (transformer, vae, *text.values()):
+        if isinstance(part, torch.nn.Module):
+            init_random_(part)
     # Cast the fp32 buffers (positional embeddings) with nn.Module.to: ModelMixin.to would warn
     # about from_pretrained's fp32-kept modules, which models built in code do not have.
     return StableDiffusion3Pipeline(
@@ -369,13 +493,17 @@ def random_pipeline(size: str, device: torch.device, seed: int) -> StableDiffusi
 
 
 def pretrained_pipeline(model: str, device: torch.device) -> StableDiffusion3Pipeline:
-    """Load SD3.5 weights from a local path or the HF cache; never download when offline."""
+    """Load SD3.5 weights from a local path or the HF cache; never download when offline.
+
+    `device_map` puts each safetensors tensor straight onto the device (no CPU copy of 16 GB
+    first, no default init of modules about to be overwritten).
+    """
     from diffusers import StableDiffusion3Pipeline
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
     try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(
-            model, torch_dtype=DTYPE, local_files_only=offline
+        return StableDiffusion3Pipeline.from_pretrained(
+            model, torch_dtype=DTYPE, local_files_only=offline, device_map=device.type
         )
     except (OSError, ValueError) as exc:
         where = "the HF cache (HF_HUB_OFFLINE is set)" if offline else "the HF cache or the Hub"
@@ -384,7 +512,6 @@ def pretrained_pipeline(model: str, device: torch.device) -> StableDiffusion3Pip
             f"cannot load {model!r} from {where}: {first} -- log in and accept the license, "
             "or use --model large|medium|tiny for random weights"
         ) from exc
-    return pipe.to(device)
 
 
 def random_prompt_embeds(config: Any, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
@@ -486,6 +613,47 @@ def decode(pipe: StableDiffusion3Pipeline, latents: torch.Tensor) -> Image:
     return pipe.image_processor.postprocess(pixels, output_type="pil")[0]
 
 
+def start_attention_maps(
+    args: argparse.Namespace, transformer: torch.nn.Module
+) -> tuple[list[int], int, list[torch.Tensor]] | None:
+    """With --attention-maps: hook the chosen blocks; (blocks, 0-based step, maps being filled)."""
+    if not args.attention_maps:
+        return None
+    from attention_maps import record
+
+    count = len(transformer.transformer_blocks)
+    blocks = args.attention_blocks or list(range(count))
+    if blocks[-1] >= count:
+        raise InferenceError(f"--attention-blocks: this transformer has blocks 0..{count - 1}")
+    step = (args.attention_step or (args.steps + 1) // 2) - 1
+    return blocks, step, record(transformer, blocks, step)
+
+
+def save_attention_maps(
+    args: argparse.Namespace,
+    pipe: StableDiffusion3Pipeline,
+    recording: tuple[list[int], int, list[torch.Tensor]],
+    image: Image,
+) -> dict[str, Any]:
+    """Write the recorded maps (averaged over the blocks) as PNGs; their part of the metrics."""
+    from attention_maps import prompt_tokens, save_maps
+
+    blocks, step, maps = recording
+    tokens, source = prompt_tokens(pipe, args.prompt)
+    patch = pipe.transformer.config.patch_size * pipe.vae_scale_factor
+    grid = (args.height // patch, args.width // patch)
+    files = save_maps(torch.stack(maps).mean(dim=0), tokens, grid, image, args.attention_maps)
+    return {
+        "dir": str(args.attention_maps),
+        "blocks": blocks,
+        "step": step + 1,
+        "tokens": [label for _, label in tokens],
+        "token_source": source,
+        "files": [p.name for p in files],
+        "overlay": "overlay.png",
+    }
+
+
 def memory_peak_gib(device: torch.device) -> tuple[float, str]:
     """Peak memory so far: CUDA allocator peak on a GPU, process max RSS on the CPU."""
     if device.type == "cuda":
@@ -496,10 +664,26 @@ def memory_peak_gib(device: torch.device) -> tuple[float, str]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build or load the pipeline, apply FP8, denoise, decode, save; return the metrics."""
     t_start = time.perf_counter()
+    watch = Stopwatch()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    fp8_applied, fallback_reason = resolve_fp8(args.fp8, device, args.strict)
+    fp8_applied, fallback_reason = resolve_fp8(args.fp8, device, args.strict)  # fail fast
+    watch.lap("fp8_check")
+    cuda_init = start_cuda(device)
+    from diffusers import StableDiffusion3Pipeline  # noqa: F401 - the imports, timed alone
+
+    watch.lap("imports")
+    if cuda_init:
+        cuda_init.join()
+        watch.lap("cuda_init_wait")
+    skipped = compile_skipped_reason(args) if fp8_applied == "dq" or args.compile else None
+    compiled = (fp8_applied == "dq" or args.compile) and not skipped
 
     random_size = args.model if args.model in TRANSFORMER_CONFIGS else None
+    what = f"building random-weight SD3.5-{random_size}" if random_size else f"loading {args.model}"
+    how = "compiled blocks" if compiled else "eager"
+    print(f"inference: {what} on {device}, --fp8 {fp8_applied}, {how}", file=sys.stderr)
+    if skipped:
+        print(f"inference: NOT COMPILING: {skipped}; the transformer runs eager", file=sys.stderr)
     if random_size:
         pipe = random_pipeline(random_size, device, args.seed)
         weights = f"random (seed {args.seed})"
@@ -507,9 +691,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pipe = pretrained_pipeline(args.model, device)
         weights = "pretrained"
     transformer = pipe.transformer
+    watch.lap("build" if random_size else "load")
     apply_fp8(transformer, fp8_applied)
-    compiled = fp8_applied == "dq" or args.compile
+    watch.lap("fp8")
     cache_dir = compile_blocks(transformer) if compiled else None
+    recording = start_attention_maps(args, transformer)
 
     call: dict[str, Any] = {"prompt": args.prompt}
     text_encoders = "pretrained"
@@ -521,6 +707,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     linears = [m for m in transformer.modules() if isinstance(m, torch.nn.Linear)]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    watch.lap("ready")
     load_s = time.perf_counter() - t_start
     load_peak, peak_kind = memory_peak_gib(device)
     if device.type == "cuda":
@@ -547,6 +734,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         decode_s = timer.now() - t_decode
     args.output.parent.mkdir(parents=True, exist_ok=True)
     image.save(args.output)
+    attention = save_attention_maps(args, pipe, recording, image) if recording else None
 
     steps = timer.durations()
     measured = steps[1:] if len(steps) > 1 else steps
@@ -573,6 +761,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "fp8_linear_layers": sum(is_fp8_weight(m.weight) for m in linears),
         "linear_layers": len(linears),
         "compiled": compiled,
+        "compile_skipped_reason": skipped,
         "inductor_cache_dir": cache_dir,
         "seed": args.seed,
         "height": args.height,
@@ -580,6 +769,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "steps": args.steps,
         "guidance": args.guidance,
         "load_s": round(load_s, 3),
+        "load_phases_s": watch.phases,
         "first_step_s": round(steps[0], 3) if steps else None,
         "step_ms_mean": round(1000 * sum(measured) / len(measured), 2) if measured else None,
         "step_ms_note": (
@@ -596,6 +786,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "transformer_weights_gib": round(weight_bytes / GIB, 4),
         "transformer_params": sum(p.numel() for p in transformer.parameters()),
         "latents_shape": list(latents.shape),
+        "attention_maps": attention,
         "output": str(args.output),
     }
 
