@@ -33,16 +33,17 @@ from provision.errors import (
     SudoPasswordRequired,
     UnexpectedError,
 )
-from provision.facts import gather_facts, parse_facts, read_transcript
+from provision.facts import HostFacts, gather_facts, parse_facts, read_transcript
 from provision.files import atomic_write
 from provision.inventory import Inventory, inventory_path, load_inventory
+from provision.models import debug_model
 from provision.onboard import bundle, merge_ssh_block
 from provision.render import member_files, write_files
 from provision.steps import paths_of, select_steps
 from provision.target import resolve_target
 from provision.templating import render
 from provision.verify import verify
-from provision.versions import ImageSpec, host_image
+from provision.versions import host_image
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="Provision GPU servers for Stable Diffusion 3.5 FP8 team work, over SSH.")
@@ -248,14 +249,11 @@ def doctor(
                            + "; ".join(c.name for c in failed), "see the remedies above")
 
 
-def _host_side(settings: Settings, host: str, inventory: Inventory
-               ) -> tuple[int | None, ImageSpec]:
-    """What rendering for a host reads there: the cache group's gid (the container's
-    supplementary group) and the image its NVIDIA driver runs."""
+def _facts(settings: Settings, host: str, inventory: Inventory) -> HostFacts:
+    """What the rendered files need of the host: the cache group's gid (the container's
+    supplementary group), the shared cache's models and her GPUs' memory."""
     with settings.connect(host, inventory) as conn:
-        host_facts = gather_facts(conn, inventory)
-    group = host_facts.groups.get(inventory.defaults.cache_group)
-    return (group.gid if group else None), host_image(host_facts, inventory)
+        return gather_facts(conn, inventory)
 
 
 @app.command("render")
@@ -276,14 +274,16 @@ def render_command(
     if not members:
         raise InventoryError(f"{inventory.path}: no members", "add one: provision team add")
     target = resolve_target(host, inventory, settings.ssh_config) if host else None
-    cache_gid, image = _host_side(settings, host, inventory) if host else (None, None)
-    if image is not None:
-        err.print(f"{host}: {image.choice}")
+    facts = _facts(settings, host, inventory) if host else None
+    if facts is not None:
+        err.print(f"{host}: {host_image(facts, inventory).choice}")
     for each in members:
-        files = member_files(inventory, each, host_alias=host, target=target,
-                             cache_gid=cache_gid, identity_file=identity_file, image=image)
+        files = member_files(inventory, each, host_alias=host, target=target, facts=facts,
+                             identity_file=identity_file)
         written = write_files(files, out_dir if member else out_dir / each.name)
-        err.print(f"{each.name}: {len(written)} files in {written[0].parent.parent}")
+        model = debug_model(each, facts)
+        err.print(f"{each.name}: {len(written)} files in {written[0].parent.parent}; "
+                  f"launch.json runs --model {model.model} ({model.why})")
 
 
 @app.command()
@@ -304,9 +304,11 @@ def onboard(
     member = inventory.member(name)
     target = resolve_target(host, inventory, settings.ssh_config)
     folder = out_dir or Path(f"onboard-{name}")
-    cache_gid, image = _host_side(settings, host, inventory)
-    written = bundle(inventory, member, host, target, cache_gid, image, identity_file, folder)
-    err.print(f"{len(written)} files in {folder}: send her the folder; README.md has the steps")
+    facts = _facts(settings, host, inventory)
+    written = bundle(inventory, member, host, target, facts, identity_file, folder)
+    model = debug_model(member, facts)
+    err.print(f"{len(written)} files in {folder}: send her the folder; README.md has the steps; "
+              f"launch.json runs --model {model.model} ({model.why})")
     if merge_into is not None:
         block = (folder / "ssh_config").read_text()
         changed = merge_ssh_block(merge_into.expanduser(), block, name, host)

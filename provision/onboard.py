@@ -9,25 +9,28 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from provision.facts import HostFacts
 from provision.inventory import Inventory, Member
-from provision.render import member_files, write_files
+from provision.render import DEBUG_LAUNCH, member_files, write_files
 from provision.target import Target
 from provision.templating import render
-from provision.versions import ImageSpec
-
-LAUNCH_NAME = "Debug SD3.5 FP8 Inference"
+from provision.versions import host_image, resolve_image
 
 
-def bundle(inventory: Inventory, member: Member, host: str, target: Target, cache_gid: int | None,
-           image: ImageSpec, identity_file: str, out: Path) -> list[Path]:
-    """Her workspace files, her ssh block and the three steps, written under `out`; `image`
-    is the one the host's driver runs (`versions.host_image`)."""
-    files = member_files(inventory, member, host_alias=host, target=target,
-                         cache_gid=cache_gid, identity_file=identity_file, image=image)
-    files["README.md"] = render("onboard/README.md.j2", name=member.name, host=host,
-                                workspace_dir=inventory.defaults.workspace_dir,
-                                torch=image.torch, diffusers=image.diffusers,
-                                launch_name=LAUNCH_NAME)
+def bundle(inventory: Inventory, member: Member, host: str, target: Target,
+           facts: HostFacts | None, identity_file: str, out: Path) -> list[Path]:
+    """Her workspace files, her ssh block and the three steps, written under `out`; the image
+    is the one the host's driver runs (`versions.host_image`).
+
+    The bundle's README.md is the three steps, then her workspace's README.md.
+    """
+    image = host_image(facts, inventory) if facts else resolve_image(inventory.image)
+    files = member_files(inventory, member, host_alias=host, target=target, facts=facts,
+                         identity_file=identity_file)
+    welcome = render("onboard/README.md.j2", name=member.name, host=host,
+                     workspace_dir=inventory.defaults.workspace_dir,
+                     torch=image.torch, diffusers=image.diffusers, launch_name=DEBUG_LAUNCH)
+    files["README.md"] = f"{welcome}\n---\n\n{files['README.md']}"
     return write_files(files, out)
 
 

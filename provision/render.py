@@ -27,6 +27,11 @@ Decisions a reader would otherwise have to rediscover:
 - The Inductor cache lives in the workspace (`.cache/torchinductor`): on the host's disk, so it
   survives image rebuilds (a cold FP8 compile takes minutes), and private to her; the file
   watcher, search and git all skip it.
+- launch.json has two launch configurations with the same model, size and FP8 mode: "Debug"
+  (F5: inference.py sees the debugger and stays eager, so breakpoints fire anywhere) and "Run
+  ... (compiled)" with `noDebug`, since a configuration F5 starts under debugpy never compiles.
+  The model is the host's (`models.debug_model`: cached SD3.5 weights, else the random-weight
+  architecture her GPU holds); the workspace README says which and why.
 """
 
 from __future__ import annotations
@@ -37,23 +42,30 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from provision.errors import InventoryError
+from provision.facts import HostFacts
 from provision.files import atomic_write
 from provision.inventory import Inventory, Member
+from provision.models import debug_model
 from provision.steps.hf_cache import CACHE_LINK, TOKEN_DIR
 from provision.target import Target
 from provision.templating import raw, render
-from provision.versions import PYPI_INDEX, PYTORCH_INDEX, ImageSpec, resolve_image
+from provision.versions import PYPI_INDEX, PYTORCH_INDEX, ImageSpec, host_image, resolve_image
 
-# Rendered from `templates/workspace/<path>.j2`, in this order; inference.py is copied as is.
+LAUNCH_JSON = ".vscode/launch.json"
+# Rendered from `templates/workspace/<path>.j2`, in this order; COPIED as they are.
 RENDERED = (
     ".devcontainer/devcontainer.json",
     ".devcontainer/Dockerfile",
     ".devcontainer/requirements.txt",
-    ".vscode/launch.json",
+    LAUNCH_JSON,
     ".vscode/settings.json",
     ".gitignore",
+    "README.md",
 )
 INFERENCE = "inference.py"
+ATTENTION_MAPS = "attention_maps.py"  # inference.py --attention-maps, and the debug console's
+COPIED = (INFERENCE, ATTENTION_MAPS)
+DEBUG_LAUNCH, RUN_LAUNCH = "Debug SD3.5 FP8", "Run SD3.5 FP8 (compiled)"
 VENV = "/opt/venv"  # the image's environment, root-owned: its pins change through a rebuild
 OUTPUTS = "outputs"  # inference.py's default output directory
 INDUCTOR_CACHE = ".cache/torchinductor"  # relative to the workspace
@@ -70,31 +82,38 @@ REPO_MEMBER = Member(name="dev", keys=())
 
 def render_workspace(inventory: Inventory, member: Member, *, host_alias: str | None,
                      target: Target | None, cache_gid: int | None,
-                     image: ImageSpec | None = None) -> dict[str, str]:
+                     image: ImageSpec | None = None,
+                     facts: HostFacts | None = None) -> dict[str, str]:
     """Every workspace file, by path relative to the workspace.
 
     `cache_gid` is the cache group's gid on the host (from its facts): the container gets it as
     a supplementary group, without which the shared cache is read-only inside. `host_alias`
     (else the target's alias) names the container after where it runs. `image` is the image
     for the host's driver (`resolve_image(inventory.image, driver)`); None: for no particular
-    host, the defaults.
+    host, the defaults. `facts`, when the host was read, choose the model her launch.json runs
+    (its cached weights, her GPU's memory).
     """
     image = image or resolve_image(inventory.image)
     where = host_alias or (target.alias if target else None)
-    context = workspace_context(inventory, member, image, where=where, cache_gid=cache_gid)
+    context = workspace_context(inventory, member, image, where=where, cache_gid=cache_gid,
+                                facts=facts)
     files = {path: render(f"workspace/{path}.j2", **context)
              for path in RENDERED}
-    files[INFERENCE] = raw(f"workspace/{INFERENCE}")
+    files.update({path: raw(f"workspace/{path}") for path in COPIED})
     return files
 
 
 def workspace_context(inventory: Inventory, member: Member, image: ImageSpec, *,
-                      where: str | None, cache_gid: int | None) -> dict[str, Any]:
+                      where: str | None, cache_gid: int | None,
+                      facts: HostFacts | None = None) -> dict[str, Any]:
     """The variables of the workspace templates, each meaning one thing in all of them."""
     home = f"/home/{member.name}"
     on_gpu = member.gpus != "none"
-    # A GPU debugs the real architecture in FP8 matmuls; a CPU the tiny one in FP8 storage.
-    model, fp8 = ("large", "dq") if on_gpu else ("tiny", "storage")
+    model = debug_model(member, facts)
+    # A GPU runs SD3.5's own size in FP8 matmuls; a CPU the tiny model, smaller, in FP8 storage.
+    pixels, steps, fp8 = ("1024", "28", "dq") if on_gpu else ("256", "8", "storage")
+    shared = [("--prompt", PROMPT), ("--height", pixels), ("--width", pixels),
+              ("--steps", steps), ("--model", model.model), ("--fp8", fp8)]
     torch_index = image.index_url(inventory.mirrors.pytorch or PYTORCH_INDEX)
     return {
         "name": f"SD3.5 FP8 ({member.name} on {where})" if where else f"SD3.5 FP8 ({member.name})",
@@ -115,9 +134,14 @@ def workspace_context(inventory: Inventory, member: Member, image: ImageSpec, *,
         "hf_home": f"{home}/{CACHE_LINK}",
         "token_dir": TOKEN_DIR,
         "inductor_cache": INDUCTOR_CACHE,
-        "debug_args": [("--prompt", PROMPT), ("--output", f"{OUTPUTS}/debug.png"),
-                       ("--height", "1024"), ("--width", "1024"), ("--model", model),
-                       ("--fp8", fp8)],
+        "launches": [
+            {"name": DEBUG_LAUNCH, "no_debug": False,
+             "args": [*shared, ("--output", f"{OUTPUTS}/debug.png")]},
+            {"name": RUN_LAUNCH, "no_debug": True,
+             "args": [*shared, ("--output", f"{OUTPUTS}/run.png"), ("--compile", None)]},
+        ],
+        "model": model,
+        "outputs": OUTPUTS,
         "cuda_visible_devices": container_cuda_devices(member.gpus),
         "debugpy_port": DEBUGPY_PORT,
         "generated": GENERATED,
@@ -176,11 +200,17 @@ def ssh_config_block(inventory: Inventory, member: Member, host_alias: str, targ
 
 
 def member_files(inventory: Inventory, member: Member, *, host_alias: str | None,
-                 target: Target | None, cache_gid: int | None,
-                 identity_file: str, image: ImageSpec | None = None) -> dict[str, str]:
-    """Her workspace files and, when the host is known, her `ssh_config` block beside them."""
+                 target: Target | None, facts: HostFacts | None,
+                 identity_file: str) -> dict[str, str]:
+    """Her workspace files and, when the host is known, her `ssh_config` block beside them.
+
+    `facts`, when the host was read, give the cache group's gid, the image its driver runs
+    (`versions.host_image`) and her launch.json's model.
+    """
+    group = facts.groups.get(inventory.defaults.cache_group) if facts else None
     files = render_workspace(inventory, member, host_alias=host_alias, target=target,
-                             cache_gid=cache_gid, image=image)
+                             cache_gid=group.gid if group else None,
+                             image=host_image(facts, inventory) if facts else None, facts=facts)
     if host_alias and target:
         files["ssh_config"] = ssh_config_block(inventory, member, host_alias, target,
                                                identity_file)

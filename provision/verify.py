@@ -22,16 +22,15 @@ from provision.connection import Connection
 from provision.errors import InventoryError, ProvisionError, RemoteCommandFailed
 from provision.facts import HostFacts, gather_facts, split_sections
 from provision.inventory import Inventory, Member
+from provision.models import cached_weights, debug_model
 from provision.render import INFERENCE, WHEELHOUSE, gpu_run_args, render_workspace
 from provision.versions import ImageSpec, host_image, resolve_image
 
 ROOT = "/var/lib/provision"
 IMAGE_REPOSITORY = "provision/sd35-fp8"
 CONTEXT_FILES = (".devcontainer/Dockerfile", ".devcontainer/requirements.txt")
-GPU_DEFAULTS = {"model": "large", "height": 1024, "width": 1024, "steps": 28}
+GPU_DEFAULTS = {"height": 1024, "width": 1024, "steps": 28}
 CPU_DEFAULTS = {"model": "tiny", "height": 128, "width": 128, "steps": 4}
-REAL_WEIGHTS = {"large": "stabilityai/stable-diffusion-3.5-large",
-                "medium": "stabilityai/stable-diffusion-3.5-medium"}
 
 # Runs in the image: how alike the FP8 and bf16 images are (pixels, not latents).
 COMPARE = """
@@ -68,13 +67,12 @@ def image_tag(files: dict[str, str]) -> str:
     return f"{IMAGE_REPOSITORY}:{digest[:12]}"
 
 
-def choose_model(facts: HostFacts, requested: str | None, on_gpu: bool) -> str:
-    """The real SD3.5 weights when the shared cache has them, else that architecture random."""
-    size = requested or (GPU_DEFAULTS["model"] if on_gpu else CPU_DEFAULTS["model"])
-    real = REAL_WEIGHTS.get(size)
-    if real and f"models--{real.replace('/', '--')}" in facts.cache_models:
-        return real
-    return size
+def choose_model(facts: HostFacts, member: Member, requested: str | None, on_gpu: bool) -> str:
+    """On her GPU by default what her launch.json debugs (`models.debug_model`); a size asked
+    for is the real SD3.5 weights when the shared cache has them, else that architecture."""
+    if requested is None:
+        return debug_model(member, facts).model if on_gpu else CPU_DEFAULTS["model"]
+    return cached_weights(requested, facts.cache_models) or requested
 
 
 def _upload(files: dict[str, str], directory: str) -> str:
@@ -145,7 +143,7 @@ def verify(conn: Connection, inventory: Inventory, member: Member, *, model: str
                              f"run 'provision host {conn.name}' first")
     on_gpu = bool(facts.nvidia.gpus) and member.gpus != "none"
     size = dict(GPU_DEFAULTS if on_gpu else CPU_DEFAULTS)
-    size["model"] = choose_model(facts, model, on_gpu)
+    size["model"] = choose_model(facts, member, model, on_gpu)
     note = (f"GPU: {', '.join(g.name for g in facts.nvidia.gpus)}" if on_gpu else
             f"CPU: no NVIDIA GPU {'for ' + member.name if facts.nvidia.gpus else 'on this host'}"
             f"; the {size['model']} model at {size['height']}x{size['width']}, "
@@ -154,7 +152,7 @@ def verify(conn: Connection, inventory: Inventory, member: Member, *, model: str
     image = host_image(facts, inventory)
     gid = facts.groups[inventory.defaults.cache_group].gid
     files = render_workspace(inventory, member, host_alias=conn.name, target=None, cache_gid=gid,
-                             image=image)
+                             image=image, facts=facts)
     tag = image_tag(files)
     progress(f"building {tag} ({image.choice}; the first build downloads and installs torch: "
              "minutes)")

@@ -89,7 +89,8 @@ def differences(files: dict[str, str], directory: Path, *, exact: bool) -> list[
 @pytest.mark.parametrize("member", MEMBERS, ids=lambda m: f"{m.name}-gpus-{m.gpus}")
 def test_every_rendered_file_matches_its_golden(member: Member) -> None:
     files = rendered(member)
-    assert files.pop(workspace.INFERENCE) == raw("workspace/inference.py"), "copied as is"
+    for path in workspace.COPIED:
+        assert files.pop(path) == raw(f"workspace/{path}"), f"{path} is copied as is"
     target, _ = HOSTS[member.name]
     files["ssh_config"] = workspace.ssh_config_block(INVENTORY, member, target.alias, target,
                                                      f"~/.ssh/{member.name}_ed25519")
@@ -138,8 +139,8 @@ def test_gpus_become_run_args_host_requirements_and_launch_env(member: Member) -
     # Only for "all": the CLI appends --gpus all when it sees a GPU runtime, which would widen
     # a member's own GPUs to every GPU.
     assert config.get("hostRequirements") == requirements
-    launch = as_json(member, ".vscode/launch.json")["configurations"][0]
-    assert launch.get("env", {}).get("CUDA_VISIBLE_DEVICES") == visible
+    for launch in as_json(member, ".vscode/launch.json")["configurations"][:2]:
+        assert launch.get("env", {}).get("CUDA_VISIBLE_DEVICES") == visible
 
 
 @pytest.mark.parametrize("member", MEMBERS, ids=lambda m: m.name)
@@ -162,16 +163,25 @@ def test_devcontainer_shares_the_cache_and_keeps_token_and_compile_cache_private
     assert vscode["settings"]["python.defaultInterpreterPath"] == f"{workspace.VENV}/bin/python"
 
 
-def test_launch_json_debugs_inference_py_with_string_args_and_can_attach() -> None:
-    launch, attach = as_json(MEMBERS[0], ".vscode/launch.json")["configurations"]
-    assert launch["name"] == "Debug SD3.5 FP8 Inference"
-    assert (launch["type"], launch["request"]) == ("debugpy", "launch")
-    assert launch["program"] == "${workspaceFolder}/inference.py"
-    assert launch["justMyCode"] is False and launch["console"] == "integratedTerminal"
-    assert all(isinstance(arg, str) for arg in launch["args"])
-    flags = dict(zip(launch["args"][::2], launch["args"][1::2], strict=True))
-    assert {"--prompt", "--output", "--height", "--width", "--model", "--fp8"} == set(flags)
-    assert flags["--output"].startswith(f"{workspace.OUTPUTS}/")
+def test_launch_json_debugs_eager_runs_compiled_and_can_attach() -> None:
+    """F5 on "Debug" runs under debugpy, where inference.py never compiles; "Run" is noDebug,
+    so nothing traces it and its blocks compile. Both run the same model, size and FP8 mode."""
+    debug, run, attach = as_json(MEMBERS[0], ".vscode/launch.json")["configurations"]
+    assert (debug["name"], run["name"]) == ("Debug SD3.5 FP8", "Run SD3.5 FP8 (compiled)")
+    for launch in (debug, run):
+        assert (launch["type"], launch["request"]) == ("debugpy", "launch")
+        assert launch["program"] == "${workspaceFolder}/inference.py"
+        assert launch["justMyCode"] is False and launch["console"] == "integratedTerminal"
+        assert all(isinstance(arg, str) for arg in launch["args"])
+    assert "noDebug" not in debug and run["noDebug"] is True
+    flags = dict(zip(debug["args"][::2], debug["args"][1::2], strict=True))
+    assert {"--prompt", "--output", "--height", "--width", "--steps", "--model", "--fp8"} == set(
+        flags)
+    assert flags["--output"] == f"{workspace.OUTPUTS}/debug.png"
+    assert (flags["--model"], flags["--fp8"], flags["--height"]) == ("large", "dq", "1024")
+    assert run["args"][-1] == "--compile"
+    assert run["args"][:-3] == debug["args"][:-2], "same prompt, size, steps, model, FP8"
+    assert run["args"][-3:-1] == ["--output", f"{workspace.OUTPUTS}/run.png"]
     assert (attach["type"], attach["request"]) == ("debugpy", "attach")
     assert attach["connect"] == {"host": "localhost", "port": workspace.DEBUGPY_PORT}
 

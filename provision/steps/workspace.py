@@ -20,7 +20,8 @@ from pathlib import PurePosixPath
 from provision.changes import Change, Run, WriteFile, run
 from provision.facts import HostFacts
 from provision.inventory import Inventory, Member
-from provision.render import WHEELHOUSE, render_workspace
+from provision.models import debug_model
+from provision.render import LAUNCH_JSON, WHEELHOUSE, render_workspace
 from provision.steps import Step, StepBlocked, home_of, primary_group
 from provision.versions import host_image, resolve_image
 
@@ -35,7 +36,7 @@ def _files(facts: HostFacts, inventory: Inventory, member: Member) -> dict[str, 
     group = facts.groups.get(inventory.defaults.cache_group)
     return render_workspace(inventory, member, host_alias=facts.os.hostname or None, target=None,
                             cache_gid=group.gid if group else None,
-                            image=host_image(facts, inventory))
+                            image=host_image(facts, inventory), facts=facts)
 
 
 def _directories(files: dict[str, str]) -> list[str]:
@@ -78,6 +79,7 @@ def _member(facts: HostFacts, inventory: Inventory, member: Member) -> list[Chan
     recorded = facts.json_object(record_path(name))
     record = dict(recorded)
     changes: list[Change] = []
+    model = debug_model(member, facts)
     missing_dirs = [d for d in _directories(files)
                     if not facts.path(f"~{name}/{relative}/{d}".rstrip("/")).exists]
     if missing_dirs:
@@ -89,13 +91,15 @@ def _member(facts: HostFacts, inventory: Inventory, member: Member) -> list[Chan
         current = facts.path(f"sha256:~{name}/{relative}/{path}").content
         target = f"{root}/{path}"
         write = WriteFile(target, content, None, owner=name, group=group)
+        # Says which model her debug configurations run, and why (the cache, her GPU).
+        what = f"{target} (--model {model.model}: {model.why})" if path == LAUNCH_JSON else target
         if current == wanted:
             record[path] = wanted
         elif current is None:
-            changes.append(Change(NAME, f"seed {target}", (write,)))
+            changes.append(Change(NAME, f"seed {what}", (write,)))
             record[path] = wanted
         elif current == recorded.get(path):
-            changes.append(Change(NAME, f"update {target} (not edited since provision wrote it)",
+            changes.append(Change(NAME, f"update {what} (not edited since provision wrote it)",
                                   (write,)))
             record[path] = wanted
         else:
