@@ -7,6 +7,7 @@ object (here an SSH direct-tcpip channel, the way Remote-SSH forwards the debug 
 
 from __future__ import annotations
 
+import ast
 import json
 import time
 from typing import Any
@@ -65,3 +66,25 @@ class DapClient:
         if not response.get("success"):
             raise RuntimeError(f"{command}: {response.get('message')}")
         return response.get("body", {})
+
+
+# Evaluated at a stop in JointAttnProcessor2_0.__call__, as a member would in the debug console:
+# the workspace's attention helper on that layer's inputs -> [its shape, worst |row sum - 1|].
+ATTENTION_HELPER_CHECK = (
+    "(lambda m: [list(m.shape), float((m.sum(-1) - 1).abs().max())])"
+    "(__import__('attention_maps').text_to_image(attn, hidden_states, encoder_hidden_states))"
+)
+
+
+def first_statement_line(source: str, cls: str, method: str) -> int:
+    """Line of the first statement of `cls.method` in `source`, after any docstring: where a
+    breakpoint "in" that method goes (a `def` line only stops once, when it is defined)."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ClassDef) and node.name == cls:
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and item.name == method:
+                    body = item.body
+                    docstring = (isinstance(body[0], ast.Expr)
+                                 and isinstance(body[0].value, ast.Constant))
+                    return body[1 if docstring else 0].lineno
+    raise LookupError(f"no {cls}.{method} in the source")

@@ -6,15 +6,17 @@ as her, on the host's Docker)."""
 from __future__ import annotations
 
 import json
+import shlex
 import time
 
 import paramiko
 import pytest
 from PIL import Image
 
+from provision.render import DEBUG_LAUNCH
 from provision.sandbox import DEMO_MEMBER
 from tests.conftest import Host
-from tests.dap import DapClient
+from tests.dap import ATTENTION_HELPER_CHECK, DapClient, first_statement_line
 from tests.test_converge import converge
 
 pytestmark = pytest.mark.sandbox
@@ -105,24 +107,41 @@ def test_reopen_in_container_with_the_official_cli(workstation) -> None:
     assert shared.exists and shared.user == DEMO_MEMBER and shared.group == "hfcache"
 
 
-def test_a_breakpoint_before_the_vae_decode_shows_the_latents(workstation, verified) -> None:
-    """The seed's debug path: inference.py under debugpy in the team image, the launch.json
-    settings, the debug port reached through SSH as VS Code forwards it, a breakpoint on the
-    line before the VAE decode, `latents.shape` read, then run to the end."""
+def test_f5_stops_in_attention_and_before_the_decode_and_a_change_is_decoded(
+        workstation, verified) -> None:
+    """The seed's debug path as VS Code runs it: inference.py under debugpy in the team image
+    with the rendered "Debug SD3.5 FP8" arguments plus `--compile` (which the debugger must
+    overrule), the debug port reached through SSH as Remote-SSH forwards it. A breakpoint in
+    diffusers' JointAttnProcessor2_0.__call__ hits (nothing was compiled) and the workspace's
+    attention helper gives rows summing to 1 over the image tokens; at the one before the VAE
+    decode `latents` is [1, 16, H/8, W/8], and zeros set from the debug console are what the
+    VAE decodes. The same arguments with --attention-maps write one PNG per prompt token."""
     host, keys = workstation
     workspace = f"/home/{DEMO_MEMBER}/sd35-fp8"
+    image = verified["image"]
     launch = json.loads(host.testinfra.file(f"{workspace}/.vscode/launch.json").content_string)
-    config = next(c for c in launch["configurations"] if c["request"] == "launch")
+    config = next(c for c in launch["configurations"] if c["name"] == DEBUG_LAUNCH)
     assert config["type"] == "debugpy" and config["justMyCode"] is False
+    assert "noDebug" not in config
+    flags = dict(zip(config["args"][::2], config["args"][1::2], strict=True))
+    args = shlex.join(config["args"])
     source = host.testinfra.file(f"{workspace}/inference.py").content_string
-    line = next(n for n, text in enumerate(source.splitlines(), 1)
-                if "# BREAKPOINT: latents before VAE decode" in text)
+    decode_line = next(n for n, text in enumerate(source.splitlines(), 1)
+                       if "# BREAKPOINT: latents before VAE decode" in text)
+    code, site = host.exec(f"docker run --rm {image} python -c \"import importlib.util as u; "
+                           "print(u.find_spec('diffusers').submodule_search_locations[0])\"")
+    assert code == 0, site
+    processor = f"{site.strip()}/models/attention_processor.py"
+    code, text = host.exec(f"docker run --rm {image} cat {processor}")
+    assert code == 0, text
+    attention_line = first_statement_line(text, "JointAttnProcessor2_0", "__call__")
     uid = host.exec(f"id -u {DEMO_MEMBER}")[1].strip()
+    in_image = (f"--user {uid} -e HOME=/tmp -e HF_HUB_OFFLINE=1 -v {workspace}:/workspace "
+                f"-w /workspace {image}")
     code, output = host.exec(
-        f"docker run -d --name debug-run -p 127.0.0.1:5678:5678 --user {uid} -e HOME=/tmp "
-        f"-v {workspace}:/workspace -w /workspace {verified['image']} python -m debugpy "
-        "--listen 0.0.0.0:5678 --wait-for-client inference.py --model tiny --fp8 storage "
-        "--height 64 --width 96 --steps 2 --output /tmp/debug.png")
+        f"docker run -d --name debug-run -p 127.0.0.1:5678:5678 {in_image} python -m debugpy "
+        f"--listen 0.0.0.0:5678 --wait-for-client inference.py {args} --compile "
+        "--output outputs/zeroed.png --metrics outputs/zeroed.json")
     assert code == 0, output
     client = paramiko.SSHClient()
     client.load_host_keys(str(host.sandbox.known_hosts))
@@ -136,7 +155,7 @@ def test_a_breakpoint_before_the_vae_decode_shows_the_latents(workstation, verif
             try:
                 channel = client.get_transport().open_channel(
                     "direct-tcpip", ("127.0.0.1", 5678), ("127.0.0.1", 0))
-                dap = DapClient(channel)
+                dap = DapClient(channel, timeout=300)
                 dap.request("initialize", adapterID="debugpy", clientID="provision-tests",
                             pathFormat="path", linesStartAt1=True, columnsStartAt1=True)
                 break
@@ -145,17 +164,37 @@ def test_a_breakpoint_before_the_vae_decode_shows_the_latents(workstation, verif
                 time.sleep(1)
         dap.send("attach", justMyCode=config["justMyCode"])
         dap.wait("event", "initialized")
-        breakpoints = dap.request("setBreakpoints", source={"path": "/workspace/inference.py"},
-                                  breakpoints=[{"line": line}])
-        assert breakpoints["breakpoints"][0]["verified"]
+        for path, line in ((processor, attention_line), ("/workspace/inference.py", decode_line)):
+            placed = dap.request("setBreakpoints", source={"path": path},
+                                 breakpoints=[{"line": line}])
+            assert placed["breakpoints"][0]["verified"], placed
         dap.request("configurationDone")
+
         stopped = dap.wait("event", "stopped")["body"]
         assert stopped["reason"] == "breakpoint"
         frame = dap.request("stackTrace", threadId=stopped["threadId"])["stackFrames"][0]
-        assert frame["line"] == line and frame["name"] == "decode"
-        shape = dap.request("evaluate", expression="list(latents.shape)", frameId=frame["id"],
-                            context="watch")
-        assert shape["result"] == "[1, 16, 8, 12]"  # [1, 16, H/8, W/8]
+        assert (frame["name"], frame["line"]) == ("__call__", attention_line)
+        assert frame["source"]["path"] == processor
+        shape, worst = json.loads(dap.request(
+            "evaluate", expression=ATTENTION_HELPER_CHECK, frameId=frame["id"],
+            context="repl")["result"])
+        side = int(flags["--height"]) // 16, int(flags["--width"]) // 16
+        assert shape == [77 + 256, side[0] * side[1]]  # CLIP + T5 positions x image tokens
+        assert worst < 1e-4
+        dap.request("setBreakpoints", source={"path": processor}, breakpoints=[])
+        dap.request("continue", threadId=stopped["threadId"])
+
+        stopped = dap.wait("event", "stopped")["body"]
+        frame = dap.request("stackTrace", threadId=stopped["threadId"])["stackFrames"][0]
+        assert (frame["name"], frame["line"]) == ("decode", decode_line)
+
+        def evaluate(expression: str, context: str = "watch") -> str:
+            return dap.request("evaluate", expression=expression, frameId=frame["id"],
+                               context=context)["result"]
+
+        assert evaluate("list(latents.shape)") == str([1, 16, side[0] * 2, side[1] * 2])
+        evaluate("latents = torch.zeros_like(latents)", context="repl")
+        assert evaluate("float(latents.abs().max())") == "0.0"
         dap.request("continue", threadId=stopped["threadId"])
         dap.wait("event", "terminated")
     finally:
@@ -164,3 +203,18 @@ def test_a_breakpoint_before_the_vae_decode_shows_the_latents(workstation, verif
                          "docker logs debug-run 2>&1 | tail -n 3")[1]
         host.exec("docker rm -f debug-run")
     assert logs.splitlines()[0].strip() == "0", logs
+    zeroed = json.loads(host.testinfra.file(f"{workspace}/outputs/zeroed.json").content_string)
+    assert zeroed["compiled"] is False and "debug" in zeroed["compile_skipped_reason"]
+
+    outputs = f"{workspace}/outputs"
+    code, output = host.exec(
+        f"docker run --rm {in_image} python inference.py {args} --output outputs/reference.png "
+        f"--attention-maps outputs/attention >/dev/null 2>{outputs}/reference.log "
+        f"|| {{ tail -n 5 {outputs}/reference.log; exit 9; }}; "
+        f"cmp -s {outputs}/zeroed.png {outputs}/reference.png; echo $?; ls {outputs}/attention")
+    assert code == 0, output
+    lines = output.split()
+    assert lines[0] == "1", "the PNG decoded from zeroed latents differs from the unchanged run"
+    tokens = [name for name in lines[1:] if name.startswith("token-")]
+    assert len(tokens) == len(flags["--prompt"])  # the tiny model's tokenizer: one per character
+    assert "overlay.png" in lines
