@@ -59,7 +59,6 @@ import json
 import os
 import resource
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -329,25 +328,6 @@ class Stopwatch:
         now = time.perf_counter()
         self.phases[phase] = round(now - self.last, 3)
         self.last = now
-
-
-def start_cuda(device: torch.device) -> threading.Thread | None:
-    """Initialise CUDA (driver, context, cuBLAS) in a background thread.
-
-    Each takes a second or more, and none needs the libraries that Python imports meanwhile on
-    the main thread. A failure here shows again, with its message, at the first real use.
-    """
-    if device.type != "cuda":
-        return None
-
-    def initialise() -> None:
-        with contextlib.suppress(Exception):
-            torch.empty(1, device=device)
-            torch.cuda.current_blas_handle()
-
-    thread = threading.Thread(target=initialise, name="cuda-init", daemon=True)
-    thread.start()
-    return thread
 
 
 @contextlib.contextmanager
@@ -668,13 +648,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     fp8_applied, fallback_reason = resolve_fp8(args.fp8, device, args.strict)  # fail fast
     watch.lap("fp8_check")
-    cuda_init = start_cuda(device)
     from diffusers import StableDiffusion3Pipeline  # noqa: F401 - the imports, timed alone
 
     watch.lap("imports")
-    if cuda_init:
-        cuda_init.join()
-        watch.lap("cuda_init_wait")
     skipped = compile_skipped_reason(args) if fp8_applied == "dq" or args.compile else None
     compiled = (fp8_applied == "dq" or args.compile) and not skipped
 
