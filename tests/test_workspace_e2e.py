@@ -164,6 +164,7 @@ def test_f5_stops_in_attention_and_before_the_decode_and_a_change_is_decoded(
                 time.sleep(1)
         dap.send("attach", justMyCode=config["justMyCode"])
         dap.wait("event", "initialized")
+        dap.request("setExceptionBreakpoints", filters=["uncaught"])  # VS Code's default
         for path, line in ((processor, attention_line), ("/workspace/inference.py", decode_line)):
             placed = dap.request("setBreakpoints", source={"path": path},
                                  breakpoints=[{"line": line}])
