@@ -273,9 +273,10 @@ def test_every_step_plans_nothing_on_the_host_it_just_converged() -> None:
     with pytest.raises(NoGpu):
         nvidia.plan(facts, inventory)
     # Templates change after a recording: then workspace files provision wrote are brought up
-    # to date, and none of them is mistaken for a member's edit.
+    # to date, files new since are seeded, and none of them is mistaken for a member's edit.
     changes = workspace.plan(facts, inventory)
-    assert all(c.summary.startswith("update ") and not c.needs_force for c in changes[:-1])
+    assert changes and not any(c.needs_force for c in changes)
+    assert {c.summary.split()[0] for c in changes} <= {"update", "seed", "remember"}
 
 
 # --------------------------------------------------------------------------- the host's image
