@@ -14,11 +14,11 @@ from dataclasses import asdict, dataclass
 from provision.connection import Connection
 from provision.errors import InventoryError
 from provision.facts import HostFacts, gather_facts, split_sections
+from provision.image import image_tag
 from provision.inventory import Inventory, Member
 from provision.render import render_workspace
 from provision.steps.hf_cache import wanted_acl
 from provision.steps.nvidia import FP8_TENSOR_CORES, PROOF_IMAGE
-from provision.verify import image_tag
 from provision.versions import host_image
 
 WATCHED = ("**/.git/objects/**",)

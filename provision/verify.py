@@ -10,7 +10,6 @@ verify (or doctor) finds it; the Inductor compile cache persists beside the runs
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import shlex
 from collections.abc import Callable
@@ -21,14 +20,12 @@ from typing import Any
 from provision.connection import Connection
 from provision.errors import InventoryError, ProvisionError, RemoteCommandFailed
 from provision.facts import HostFacts, gather_facts, split_sections
+from provision.image import ROOT, build_script, image_tag, upload_script
 from provision.inventory import Inventory, Member
 from provision.models import cached_weights, debug_model
-from provision.render import INFERENCE, WHEELHOUSE, gpu_run_args, render_workspace
-from provision.versions import ImageSpec, host_image, resolve_image
+from provision.render import INFERENCE, gpu_run_args, render_workspace
+from provision.versions import host_image, resolve_image
 
-ROOT = "/var/lib/provision"
-IMAGE_REPOSITORY = "provision/sd35-fp8"
-CONTEXT_FILES = (".devcontainer/Dockerfile", ".devcontainer/requirements.txt")
 GPU_DEFAULTS = {"height": 1024, "width": 1024, "steps": 28}
 CPU_DEFAULTS = {"model": "tiny", "height": 128, "width": 128, "steps": 4}
 
@@ -62,44 +59,12 @@ class VerifyReport:
         return dict(self.__dict__)
 
 
-def image_tag(files: dict[str, str]) -> str:
-    digest = hashlib.sha256("".join(files[p] for p in CONTEXT_FILES).encode()).hexdigest()
-    return f"{IMAGE_REPOSITORY}:{digest[:12]}"
-
-
 def choose_model(facts: HostFacts, member: Member, requested: str | None, on_gpu: bool) -> str:
     """On her GPU by default what her launch.json debugs (`models.debug_model`); a size asked
     for is the real SD3.5 weights when the shared cache has them, else that architecture."""
     if requested is None:
         return debug_model(member, facts).model if on_gpu else CPU_DEFAULTS["model"]
     return cached_weights(requested, facts.cache_models) or requested
-
-
-def _upload(files: dict[str, str], directory: str) -> str:
-    """Shell that writes `files` under `directory` (contents travel base64 in the script)."""
-    lines = [f"rm -rf {directory}", f"mkdir -p {directory}/.devcontainer"]
-    for path, content in files.items():
-        data = base64.b64encode(content.encode()).decode()
-        lines.append(f"printf %s {data} | base64 -d > {directory}/{path}")
-    return "\n".join(lines) + "\n"
-
-
-def build_script(files: dict[str, str], tag: str, image: ImageSpec) -> str:
-    context = f"{ROOT}/build/{tag.split(':')[1]}"
-    wheelhouse = image.wheelhouse
-    script = f"if docker image inspect {tag} >/dev/null 2>&1; then echo cached; exit 0; fi\n"
-    if image.base_archive:
-        base, archive = shlex.quote(image.base), shlex.quote(image.base_archive)
-        script += (f"docker image inspect {base} >/dev/null 2>&1 || docker load -i {archive}"
-                   "\n")
-    script += _upload({p: files[p] for p in CONTEXT_FILES}, context)
-    if wheelhouse:
-        quoted = shlex.quote(wheelhouse)
-        script += (f"[ -d {quoted} ] || {{ echo 'wheelhouse {wheelhouse} missing' >&2; "
-                   f"exit 3; }}\nmkdir -p {context}/{WHEELHOUSE}\n"
-                   f"cp -al {quoted}/. {context}/{WHEELHOUSE}/ 2>/dev/null || "
-                   f"cp -a {quoted}/. {context}/{WHEELHOUSE}/\n")
-    return script + f"docker build -t {tag} {context}/.devcontainer 2>&1\n"
 
 
 def run_script(inventory: Inventory, member: Member, facts: HostFacts, files: dict[str, str],
@@ -117,7 +82,7 @@ def run_script(inventory: Inventory, member: Member, facts: HostFacts, files: di
     args = (f"--model {shlex.quote(size['model'])} --height {size['height']} "
             f"--width {size['width']} --steps {size['steps']} --seed 0")
     script = (f"mkdir -p {work}/.cache\nrm -f {work}/*.png {work}/*.json\n"
-              + _upload({INFERENCE: files[INFERENCE]}, f"{work}.src")
+              + upload_script({INFERENCE: files[INFERENCE]}, f"{work}.src")
               + f"cp {work}.src/{INFERENCE} {work}/{INFERENCE}\nrm -rf {work}.src\n"
               f"chown -R {account.uid}:{account.gid} {work}\n")
     for mode in dict.fromkeys((fp8, "off")):
