@@ -115,6 +115,10 @@ class Member:
     gpus: str = "all"
 
 
+# The generation service's system account, its systemd unit and its container: one name.
+SERVICE_NAME = "sd35-api"
+
+
 @dataclass(frozen=True)
 class Service:
     """[service]: the team's generation API on each host (absent: no service).
