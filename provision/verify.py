@@ -10,8 +10,10 @@ verify (or doctor) finds it; the Inductor compile cache persists beside the runs
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import shlex
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,3 +176,90 @@ def _fetch_png(conn: Connection, member: Member, fp8: str, out: Path) -> Path:
     path = out / f"verify-{conn.name}-{member.name}-{fp8}.png"
     path.write_bytes(base64.b64decode(data.stdout))
     return path
+
+
+# What `verify --service` asks the service for: SD3.5's own size on a GPU, a quick one on a CPU.
+SERVICE_GPU_REQUEST = {"height": 1024, "width": 1024, "steps": 28}
+SERVICE_CPU_REQUEST = {"height": 128, "width": 128, "steps": 4}
+SERVICE_LOAD_WAIT = 1800  # seconds: real weights and a cold FP8 compile take minutes
+
+
+@dataclass
+class ServiceReport:
+    host: str
+    address: str  # where the service listens on the host, reached through the SSH connection
+    health: dict[str, Any]
+    request: dict[str, Any]
+    metrics: dict[str, Any]
+    seconds: float  # the request's wall time through the forward, queue included
+    png: str
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def service_call(conn: Connection, address: str, port: int, method: str, path: str,
+                 body: dict[str, Any] | None = None,
+                 timeout: float = 600) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP request to the service through the host connection (an `ssh -L` channel)."""
+    client = http.client.HTTPConnection(address, port, timeout=timeout)
+    client.sock = conn.tunnel(address, port)
+    client.sock.settimeout(timeout)
+    try:
+        client.request(method, path, body=json.dumps(body) if body is not None else None,
+                       headers={"Content-Type": "application/json"})
+        answer = client.getresponse()
+        return answer.status, {k.lower(): v for k, v in answer.getheaders()}, answer.read()
+    finally:
+        client.close()
+
+
+def verify_service(conn: Connection, inventory: Inventory, *, out: Path,
+                   progress: Callable[[str], None]) -> ServiceReport:
+    """Call the host's generation service as a member does, through the SSH connection: wait
+    until /health says ready, generate one image, keep the PNG and the metrics."""
+    service = inventory.service
+    if service is None:
+        raise InventoryError(f"{inventory.path}: no [service] table",
+                             "add one and run 'provision host HOST' first")
+    # A service bound to every address also answers on the host's loopback.
+    address = "127.0.0.1" if service.bind in ("0.0.0.0", "::") else service.bind
+    where = f"{address}:{service.port}"
+    deadline = time.monotonic() + SERVICE_LOAD_WAIT
+    while True:
+        status, _, body = service_call(conn, address, service.port, "GET", "/health", timeout=30)
+        health = _json_or_text(body)
+        if status == 200:
+            break
+        if health.get("status") != "loading" or time.monotonic() > deadline:
+            raise RemoteCommandFailed(
+                f"{conn.name}: the service on {where} is not ready ({status}: "
+                f"{health.get('error') or health.get('status') or body[:200]!r})",
+                f"see 'provision doctor {conn.name}' and journalctl -u sd35-api on the host")
+        progress(f"the service on {where} is loading its model")
+        time.sleep(5)
+    request = {"prompt": "a photo of an astronaut riding a horse on the moon", "seed": 0,
+               **(SERVICE_GPU_REQUEST if health.get("device", "").startswith("cuda")
+                  else SERVICE_CPU_REQUEST)}
+    progress(f"generating {request['height']}x{request['width']}, {request['steps']} steps")
+    started = time.monotonic()
+    status, headers, body = service_call(conn, address, service.port, "POST", "/generate",
+                                         request, timeout=SERVICE_LOAD_WAIT)
+    seconds = round(time.monotonic() - started, 3)
+    if status != 200 or not body.startswith(b"\x89PNG"):
+        raise RemoteCommandFailed(f"{conn.name}: /generate on {where} answered {status}: "
+                                  f"{_json_or_text(body).get('error', body[:200])}",
+                                  "see journalctl -u sd35-api on the host")
+    out.mkdir(parents=True, exist_ok=True)
+    png = out / f"service-{conn.name}.png"
+    png.write_bytes(body)
+    return ServiceReport(conn.name, where, health, request,
+                         json.loads(headers.get("x-metrics", "{}")), seconds, str(png))
+
+
+def _json_or_text(body: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return {"text": body[:200].decode(errors="replace")}
+    return value if isinstance(value, dict) else {"text": str(value)[:200]}

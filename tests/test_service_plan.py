@@ -151,3 +151,44 @@ def test_facts_read_provision_images_and_units_from_the_docker_section() -> None
     assert facts.images == ("provision/sd35-fp8:0123456789ab",)
     assert facts.units == {"sd35-api.service": Unit("active", "enabled")}
     assert facts.docker.installed  # the other lines of the section still read as before
+
+
+def doctor_probe(unit: str, health: str, restarts: str) -> str:
+    """A doctor probe transcript's service sections (SYNTHESIZED, in the probe's format)."""
+    return (f"\n@@@provision:service-unit\n{unit}\n@@@provision:service-health\n{health}\n"
+            f"@@@provision:service-restarts\n{restarts}\n@@@provision:end\n")
+
+
+@pytest.mark.parametrize(("probe", "verdicts"), [
+    (doctor_probe("active", '{"status": "ready", "model": "tiny", "device": "cpu", "gpu": null, '
+                            '"fp8_applied": "storage", "compiled": false}', "0"),
+     {"service unit": "pass", "service health": "pass", "service restarts": "pass"}),
+    (doctor_probe("active", '{"status": "loading", "error": null}', "2"),
+     {"service unit": "pass", "service health": "warn", "service restarts": "warn"}),
+    (doctor_probe("activating", "Error: No such container: sd35-api", "7"),
+     {"service unit": "fail", "service health": "fail", "service restarts": "warn"}),
+    (doctor_probe("active", '{"status": "failed", "error": "OSError: no such model"}', "0"),
+     {"service unit": "pass", "service health": "fail", "service restarts": "pass"}),
+])
+def test_doctor_reads_the_unit_the_health_and_the_restarts(tmp_path: Path, probe: str,
+                                                          verdicts: dict[str, str]) -> None:
+    from provision.doctor import checks
+
+    inv = inventory(tmp_path, model="tiny")
+    found = {c.name: c for c in checks(facts_of(SANDBOX), probe, inv, (), 1.0, {})}
+    assert {name: found[name].status for name in verdicts} == verdicts
+    if verdicts["service health"] == "pass":
+        assert found["service health"].evidence == ("ready: tiny on cpu, --fp8 storage, "
+                                                    "compiled False")
+    if verdicts["service restarts"] == "warn":
+        assert "journalctl -u sd35-api --since -24h" in found["service restarts"].remedy
+
+
+def test_doctor_has_no_service_checks_without_a_service_table(tmp_path: Path) -> None:
+    from provision.doctor import checks, probe_script
+
+    inv = parse_inventory({}, tmp_path / "provision.toml")
+    assert "sd35-api" not in probe_script(inv, (), None, False)
+    names = [c.name for c in checks(facts_of(SANDBOX), "\n@@@provision:end\n", inv, (), 1.0,
+                                    {})]
+    assert not [n for n in names if n.startswith("service")]
