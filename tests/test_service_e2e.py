@@ -61,8 +61,12 @@ class Forward:
                 return
             transport = self.client.get_transport()
             assert transport is not None
-            channel = transport.open_channel("direct-tcpip", ("127.0.0.1", self.remote_port),
-                                             peer)
+            try:
+                channel = transport.open_channel("direct-tcpip",
+                                                 ("127.0.0.1", self.remote_port), peer)
+            except paramiko.ChannelException:
+                local.close()  # nothing listens there now (a restart): as ssh -L, refuse it
+                continue
             threading.Thread(target=self._pump, args=(local, channel), daemon=True).start()
 
     @staticmethod
