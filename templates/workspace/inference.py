@@ -64,7 +64,29 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
+
+@contextlib.contextmanager
+def untraced_by_debugpy() -> Iterator[None]:
+    """Run the block with this thread untraced by a connected debugpy, then trace it again.
+
+    Why: under F5, debugpy traces every function that importing torch, torchao, diffusers and
+    transformers runs; on the lent H200 that made the imports most of the seconds to the first
+    breakpoint. Only library imports run in here: breakpoints in the libraries' import-time code
+    do not fire, everything called after them (this file, the pipeline, the model) is traced.
+    """
+    debugpy = sys.modules.get("debugpy")
+    if debugpy is None or not debugpy.is_client_connected():
+        yield
+        return
+    debugpy.trace_this_thread(False)
+    try:
+        yield
+    finally:
+        debugpy.trace_this_thread(True)
+
+
+with untraced_by_debugpy():
+    import torch
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusion3Pipeline
@@ -439,6 +461,24 @@ def tiny_text_stack() -> dict[str, Any]:
     return parts
 
 
+def import_libraries(with_torchao: bool) -> None:
+    """Import what a run uses, all at once: timed alone, and untraced under debugpy.
+
+    A torchao that does not import is left to `resolve_fp8`, which says why.
+    """
+    import diffusers.models.modeling_utils  # noqa: F401
+    from diffusers import (  # noqa: F401
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    if with_torchao:
+        with contextlib.suppress(ImportError):
+            import torchao.quantization
+
+
 def random_pipeline(size: str, device: torch.device, seed: int) -> StableDiffusion3Pipeline:
     """SD3.5 `size` architecture with seeded random weights, built offline on `device`."""
     from diffusers import (
@@ -646,11 +686,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.perf_counter()
     watch = Stopwatch()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    fp8_applied, fallback_reason = resolve_fp8(args.fp8, device, args.strict)  # fail fast
-    watch.lap("fp8_check")
-    from diffusers import StableDiffusion3Pipeline  # noqa: F401 - the imports, timed alone
-
+    with untraced_by_debugpy():
+        import_libraries(args.fp8 == "dq" and device.type == "cuda")
     watch.lap("imports")
+    fp8_applied, fallback_reason = resolve_fp8(args.fp8, device, args.strict)  # before building
+    watch.lap("fp8_check")
     skipped = compile_skipped_reason(args) if fp8_applied == "dq" or args.compile else None
     compiled = (fp8_applied == "dq" or args.compile) and not skipped
 
