@@ -304,10 +304,11 @@ def dq_unavailable_reason(device: torch.device) -> str | None:
         name = torch.cuda.get_device_name(device)
         return f"{name} has compute capability {cc[0]}.{cc[1]} < 8.9: no FP8 tensor cores"
     try:
-        from torchao.quantization import (  # noqa: F401 - probing importability
-            Float8DynamicActivationFloat8WeightConfig,
-            PerRow,
-        )
+        with untraced_by_debugpy():
+            from torchao.quantization import (  # noqa: F401 - probing importability
+                Float8DynamicActivationFloat8WeightConfig,
+                PerRow,
+            )
     except ImportError as exc:
         return f"torchao float8 API is not importable ({exc}); install torchao matching torch"
     return None
@@ -461,11 +462,9 @@ def tiny_text_stack() -> dict[str, Any]:
     return parts
 
 
-def import_libraries(with_torchao: bool) -> None:
-    """Import what a run uses, all at once: timed alone, and untraced under debugpy.
-
-    A torchao that does not import is left to `resolve_fp8`, which says why.
-    """
+def import_diffusers() -> None:
+    """Import the diffusers (and so transformers) modules a run uses, at once: timed alone,
+    and untraced under debugpy."""
     import diffusers.models.modeling_utils  # noqa: F401
     from diffusers import (  # noqa: F401
         AutoencoderKL,
@@ -473,10 +472,6 @@ def import_libraries(with_torchao: bool) -> None:
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-
-    if with_torchao:
-        with contextlib.suppress(ImportError):
-            import torchao.quantization
 
 
 def random_pipeline(size: str, device: torch.device, seed: int) -> StableDiffusion3Pipeline:
@@ -686,11 +681,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.perf_counter()
     watch = Stopwatch()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with untraced_by_debugpy():
-        import_libraries(args.fp8 == "dq" and device.type == "cuda")
-    watch.lap("imports")
-    fp8_applied, fallback_reason = resolve_fp8(args.fp8, device, args.strict)  # before building
+    fp8_applied, fallback_reason = resolve_fp8(args.fp8, device, args.strict)  # fail fast
     watch.lap("fp8_check")
+    with untraced_by_debugpy():
+        import_diffusers()
+    watch.lap("imports")
     skipped = compile_skipped_reason(args) if fp8_applied == "dq" or args.compile else None
     compiled = (fp8_applied == "dq" or args.compile) and not skipped
 
