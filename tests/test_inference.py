@@ -206,6 +206,37 @@ def test_a_run_with_a_trace_function_set_never_compiles(tmp_path: Path, traced: 
         assert metrics["compiled"] is True and metrics["compile_skipped_reason"] is None
 
 
+class DebugpyStandIn:
+    """Stands in for the debugpy module (hand-written, not debugpy): records what the script
+    asks of it. The real debugpy under a DAP client is the sandbox test's and the bench's."""
+
+    def __init__(self, connected: bool) -> None:
+        self.connected = connected
+        self.calls: list[bool] = []
+
+    def is_client_connected(self) -> bool:
+        return self.connected
+
+    def trace_this_thread(self, should_trace: bool) -> None:
+        self.calls.append(should_trace)
+
+
+@pytest.mark.parametrize("connected", [True, False], ids=["client-connected", "no-client"])
+def test_library_imports_run_untraced_only_under_a_connected_debugpy_and_tracing_comes_back(
+    monkeypatch: pytest.MonkeyPatch, connected: bool
+) -> None:
+    """Under F5 the libraries import untraced (seconds off the first breakpoint), and tracing
+    is back on after the block, even when it raised: the model code must stay debuggable."""
+    inference = load_workspace_module("inference")
+    debugpy = DebugpyStandIn(connected)
+    monkeypatch.setitem(sys.modules, "debugpy", debugpy)
+    with inference.untraced_by_debugpy():
+        assert debugpy.calls == ([False] if connected else [])
+    with pytest.raises(ImportError), inference.untraced_by_debugpy():
+        raise ImportError("a library that does not import")
+    assert debugpy.calls == ([False, True] * 2 if connected else [])
+
+
 def load_workspace_module(name: str) -> ModuleType:
     """A workspace file imported as the debug console imports it (its folder on sys.path)."""
     sys.path.insert(0, str(SCRIPT.parent))

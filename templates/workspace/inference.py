@@ -64,7 +64,29 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import torch
+
+@contextlib.contextmanager
+def untraced_by_debugpy() -> Iterator[None]:
+    """Run the block with this thread untraced by a connected debugpy, then trace it again.
+
+    Why: under F5, debugpy traces every function that importing torch, torchao, diffusers and
+    transformers runs; on the lent H200 that made the imports most of the seconds to the first
+    breakpoint. Only library imports run in here: breakpoints in the libraries' import-time code
+    do not fire, everything called after them (this file, the pipeline, the model) is traced.
+    """
+    debugpy = sys.modules.get("debugpy")
+    if debugpy is None or not debugpy.is_client_connected():
+        yield
+        return
+    debugpy.trace_this_thread(False)
+    try:
+        yield
+    finally:
+        debugpy.trace_this_thread(True)
+
+
+with untraced_by_debugpy():
+    import torch
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusion3Pipeline
@@ -282,10 +304,11 @@ def dq_unavailable_reason(device: torch.device) -> str | None:
         name = torch.cuda.get_device_name(device)
         return f"{name} has compute capability {cc[0]}.{cc[1]} < 8.9: no FP8 tensor cores"
     try:
-        from torchao.quantization import (  # noqa: F401 - probing importability
-            Float8DynamicActivationFloat8WeightConfig,
-            PerRow,
-        )
+        with untraced_by_debugpy():
+            from torchao.quantization import (  # noqa: F401 - probing importability
+                Float8DynamicActivationFloat8WeightConfig,
+                PerRow,
+            )
     except ImportError as exc:
         return f"torchao float8 API is not importable ({exc}); install torchao matching torch"
     return None
@@ -437,6 +460,18 @@ def tiny_text_stack() -> dict[str, Any]:
     parts["text_encoder_2"] = CLIPTextModelWithProjection(clip).eval()
     parts["text_encoder_3"] = T5EncoderModel(t5).eval()
     return parts
+
+
+def import_diffusers() -> None:
+    """Import the diffusers (and so transformers) modules a run uses, at once: timed alone,
+    and untraced under debugpy."""
+    import diffusers.models.modeling_utils  # noqa: F401
+    from diffusers import (  # noqa: F401
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
 
 
 def random_pipeline(size: str, device: torch.device, seed: int) -> StableDiffusion3Pipeline:
@@ -673,8 +708,8 @@ def load_pipeline(args: argparse.Namespace) -> Loaded:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     fp8_applied, fallback_reason = resolve_fp8(args.fp8, device, args.strict)  # fail fast
     watch.lap("fp8_check")
-    from diffusers import StableDiffusion3Pipeline  # noqa: F401 - the imports, timed alone
-
+    with untraced_by_debugpy():
+        import_diffusers()
     watch.lap("imports")
     skipped = compile_skipped_reason(args) if fp8_applied == "dq" or args.compile else None
     compiled = (fp8_applied == "dq" or args.compile) and not skipped
