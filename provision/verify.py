@@ -5,6 +5,10 @@ Round trips: facts, then one script that uploads the build context and builds (s
 progress), then one script that runs both generations and compares their images, then one
 that reads the PNG back. The image is tagged by the hash of what it is built from, so a second
 verify (or doctor) finds it; the Inductor compile cache persists beside the runs.
+
+`verify --service` instead calls the host's generation service ([service]) as a member does:
+HTTP through the SSH connection (a direct-tcpip channel to where it listens), /health until
+ready, then one /generate; the PNG and the service's metrics come back.
 """
 
 from __future__ import annotations
