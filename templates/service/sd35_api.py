@@ -250,7 +250,8 @@ def create_app(settings: Settings) -> FastAPI:
             return error(422, f"height x width must be at most {MAX_PIXELS} pixels, not "
                               f"{request.height * request.width}")
         if not service.admit():
-            return error(429, f"{settings.max_queue} requests are already waiting; retry later",
+            return error(429, f"the queue is full ({settings.max_queue} waiting behind the one "
+                              "generating); retry later",
                          **{"Retry-After": str(service.retry_after())})
         future = service.worker.submit(service.run, request)
         future.add_done_callback(service.release)
