@@ -42,7 +42,7 @@ from provision.render import member_files, write_files
 from provision.steps import paths_of, select_steps
 from provision.target import resolve_target
 from provision.templating import render
-from provision.verify import verify
+from provision.verify import verify, verify_service
 from provision.versions import host_image
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
@@ -326,12 +326,24 @@ def verify_command(
     fp8: Annotated[str, typer.Option(help="off|storage|dq")] = "dq",
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document")] = False,
     out_dir: Annotated[Path, typer.Option("--out", help="Where the PNG is copied")] = Path("."),
+    service: Annotated[bool, typer.Option(
+        "--service", help="Call HOST's generation service ([service]) through the SSH "
+                          "connection instead: /health, then one image")] = False,
 ) -> None:
     """Build the dev-container image on HOST and generate in it, FP8 against bf16."""
     settings: Settings = ctx.obj
     if fp8 not in ("off", "storage", "dq"):
         raise InventoryError(f"--fp8 {fp8!r}", "use off, storage or dq")
     inventory = settings.load()
+    if service:
+        with settings.connect(host, inventory) as conn, err.status("verify") as status:
+            called = verify_service(conn, inventory, out=out_dir,
+                                    progress=lambda text: status.update(f"{host}: {text}"))
+        if as_json:
+            print(json.dumps(called.to_json(), indent=2))
+        else:
+            out.print(views.service_table(called))
+        return
     if not inventory.members:
         raise InventoryError(f"{inventory.path}: no members", "add one: provision team add")
     chosen = inventory.member(member) if member else inventory.members[0]

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import fabric
 import paramiko
@@ -154,6 +154,11 @@ class Connection:
     def _hold(self, command: str, stdin: str, timeout: float) -> Held:
         raise NotImplementedError
 
+    def tunnel(self, address: str, port: int) -> Any:
+        """A stream socket to `address:port` as seen from the host (`ssh -L`'s channel): how
+        the tool reaches a service published on the host's loopback only."""
+        raise NotImplementedError
+
     def open(self) -> Connection:
         return self
 
@@ -199,6 +204,10 @@ class LocalConnection(Connection):
             process.wait(timeout)
 
         return Held(line, release)
+
+    def tunnel(self, address: str, port: int) -> socket.socket:
+        """@local: the host is here, so its loopback is ours."""
+        return socket.create_connection((address, port), timeout=30)
 
 
 class KnownHostsPolicy(paramiko.MissingHostKeyPolicy):
@@ -328,6 +337,15 @@ class SSHConnection(Connection):
             raise HostUnreachable(f"{self.name}: lost while taking the host lock ({exc})",
                                   "rerun") from None
         return Held(line, channel.close)
+
+    def tunnel(self, address: str, port: int) -> paramiko.Channel:
+        try:
+            return self.transport.open_channel("direct-tcpip", (address, port), ("127.0.0.1", 0),
+                                               timeout=self.target.connect_timeout)
+        except (paramiko.SSHException, OSError) as exc:
+            raise HostUnreachable(f"{self.name}: no SSH forward to {address}:{port} ({exc})",
+                                  "check that the service runs there (provision doctor) and "
+                                  "that sshd allows TCP forwarding") from None
 
     @property
     def transport(self) -> paramiko.Transport:

@@ -14,11 +14,12 @@ from dataclasses import asdict, dataclass
 from provision.connection import Connection
 from provision.errors import InventoryError
 from provision.facts import HostFacts, gather_facts, split_sections
-from provision.inventory import Inventory, Member
+from provision.image import image_tag
+from provision.inventory import SERVICE_NAME, Inventory, Member
 from provision.render import render_workspace
 from provision.steps.hf_cache import wanted_acl
 from provision.steps.nvidia import FP8_TENSOR_CORES, PROOF_IMAGE
-from provision.verify import image_tag
+from provision.steps.service import CONTAINER_PORT, UNIT
 from provision.versions import host_image
 
 WATCHED = ("**/.git/objects/**",)
@@ -53,6 +54,18 @@ except Exception as exc:
     report["xformers_error"] = str(exc).splitlines()[0][:200]
 print(json.dumps(report))
 """
+
+
+# Runs in the service's container: its /health as the server itself answers it (503 included).
+SERVICE_HEALTH = r"""
+import sys, urllib.error, urllib.request
+try:
+    print(urllib.request.urlopen("http://127.0.0.1:%s/health" % sys.argv[1], timeout=10).read()
+          .decode())
+except urllib.error.HTTPError as exc:
+    print(exc.read().decode())
+"""
+RESTARTS_SINCE = "-24h"
 
 
 @dataclass(frozen=True)
@@ -92,6 +105,17 @@ def probe_script(inventory: Inventory, members: tuple[Member, ...], image: str |
                   f"if docker image inspect {shlex.quote(image)} >/dev/null 2>&1; then "
                   f"docker run --rm {gpus}{shlex.quote(image)} python3 -c "
                   f"{shlex.quote(IMAGE_PROBE)} 2>&1 | tail -n 1; else echo missing; fi"]
+    if inventory.service is not None:
+        lines += [
+            "sec service-unit", f"systemctl is-active {UNIT}",
+            "sec service-health",
+            f"docker exec {SERVICE_NAME} python -c {shlex.quote(SERVICE_HEALTH)} "
+            f"{CONTAINER_PORT} 2>&1 | tail -n 1",
+            # systemd logs each restart it schedules under the unit.
+            "sec service-restarts",
+            f"journalctl --unit {UNIT} --since {RESTARTS_SINCE} --output cat "
+            "--no-pager 2>/dev/null | grep -c 'Scheduled restart job'",
+        ]
     lines.append("sec end")
     return "\n".join(lines) + "\n"
 
@@ -159,6 +183,39 @@ def checks(facts: HostFacts, probe: str, inventory: Inventory, members: tuple[Me
     found.extend(_gpu_checks(facts, sections))
     found.append(_image_vs_driver(facts, inventory))
     found.extend(_image_checks(facts, sections))
+    if inventory.service is not None:
+        found.extend(_service_checks(sections))
+    return found
+
+
+def _service_checks(sections: dict[str, list[str]]) -> list[Check]:
+    """[service]: its unit runs, its /health says ready, and systemd has not been restarting
+    it (a crash loop shows as restarts, not as a unit that is down)."""
+    logs = f"journalctl -u {SERVICE_NAME}"
+    state = " ".join(sections.get("service-unit", [])) or "unknown"
+    active = state == "active"
+    found = [Check("service unit", "pass" if active else "fail", f"{UNIT}: {state}",
+                   "" if active else f"see {logs}; provision host HOST --only service")]
+    text = " ".join(sections.get("service-health", []))
+    try:
+        health = json.loads(text)
+        status = health["status"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        found.append(Check("service health", "fail", text[:200] or "no answer",
+                           f"see {logs}"))
+    else:
+        seen = (f"{status}: {health.get('model')} on {health.get('gpu') or health.get('device')}"
+                f", --fp8 {health.get('fp8_applied')}, compiled {health.get('compiled')}"
+                if status == "ready" else f"{status}: {health.get('error') or 'loading'}")
+        verdict = {"ready": "pass", "loading": "warn"}.get(status, "fail")
+        found.append(Check("service health", verdict, seen, "" if verdict == "pass" else
+                           f"wait for the model to load, or see {logs}" if status == "loading"
+                           else f"fix the model in [service], then see {logs}"))
+    count = " ".join(sections.get("service-restarts", [])).strip()
+    restarts = int(count) if count.isdigit() else 0
+    found.append(Check("service restarts", "pass" if restarts == 0 else "warn",
+                       f"{restarts} restart(s) by systemd since {RESTARTS_SINCE}",
+                       "" if restarts == 0 else f"see why in {logs} --since {RESTARTS_SINCE}"))
     return found
 
 

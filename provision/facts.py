@@ -15,7 +15,7 @@ from typing import Any
 
 from provision.connection import Connection
 from provision.errors import FactsUnreadable
-from provision.inventory import Inventory
+from provision.inventory import SERVICE_NAME, Inventory
 
 SECTION = "@@@provision:"
 STATE_FILE = "/var/lib/provision/state.json"
@@ -106,6 +106,9 @@ echo "${info% *}"
 echo "active=$(systemctl is-active docker 2>/dev/null)"
 echo "enabled=$(systemctl is-enabled docker 2>/dev/null)"
 echo "running=${info#* }"
+# provision's images and units (lines a host recorded before they were asked for lacks: none).
+docker image ls --format 'image={{.Repository}}:{{.Tag}}' 2>/dev/null | grep '^image=provision/'
+for u in $PROVISION_UNITS; do echo "unit=$u $(systemctl is-active "$u" 2>/dev/null) $(systemctl is-enabled "$u" 2>/dev/null)"; done
 sec docker-runtimes; docker info --format '{{json .Runtimes}}' 2>/dev/null
 sec packages; dpkg-query -W -f '${Package} ${Version} ${db:Status-Status}\n' docker-ce docker.io containerd.io nvidia-container-toolkit 2>/dev/null | grep ' installed$'
 sec docker-repo
@@ -239,6 +242,14 @@ class Docker:
 
 
 @dataclass(frozen=True)
+class Unit:
+    """A systemd unit's state as `systemctl is-active` / `is-enabled` print it."""
+
+    active: str
+    enabled: str
+
+
+@dataclass(frozen=True)
 class Gpu:
     index: int
     name: str
@@ -286,6 +297,8 @@ class HostFacts:
     apt_lock_holder: str | None
     state: dict[str, Any] = field(default_factory=dict)
     cache_models: tuple[str, ...] = ()  # models--org--name folders in the shared cache's hub
+    images: tuple[str, ...] = ()  # provision's images (repository:tag) in the host's Docker
+    units: dict[str, Unit] = field(default_factory=dict)  # the units provision manages
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -312,6 +325,8 @@ def facts_request(inventory: Inventory, paths: tuple[str, ...] = ()) -> dict[str
     return {
         "PROVISION_ACCOUNTS": " ".join(sorted(m.name for m in inventory.members)),
         "PROVISION_CACHE_DIR": inventory.defaults.cache_dir,
+        # Probed with or without [service]: a service removed from the inventory is stopped.
+        "PROVISION_UNITS": f"{SERVICE_NAME}.service",
         "PROVISION_PATHS": "\n".join((STATE_FILE, DAEMON_JSON, *paths)),
         # Only when the tool chooses Docker's source and no mirror stands for the repository.
         "PROVISION_PROBE_DOCKER_REPO": "1" if inventory.defaults.docker_source == "auto"
@@ -384,6 +399,12 @@ def _parse_sections(s: dict[str, list[str]], cache_dir: str) -> HostFacts:
         apt_lock_holder=_apt_lock_holder(s.get("apt-locks", [])),
         state=json_object_or_empty(state_text),
         cache_models=tuple(ln.strip() for ln in s.get("cache-models", [])),
+        images=tuple(ln.strip().removeprefix("image=") for ln in s.get("docker", [])
+                     if ln.startswith("image=")),
+        units={parts[0]: Unit(parts[1], parts[2] if len(parts) > 2 else "")
+               for parts in (ln.strip().removeprefix("unit=").split()
+                             for ln in s.get("docker", []) if ln.startswith("unit="))
+               if len(parts) >= 2},
     )
 
 

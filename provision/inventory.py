@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import os
 import re
 import tomllib
@@ -43,6 +44,10 @@ HOST_FORMS = {"hostname": safe.HOSTNAME, "user": safe.LOGIN, "identity_file": sa
 # host, and a path of plain characters only (no credentials, query, quotes or shell syntax).
 MIRROR_URL = re.compile(r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~%+/-]*)?$")
 ARMORED_KEY = "-----BEGIN PGP PUBLIC KEY BLOCK-----"
+FP8_MODES = ("off", "storage", "dq")
+RANDOM_SIZES = ("tiny", "medium", "large")
+# An HF model id (org/name): it becomes a container's environment and a path in the cache.
+HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,28 @@ class Member:
     gpus: str = "all"
 
 
+# The generation service's system account, its systemd unit and its container: one name.
+SERVICE_NAME = "sd35-api"
+
+
+@dataclass(frozen=True)
+class Service:
+    """[service]: the team's generation API on each host (absent: no service).
+
+    `bind` is the host address its port is published on: loopback unless set, so members reach
+    it through their SSH connection (a LocalForward) and nothing else does. `model` empty: the
+    host decides, as for a member's launch.json (`models.debug_model`).
+    """
+
+    port: int = 8000
+    bind: str = "127.0.0.1"
+    model: str = ""
+    fp8: str = "dq"
+    gpus: str = "all"
+    # Requests waiting behind the one being generated; one more gets 429 with Retry-After.
+    max_queue: int = 4
+
+
 @dataclass(frozen=True)
 class Inventory:
     path: Path
@@ -119,6 +146,7 @@ class Inventory:
     # The [image] table (base image, version overrides, wheelhouse), checked by versions.py.
     image: dict[str, str] = field(default_factory=dict)
     mirrors: Mirrors = field(default_factory=Mirrors)
+    service: Service | None = None
 
     def member(self, name: str) -> Member:
         for member in self.members:
@@ -155,7 +183,8 @@ def load_inventory(path: Path, *, missing_ok: bool = False) -> Inventory:
 def parse_inventory(data: dict[str, Any], path: Path, text: str = "") -> Inventory:
     """Validate parsed TOML; pure, so tests can feed it dictionaries."""
     where = _Locator(path, text)
-    where.unknown_keys(data, {"defaults", "hosts", "members", "image", "mirrors"}, table=None)
+    where.unknown_keys(data, {"defaults", "hosts", "members", "image", "mirrors", "service"},
+                       table=None)
     defaults = _parse_defaults(data.get("defaults", {}), where)
     hosts_data = data.get("hosts", {})
     if not isinstance(hosts_data, dict):
@@ -178,8 +207,44 @@ def parse_inventory(data: dict[str, Any], path: Path, text: str = "") -> Invento
     except ImageError as exc:
         raise where.error(exc.key, exc.line()) from None
     mirrors = parse_mirrors(data.get("mirrors", {}), where)
+    service = parse_service(data["service"], where) if "service" in data else None
     return Inventory(path=path, defaults=defaults, hosts=hosts, members=members, image=image,
-                     mirrors=mirrors)
+                     mirrors=mirrors, service=service)
+
+
+def parse_service(table: Any, where: _Locator) -> Service:
+    """[service]: each value reaches a unit file, a container's environment or docker's -p."""
+    if not isinstance(table, dict):
+        raise where.error("service", "must be a table")
+    where.unknown_keys(table, set(Service.__dataclass_fields__), table="service")
+
+    def error(key: str, message: str) -> InventoryError:
+        return where.error(key, message, needle="[service]")  # its line, not a host's `port`
+
+    values = {**asdict(Service()), **table}
+    for key, low, high in (("port", 1, 65535), ("max_queue", 0, 1000)):
+        value = values[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise error(key, f"must be a whole number from {low} to {high}, not {value!r}")
+    for key in ("bind", "model", "fp8", "gpus"):
+        if not isinstance(values[key], str):
+            raise error(key, "must be a string")
+    try:
+        ipaddress.ip_address(values["bind"])
+    except ValueError:
+        raise error("bind", f"{values['bind']!r} must be an IP address of the host, e.g. "
+                            "127.0.0.1 (the default: reached through SSH only)") from None
+    model = values["model"]
+    if model and model not in RANDOM_SIZES and not HF_ID.match(model):
+        raise error("model", f"{model!r} must be {', '.join(RANDOM_SIZES)} (random weights) "
+                             "or an HF id like stabilityai/stable-diffusion-3.5-large in the "
+                             "shared cache")
+    if values["fp8"] not in FP8_MODES:
+        raise error("fp8", f"must be one of {', '.join(FP8_MODES)}")
+    if not GPUS.match(values["gpus"]):
+        raise error("gpus", f"must be 'all', 'none' or indexes like \"0\" or \"0,1\", "
+                            f"not {values['gpus']!r}")
+    return Service(**values)
 
 
 def parse_mirrors(table: Any, where: _Locator) -> Mirrors:

@@ -173,7 +173,8 @@ def container_cuda_devices(gpus: str) -> str | None:
 
 def ssh_config_block(inventory: Inventory, member: Member, host_alias: str, target: Target,
                      identity_file: str) -> str:
-    """Her `~/.ssh/config` block for the host, with the team's keepalive.
+    """Her `~/.ssh/config` block for the host, with the team's keepalive (and a forward to the
+    generation service when there is one).
 
     A ProxyJump hop is written as the resolved host and port, without a user: the admin's alias
     and login on the jump host are not hers.
@@ -196,7 +197,18 @@ def ssh_config_block(inventory: Inventory, member: Member, host_alias: str, targ
         keepalive_interval=inventory.defaults.keepalive_interval,
         keepalive_count_max=inventory.defaults.keepalive_count_max,
         proxy_jump=hops,
+        service_forward=service_forward(inventory),
     )
+
+
+def service_forward(inventory: Inventory) -> str:
+    """Her `LocalForward` to the host's generation service, or "" without [service]: the same
+    port on her machine, to where the service listens on the host (its loopback by default)."""
+    service = inventory.service
+    if service is None:
+        return ""
+    address = "127.0.0.1" if service.bind in ("0.0.0.0", "::") else service.bind
+    return f"{service.port} {f'[{address}]' if ':' in address else address}:{service.port}"
 
 
 def member_files(inventory: Inventory, member: Member, *, host_alias: str | None,

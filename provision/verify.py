@@ -5,14 +5,19 @@ Round trips: facts, then one script that uploads the build context and builds (s
 progress), then one script that runs both generations and compares their images, then one
 that reads the PNG back. The image is tagged by the hash of what it is built from, so a second
 verify (or doctor) finds it; the Inductor compile cache persists beside the runs.
+
+`verify --service` instead calls the host's generation service ([service]) as a member does:
+HTTP through the SSH connection (a direct-tcpip channel to where it listens), /health until
+ready, then one /generate; the PNG and the service's metrics come back.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
+import http.client
 import json
 import shlex
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,14 +26,12 @@ from typing import Any
 from provision.connection import Connection
 from provision.errors import InventoryError, ProvisionError, RemoteCommandFailed
 from provision.facts import HostFacts, gather_facts, split_sections
+from provision.image import ROOT, build_script, image_tag, upload_script
 from provision.inventory import Inventory, Member
 from provision.models import cached_weights, debug_model
-from provision.render import INFERENCE, WHEELHOUSE, gpu_run_args, render_workspace
-from provision.versions import ImageSpec, host_image, resolve_image
+from provision.render import INFERENCE, gpu_run_args, render_workspace
+from provision.versions import host_image, resolve_image
 
-ROOT = "/var/lib/provision"
-IMAGE_REPOSITORY = "provision/sd35-fp8"
-CONTEXT_FILES = (".devcontainer/Dockerfile", ".devcontainer/requirements.txt")
 GPU_DEFAULTS = {"height": 1024, "width": 1024, "steps": 28}
 CPU_DEFAULTS = {"model": "tiny", "height": 128, "width": 128, "steps": 4}
 
@@ -62,44 +65,12 @@ class VerifyReport:
         return dict(self.__dict__)
 
 
-def image_tag(files: dict[str, str]) -> str:
-    digest = hashlib.sha256("".join(files[p] for p in CONTEXT_FILES).encode()).hexdigest()
-    return f"{IMAGE_REPOSITORY}:{digest[:12]}"
-
-
 def choose_model(facts: HostFacts, member: Member, requested: str | None, on_gpu: bool) -> str:
     """On her GPU by default what her launch.json debugs (`models.debug_model`); a size asked
     for is the real SD3.5 weights when the shared cache has them, else that architecture."""
     if requested is None:
         return debug_model(member, facts).model if on_gpu else CPU_DEFAULTS["model"]
     return cached_weights(requested, facts.cache_models) or requested
-
-
-def _upload(files: dict[str, str], directory: str) -> str:
-    """Shell that writes `files` under `directory` (contents travel base64 in the script)."""
-    lines = [f"rm -rf {directory}", f"mkdir -p {directory}/.devcontainer"]
-    for path, content in files.items():
-        data = base64.b64encode(content.encode()).decode()
-        lines.append(f"printf %s {data} | base64 -d > {directory}/{path}")
-    return "\n".join(lines) + "\n"
-
-
-def build_script(files: dict[str, str], tag: str, image: ImageSpec) -> str:
-    context = f"{ROOT}/build/{tag.split(':')[1]}"
-    wheelhouse = image.wheelhouse
-    script = f"if docker image inspect {tag} >/dev/null 2>&1; then echo cached; exit 0; fi\n"
-    if image.base_archive:
-        base, archive = shlex.quote(image.base), shlex.quote(image.base_archive)
-        script += (f"docker image inspect {base} >/dev/null 2>&1 || docker load -i {archive}"
-                   "\n")
-    script += _upload({p: files[p] for p in CONTEXT_FILES}, context)
-    if wheelhouse:
-        quoted = shlex.quote(wheelhouse)
-        script += (f"[ -d {quoted} ] || {{ echo 'wheelhouse {wheelhouse} missing' >&2; "
-                   f"exit 3; }}\nmkdir -p {context}/{WHEELHOUSE}\n"
-                   f"cp -al {quoted}/. {context}/{WHEELHOUSE}/ 2>/dev/null || "
-                   f"cp -a {quoted}/. {context}/{WHEELHOUSE}/\n")
-    return script + f"docker build -t {tag} {context}/.devcontainer 2>&1\n"
 
 
 def run_script(inventory: Inventory, member: Member, facts: HostFacts, files: dict[str, str],
@@ -117,7 +88,7 @@ def run_script(inventory: Inventory, member: Member, facts: HostFacts, files: di
     args = (f"--model {shlex.quote(size['model'])} --height {size['height']} "
             f"--width {size['width']} --steps {size['steps']} --seed 0")
     script = (f"mkdir -p {work}/.cache\nrm -f {work}/*.png {work}/*.json\n"
-              + _upload({INFERENCE: files[INFERENCE]}, f"{work}.src")
+              + upload_script({INFERENCE: files[INFERENCE]}, f"{work}.src")
               + f"cp {work}.src/{INFERENCE} {work}/{INFERENCE}\nrm -rf {work}.src\n"
               f"chown -R {account.uid}:{account.gid} {work}\n")
     for mode in dict.fromkeys((fp8, "off")):
@@ -209,3 +180,90 @@ def _fetch_png(conn: Connection, member: Member, fp8: str, out: Path) -> Path:
     path = out / f"verify-{conn.name}-{member.name}-{fp8}.png"
     path.write_bytes(base64.b64decode(data.stdout))
     return path
+
+
+# What `verify --service` asks the service for: SD3.5's own size on a GPU, a quick one on a CPU.
+SERVICE_GPU_REQUEST = {"height": 1024, "width": 1024, "steps": 28}
+SERVICE_CPU_REQUEST = {"height": 128, "width": 128, "steps": 4}
+SERVICE_LOAD_WAIT = 1800  # seconds: real weights and a cold FP8 compile take minutes
+
+
+@dataclass
+class ServiceReport:
+    host: str
+    address: str  # where the service listens on the host, reached through the SSH connection
+    health: dict[str, Any]
+    request: dict[str, Any]
+    metrics: dict[str, Any]
+    seconds: float  # the request's wall time through the forward, queue included
+    png: str
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def service_call(conn: Connection, address: str, port: int, method: str, path: str,
+                 body: dict[str, Any] | None = None,
+                 timeout: float = 600) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP request to the service through the host connection (an `ssh -L` channel)."""
+    client = http.client.HTTPConnection(address, port, timeout=timeout)
+    client.sock = conn.tunnel(address, port)
+    client.sock.settimeout(timeout)
+    try:
+        client.request(method, path, body=json.dumps(body) if body is not None else None,
+                       headers={"Content-Type": "application/json"})
+        answer = client.getresponse()
+        return answer.status, {k.lower(): v for k, v in answer.getheaders()}, answer.read()
+    finally:
+        client.close()
+
+
+def verify_service(conn: Connection, inventory: Inventory, *, out: Path,
+                   progress: Callable[[str], None]) -> ServiceReport:
+    """Call the host's generation service as a member does, through the SSH connection: wait
+    until /health says ready, generate one image, keep the PNG and the metrics."""
+    service = inventory.service
+    if service is None:
+        raise InventoryError(f"{inventory.path}: no [service] table",
+                             "add one and run 'provision host HOST' first")
+    # A service bound to every address also answers on the host's loopback.
+    address = "127.0.0.1" if service.bind in ("0.0.0.0", "::") else service.bind
+    where = f"{address}:{service.port}"
+    deadline = time.monotonic() + SERVICE_LOAD_WAIT
+    while True:
+        status, _, body = service_call(conn, address, service.port, "GET", "/health", timeout=30)
+        health = _json_or_text(body)
+        if status == 200:
+            break
+        if health.get("status") != "loading" or time.monotonic() > deadline:
+            raise RemoteCommandFailed(
+                f"{conn.name}: the service on {where} is not ready ({status}: "
+                f"{health.get('error') or health.get('status') or body[:200]!r})",
+                f"see 'provision doctor {conn.name}' and journalctl -u sd35-api on the host")
+        progress(f"the service on {where} is loading its model")
+        time.sleep(5)
+    request = {"prompt": "a photo of an astronaut riding a horse on the moon", "seed": 0,
+               **(SERVICE_GPU_REQUEST if health.get("device", "").startswith("cuda")
+                  else SERVICE_CPU_REQUEST)}
+    progress(f"generating {request['height']}x{request['width']}, {request['steps']} steps")
+    started = time.monotonic()
+    status, headers, body = service_call(conn, address, service.port, "POST", "/generate",
+                                         request, timeout=SERVICE_LOAD_WAIT)
+    seconds = round(time.monotonic() - started, 3)
+    if status != 200 or not body.startswith(b"\x89PNG"):
+        raise RemoteCommandFailed(f"{conn.name}: /generate on {where} answered {status}: "
+                                  f"{_json_or_text(body).get('error', body[:200])}",
+                                  "see journalctl -u sd35-api on the host")
+    out.mkdir(parents=True, exist_ok=True)
+    png = out / f"service-{conn.name}.png"
+    png.write_bytes(body)
+    return ServiceReport(conn.name, where, health, request,
+                         json.loads(headers.get("x-metrics", "{}")), seconds, str(png))
+
+
+def _json_or_text(body: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return {"text": body[:200].decode(errors="replace")}
+    return value if isinstance(value, dict) else {"text": str(value)[:200]}

@@ -99,6 +99,14 @@ DEFAULT_IMAGE: dict[str, str] = {
     # xformers would tie the image to one more build of torch.
     "xformers": "",
     "debugpy": "1.8.22",
+    # The generation service's web server (the `service` step runs templates/service/sd35_api.py
+    # in this image): FastAPI for request validation as declared models (a 4xx naming the
+    # field, never a half-read request reaching the GPU) on Starlette's async core, which
+    # answers /health and turns a full queue into 429 while the one GPU worker thread
+    # generates; uvicorn, its reference ASGI server, in pure Python (h11: no compiled extras to
+    # match the base's Python). Tested together: fastapi 0.165.0 with uvicorn 0.54.0.
+    "fastapi": "0.165.0",
+    "uvicorn": "0.54.0",
     # A directory on the host holding every wheel the image needs (air-gapped hosts); empty:
     # torch and torchvision from PyTorch's index for the flavour, the rest from PyPI.
     "wheelhouse": "",
@@ -156,6 +164,8 @@ class ImageSpec:
     torchao: str
     xformers: str
     debugpy: str
+    fastapi: str
+    uvicorn: str
     wheelhouse: str
     base_archive: str
     driver: str = ""  # the host's NVIDIA driver the flavour and base were chosen for, if known
@@ -187,7 +197,7 @@ class ImageSpec:
         can only install the build for this flavour, never PyPI's default one."""
         flavoured = {"torch", "torchvision"}
         packages = ("torch", "torchvision", "torchao", "xformers", "diffusers", "transformers",
-                    "accelerate", "debugpy")
+                    "accelerate", "debugpy", "fastapi", "uvicorn")
         return tuple(
             f"{name}=={version}+{self.cuda}" if name in flavoured else f"{name}=={version}"
             for name in packages

@@ -10,7 +10,7 @@ from provision.doctor import Check
 from provision.engine import HostReport
 from provision.facts import HostFacts
 from provision.inventory import Member
-from provision.verify import VerifyReport
+from provision.verify import ServiceReport, VerifyReport
 
 
 def facts_table(host: str, facts: HostFacts) -> Table:
@@ -151,4 +151,28 @@ def verify_table(report: VerifyReport) -> Table:
     table.caption = (f"image {report.image} ({'built' if report.built else 'cached'}; "
                      f"{report.image_choice}); "
                      f"FP8 vs bf16: {comparison}; PNG: {report.png}")
+    return table
+
+
+def service_table(report: ServiceReport) -> Table:
+    health, metrics = report.health, report.metrics
+    table = Table(title=f"service on {report.host} ({report.address}, through SSH)",
+                  show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for label, value in (
+            ("status", health.get("status")),
+            ("device", health.get("gpu") or health.get("device")),
+            ("model", f"{health.get('model')} ({health.get('weights')})"),
+            ("FP8", f"requested {health.get('fp8_requested')}, applied "
+                    f"{health.get('fp8_applied')}"),
+            ("compiled", health.get("compiled")),
+            ("image", f"{report.request['height']}x{report.request['width']}, "
+                      f"{report.request['steps']} steps"),
+            ("ms per step", metrics.get("step_ms_mean")),
+            ("generation s", metrics.get("total_s")),
+            ("request s (through SSH)", report.seconds),
+            ("peak GiB", metrics.get("peak_mem_gib")),
+            ("PNG", report.png)):
+        table.add_row(label, str(value))
     return table

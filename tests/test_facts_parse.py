@@ -479,6 +479,9 @@ def test_lent_h200_facts_json_is_its_parsed_transcript() -> None:
     recorded = json.loads((FIXTURES / f"{LENT_H200}.json").read_text())
     parsed = json.loads(json.dumps(facts(LENT_H200).to_json()))
     recorded["disk"]["free_bytes"] = parsed["disk"]["free_bytes"]
+    # Fields added to HostFacts since the recording (provision's images and units, probed in
+    # the docker section): its transcript lacks their lines, so they parse empty.
+    assert {key: parsed.pop(key) for key in ("images", "units")} == {"images": [], "units": {}}
     assert recorded == parsed
 
 

@@ -223,3 +223,41 @@ def test_a_mirror_key_file_must_be_an_armored_public_key(tmp_path: Path, text: s
         load_inventory(write(tmp_path, f'[mirrors]\nnvidia_apt = "https://m.example/n"\n'
                                        f'nvidia_apt_key = "{key}"\n'))
     assert "secret" not in caught.value.line()
+
+
+def test_service_defaults_bind_to_loopback(tmp_path: Path, keys: Path) -> None:
+    assert load_inventory(write(tmp_path, GOOD)).service is None  # absent: no service
+    service = load_inventory(write(tmp_path, GOOD + "\n[service]\n")).service
+    assert service is not None
+    assert (service.port, service.bind, service.model, service.fp8, service.gpus,
+            service.max_queue) == (8000, "127.0.0.1", "", "dq", "all", 4)
+    chosen = load_inventory(write(tmp_path, GOOD + '\n[service]\nport = 7860\nbind = "::1"\n'
+                                  'model = "stabilityai/stable-diffusion-3.5-large"\n'
+                                  'fp8 = "storage"\ngpus = "1"\nmax_queue = 0\n')).service
+    assert chosen is not None and (chosen.port, chosen.bind, chosen.gpus, chosen.max_queue) == (
+        7860, "::1", "1", 0)
+
+
+@pytest.mark.parametrize(("line", "reason"), [
+    ("port = 0", "port: must be a whole number from 1 to 65535"),
+    ('port = "8000"', "port: must be a whole number"),
+    ("max_queue = -1", "max_queue: must be a whole number from 0 to 1000"),
+    ("max_queue = true", "max_queue: must be a whole number"),
+    ('bind = "localhost; id"', "bind: 'localhost; id' must be an IP address"),
+    ('bind = "0.0.0.0 -v /:/host"', "must be an IP address"),
+    ('model = "huge"', "model: 'huge' must be tiny, medium, large"),
+    ('model = "org/name\\nExecStartPre=/bin/sh"', "model:"),
+    ('fp8 = "fp4"', "fp8: must be one of off, storage, dq"),
+    ('gpus = "first"', "gpus: must be 'all', 'none' or indexes"),
+    ('workers = 2', "unknown key in [service]"),
+])
+def test_a_bad_service_table_is_one_line_at_its_key(tmp_path: Path, keys: Path, line: str,
+                                                    reason: str) -> None:
+    # The [service] key's own line, even where a host table above has a key of the same name.
+    path = write(tmp_path, GOOD.replace('user = "ubuntu"', 'user = "ubuntu"\nport = 22')
+                 + f"\n[service]\n{line}\n")
+    with pytest.raises(InventoryError) as caught:
+        load_inventory(path)
+    lines = path.read_text().splitlines()
+    assert caught.value.line().startswith(f"{path}:{lines.index(line.split(chr(10))[0]) + 1}:")
+    assert reason in caught.value.line()

@@ -23,7 +23,7 @@ import pytest
 
 from provision import render as workspace
 from provision.errors import InventoryError
-from provision.inventory import Defaults, Inventory, Member
+from provision.inventory import Defaults, Inventory, Member, Service
 from provision.target import Target
 from provision.templating import environment, raw
 from provision.versions import DEFAULT_IMAGE, ImageSpec, resolve_image
@@ -314,6 +314,7 @@ def full_context() -> dict[str, object]:
                                       resolve_image(CPU_IMAGE), where="sd-server", cache_gid=1),
         "alias": "sd-server", "hostname": "h", "port": 22, "identity_file": "k",
         "keepalive_interval": 1, "keepalive_count_max": 1, "proxy_jump": "j",
+        "service_forward": "8000 127.0.0.1:8000",
     }
 
 
@@ -346,6 +347,11 @@ def test_ssh_config_block_reads_back_as_the_member_login() -> None:
     assert seen["proxyjump"] == "198.51.100.7:2222", "resolved hop, without the admin's login"
     plain = workspace.ssh_config_block(INVENTORY, member, "sd-server", SD_SERVER, "k")
     assert "proxyjump" not in paramiko.SSHConfig.from_text(plain).lookup("sd-server")
+    assert "localforward" not in paramiko.SSHConfig.from_text(plain).lookup("sd-server")
+    served = dataclasses.replace(INVENTORY, service=Service(port=7860, bind="::1"))
+    block = workspace.ssh_config_block(served, member, "sd-server", SD_SERVER, "k")
+    assert paramiko.SSHConfig.from_text(block).lookup("sd-server")["localforward"] == [
+        "7860 [::1]:7860"]  # the generation service, through her SSH connection
     with pytest.raises(InventoryError, match="identity file"):
         workspace.ssh_config_block(INVENTORY, member, "sd-server", SD_SERVER, "my key\nHost *")
 

@@ -62,7 +62,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 
 @contextlib.contextmanager
@@ -676,8 +676,33 @@ def memory_peak_gib(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, "process_max_rss"
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Build or load the pipeline, apply FP8, denoise, decode, save; return the metrics."""
+class Loaded(NamedTuple):
+    """A pipeline ready to denoise, and what loading it did: the load half of the metrics.
+
+    Built once by `load_pipeline`, then used by `generate` for one image (this file's run) or
+    for every request (the team's generation service, which imports this module). A NamedTuple,
+    not a dataclass: tools load this file by path without registering it in sys.modules."""
+
+    pipe: StableDiffusion3Pipeline
+    device: torch.device
+    model: str
+    weights: str
+    text_encoders: str
+    random_size: str | None
+    fp8_requested: str
+    fp8_applied: str
+    fp8_fallback_reason: str | None
+    compiled: bool
+    compile_skipped_reason: str | None
+    inductor_cache_dir: str | None
+    started: float  # perf_counter at the start of loading
+    load_s: float
+    load_phases_s: dict[str, float]
+    load_peak_mem_gib: float
+
+
+def load_pipeline(args: argparse.Namespace) -> Loaded:
+    """Build or load the pipeline of `args.model`, apply FP8, compile when asked and allowed."""
     t_start = time.perf_counter()
     watch = Stopwatch()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -706,54 +731,92 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     apply_fp8(transformer, fp8_applied)
     watch.lap("fp8")
     cache_dir = compile_blocks(transformer) if compiled else None
-    recording = start_attention_maps(args, transformer)
-
-    call: dict[str, Any] = {"prompt": args.prompt}
     text_encoders = "pretrained"
     if random_size in ("medium", "large"):
-        call = random_prompt_embeds(transformer.config, device, args.seed)
         text_encoders = "skipped (random prompt embeddings)"
     elif random_size == "tiny":
         text_encoders = "tiny random (2x CLIP + T5, character-level tokenizers)"
-    linears = [m for m in transformer.modules() if isinstance(m, torch.nn.Linear)]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     watch.lap("ready")
-    load_s = time.perf_counter() - t_start
-    load_peak, peak_kind = memory_peak_gib(device)
+    load_peak, _ = memory_peak_gib(device)
+    return Loaded(
+        pipe=pipe,
+        device=device,
+        model=args.model,
+        weights=weights,
+        text_encoders=text_encoders,
+        random_size=random_size,
+        fp8_requested=args.fp8,
+        fp8_applied=fp8_applied,
+        fp8_fallback_reason=fallback_reason,
+        compiled=compiled,
+        compile_skipped_reason=skipped,
+        inductor_cache_dir=cache_dir,
+        started=t_start,
+        load_s=round(time.perf_counter() - t_start, 3),
+        load_phases_s=watch.phases,
+        load_peak_mem_gib=round(load_peak, 3),
+    )
+
+
+def generate(
+    loaded: Loaded,
+    *,
+    prompt: str,
+    height: int,
+    width: int,
+    steps: int,
+    seed: int,
+    guidance: float,
+    negative_prompt: str | None = None,
+) -> tuple[Image, dict[str, Any]]:
+    """Denoise and decode one image with a loaded pipeline; the image and its metrics.
+
+    The metrics are this file's JSON line less `attention_maps` and `output`; `total_s` is this
+    image's time (denoise + decode). Random Medium/Large weights have no text encoders: their
+    seeded random prompt embeddings stand in for prompt and negative prompt alike.
+    """
+    pipe, device = loaded.pipe, loaded.device
+    transformer = pipe.transformer
+    t_start = time.perf_counter()
+    call: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative_prompt}
+    if loaded.random_size in ("medium", "large"):
+        call = random_prompt_embeds(transformer.config, device, seed)
+    linears = [m for m in transformer.modules() if isinstance(m, torch.nn.Linear)]
+    _, peak_kind = memory_peak_gib(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     timer = StepTimer(device)
     hook = transformer.register_forward_pre_hook(timer.on_transformer_call)
     t_denoise = time.perf_counter()
-    with torch.inference_mode():
-        latents = pipe(
-            **call,
-            height=args.height,
-            width=args.width,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
-            generator=torch.Generator().manual_seed(args.seed),  # CPU noise: same on any device
-            output_type="latent",
-            callback_on_step_end=timer.on_step_end,
-        ).images
-        denoise_s = timer.now() - t_denoise
-        hook.remove()
-        t_decode = time.perf_counter()
-        image = decode(pipe, latents)
-        decode_s = timer.now() - t_decode
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    image.save(args.output)
-    attention = save_attention_maps(args, pipe, recording, image) if recording else None
+    try:
+        with torch.inference_mode():
+            latents = pipe(
+                **call,
+                height=height,
+                width=width,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=torch.Generator().manual_seed(seed),  # CPU noise: same on any device
+                output_type="latent",
+                callback_on_step_end=timer.on_step_end,
+            ).images
+            denoise_s = timer.now() - t_denoise
+            t_decode = time.perf_counter()
+            image = decode(pipe, latents)
+            decode_s = timer.now() - t_decode
+    finally:
+        hook.remove()  # a failed request must not leave its timer on the next one's calls
 
-    steps = timer.durations()
-    measured = steps[1:] if len(steps) > 1 else steps
+    durations = timer.durations()
+    measured = durations[1:] if len(durations) > 1 else durations
     peak, _ = memory_peak_gib(device)
     weight_bytes = sum(map(tensor_bytes, (*transformer.parameters(), *transformer.buffers())))
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     cc = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    return {
+    return image, {
         "ok": True,
         "device": str(device),
         "gpu": gpu,
@@ -763,29 +826,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "diffusers": package_version("diffusers"),
         "transformers": package_version("transformers"),
         "torchao": package_version("torchao"),
-        "model": args.model,
-        "weights": weights,
-        "text_encoders": text_encoders,
-        "fp8_requested": args.fp8,
-        "fp8_applied": fp8_applied,
-        "fp8_fallback_reason": fallback_reason,
+        "model": loaded.model,
+        "weights": loaded.weights,
+        "text_encoders": loaded.text_encoders,
+        "fp8_requested": loaded.fp8_requested,
+        "fp8_applied": loaded.fp8_applied,
+        "fp8_fallback_reason": loaded.fp8_fallback_reason,
         "fp8_linear_layers": sum(is_fp8_weight(m.weight) for m in linears),
         "linear_layers": len(linears),
-        "compiled": compiled,
-        "compile_skipped_reason": skipped,
-        "inductor_cache_dir": cache_dir,
-        "seed": args.seed,
-        "height": args.height,
-        "width": args.width,
-        "steps": args.steps,
-        "guidance": args.guidance,
-        "load_s": round(load_s, 3),
-        "load_phases_s": watch.phases,
-        "first_step_s": round(steps[0], 3) if steps else None,
+        "compiled": loaded.compiled,
+        "compile_skipped_reason": loaded.compile_skipped_reason,
+        "inductor_cache_dir": loaded.inductor_cache_dir,
+        "seed": seed,
+        "height": height,
+        "width": width,
+        "steps": steps,
+        "guidance": guidance,
+        "load_s": loaded.load_s,
+        "load_phases_s": loaded.load_phases_s,
+        "first_step_s": round(durations[0], 3) if durations else None,
         "step_ms_mean": round(1000 * sum(measured) / len(measured), 2) if measured else None,
         "step_ms_note": (
             "mean over steps 2..N; step 1 (compilation, allocator warm-up) excluded"
-            if len(steps) > 1
+            if len(durations) > 1
             else "single step: includes warm-up"
         ),
         "denoise_s": round(denoise_s, 3),
@@ -793,13 +856,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "total_s": round(time.perf_counter() - t_start, 3),
         "peak_mem_gib": round(peak, 3),
         "peak_mem_kind": peak_kind + (" (generation)" if device.type == "cuda" else ""),
-        "load_peak_mem_gib": round(load_peak, 3),
+        "load_peak_mem_gib": loaded.load_peak_mem_gib,
         "transformer_weights_gib": round(weight_bytes / GIB, 4),
         "transformer_params": sum(p.numel() for p in transformer.parameters()),
         "latents_shape": list(latents.shape),
-        "attention_maps": attention,
-        "output": str(args.output),
     }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Build or load the pipeline, apply FP8, denoise, decode, save; return the metrics."""
+    loaded = load_pipeline(args)
+    recording = start_attention_maps(args, loaded.pipe.transformer)
+    image, metrics = generate(
+        loaded,
+        prompt=args.prompt,
+        height=args.height,
+        width=args.width,
+        steps=args.steps,
+        seed=args.seed,
+        guidance=args.guidance,
+    )
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    image.save(args.output)
+    attention = save_attention_maps(args, loaded.pipe, recording, image) if recording else None
+    # From the start of loading, as before the service shared generate(): one run, one total.
+    metrics["total_s"] = round(time.perf_counter() - loaded.started, 3)
+    return {**metrics, "attention_maps": attention, "output": str(args.output)}
 
 
 @contextlib.contextmanager

@@ -1,0 +1,52 @@
+"""The team image on a host: its tag, and the shell that builds it there once.
+
+The image is tagged by the hash of what it is built from (the rendered Dockerfile and
+requirements.txt), so whoever needs it (`verify`, `doctor`, the generation service) finds the
+one already built, and a change of pins is a new tag, never a stale image under an old name.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import shlex
+
+from provision.render import WHEELHOUSE
+from provision.versions import ImageSpec
+
+ROOT = "/var/lib/provision"
+IMAGE_REPOSITORY = "provision/sd35-fp8"
+CONTEXT_FILES = (".devcontainer/Dockerfile", ".devcontainer/requirements.txt")
+
+
+def image_tag(files: dict[str, str]) -> str:
+    digest = hashlib.sha256("".join(files[p] for p in CONTEXT_FILES).encode()).hexdigest()
+    return f"{IMAGE_REPOSITORY}:{digest[:12]}"
+
+
+def upload_script(files: dict[str, str], directory: str) -> str:
+    """Shell that writes `files` under `directory` (contents travel base64 in the script)."""
+    lines = [f"rm -rf {directory}", f"mkdir -p {directory}/.devcontainer"]
+    for path, content in files.items():
+        data = base64.b64encode(content.encode()).decode()
+        lines.append(f"printf %s {data} | base64 -d > {directory}/{path}")
+    return "\n".join(lines) + "\n"
+
+
+def build_script(files: dict[str, str], tag: str, image: ImageSpec) -> str:
+    """Shell that builds `tag` from the rendered `files` unless the host has it ("cached")."""
+    context = f"{ROOT}/build/{tag.split(':')[1]}"
+    wheelhouse = image.wheelhouse
+    script = f"if docker image inspect {tag} >/dev/null 2>&1; then echo cached; exit 0; fi\n"
+    if image.base_archive:
+        base, archive = shlex.quote(image.base), shlex.quote(image.base_archive)
+        script += (f"docker image inspect {base} >/dev/null 2>&1 || docker load -i {archive}"
+                   "\n")
+    script += upload_script({p: files[p] for p in CONTEXT_FILES}, context)
+    if wheelhouse:
+        quoted = shlex.quote(wheelhouse)
+        script += (f"[ -d {quoted} ] || {{ echo 'wheelhouse {wheelhouse} missing' >&2; "
+                   f"exit 3; }}\nmkdir -p {context}/{WHEELHOUSE}\n"
+                   f"cp -al {quoted}/. {context}/{WHEELHOUSE}/ 2>/dev/null || "
+                   f"cp -a {quoted}/. {context}/{WHEELHOUSE}/\n")
+    return script + f"docker build -t {tag} {context}/.devcontainer 2>&1\n"

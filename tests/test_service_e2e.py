@@ -1,0 +1,249 @@
+"""The generation service end to end on a sandbox (CPU, tiny model): converged with
+`[service]`, run by systemd in the team image, reached as a member reaches it, through an SSH
+port forward to the host's loopback."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import json
+import select
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from provision.sandbox import DEMO_MEMBER
+from tests.conftest import Host, require_modules
+
+require_modules("httpx")
+
+import httpx  # noqa: E402
+from PIL import Image  # noqa: E402
+
+pytestmark = pytest.mark.sandbox
+
+PORT = 8000
+SERVICE = """
+[service]
+port = 8000
+model = "tiny"
+fp8 = "storage"
+max_queue = 4
+"""
+
+
+class Forward:
+    """`ssh -L`: a local port whose connections go, through the member's SSH connection, to
+    127.0.0.1:PORT on the host (the only address the service listens on)."""
+
+    def __init__(self, host: Host, user: str, key: Path, remote_port: int) -> None:
+        self.client = paramiko.SSHClient()
+        self.client.load_host_keys(str(host.sandbox.known_hosts))
+        self.client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        self.client.connect("127.0.0.1", host.sandbox.port, username=user,
+                            key_filename=str(key), allow_agent=False, look_for_keys=False,
+                            timeout=10)
+        self.remote_port = remote_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                local, peer = self.listener.accept()
+            except OSError:
+                return
+            transport = self.client.get_transport()
+            assert transport is not None
+            try:
+                channel = transport.open_channel("direct-tcpip",
+                                                 ("127.0.0.1", self.remote_port), peer)
+            except paramiko.ChannelException:
+                local.close()  # nothing listens there now (a restart): as ssh -L, refuse it
+                continue
+            threading.Thread(target=self._pump, args=(local, channel), daemon=True).start()
+
+    @staticmethod
+    def _pump(local: socket.socket, channel: paramiko.Channel) -> None:
+        with local, channel:
+            while True:
+                ready, _, _ = select.select([local, channel], [], [], 60)
+                if not ready:
+                    return
+                for source, sink in ((local, channel), (channel, local)):
+                    if source in ready:
+                        data = source.recv(65536)
+                        if not data:
+                            return
+                        sink.sendall(data)
+
+    def close(self) -> None:
+        self.listener.close()
+        self.client.close()
+
+
+def converge(host: Host) -> dict:
+    result = host.cli("host", host.name, "--json", timeout=2400)
+    assert result.stdout, result.stderr
+    return {"exit": result.exit_code, "stderr": result.stderr, **json.loads(result.stdout)}
+
+
+@pytest.fixture(scope="module")
+def served(make_host) -> Iterator[tuple[Host, dict, httpx.Client]]:
+    """`sandbox up` (the demo member, the CPU image's base and wheels), `[service]` added,
+    then `provision host`: the image is built on the host and the unit started and proven."""
+    host: Host = make_host(try_it=True)
+    with host.inventory.open("a") as inventory:
+        inventory.write(SERVICE)
+    report = converge(host)
+    assert report["exit"] == 0, report["stderr"][-3000:]
+    key = host.sandbox.identity_file.parent / DEMO_MEMBER / "id_ed25519"
+    forward = Forward(host, DEMO_MEMBER, key, PORT)
+    with httpx.Client(base_url=f"http://127.0.0.1:{forward.port}", timeout=300) as client:
+        yield host, report, client
+    forward.close()
+
+
+def ready(client: httpx.Client, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            answer = client.get("/health")
+            if answer.status_code == 200:
+                return answer.json()
+        except httpx.TransportError:
+            pass  # the container is coming back: nothing listens yet
+        assert time.monotonic() < deadline, "the service did not come back ready"
+        time.sleep(1)
+
+
+def test_converge_builds_the_image_and_starts_the_unit_under_its_own_account(served) -> None:
+    host, report, _ = served
+    (entry,) = [s for s in report["hosts"][0]["steps"] if s["step"] == "service"]
+    assert entry["status"] == "changed"
+    summaries = [c["summary"] for c in entry["changes"]]
+    assert summaries[0].startswith("system account sd35-api")
+    assert any(s.startswith("build the team image provision/sd35-fp8:") for s in summaries)
+    unit_diff = next(c["diff"] for c in entry["changes"]
+                     if c["files"] == ["/etc/systemd/system/sd35-api.service"])
+    assert "+Restart=always" in unit_diff and "+  --publish 127.0.0.1:8000:8000 \\" in unit_diff
+    assert host.exec("systemctl is-active sd35-api.service")[1].strip() == "active"
+    assert host.exec("systemctl is-enabled sd35-api.service")[1].strip() == "enabled"
+    code, account = host.exec("getent passwd sd35-api")
+    assert code == 0 and account.strip().endswith(":/var/lib/sd35-api:/usr/sbin/nologin")
+    code, user = host.exec("docker exec sd35-api id -u")
+    assert user.strip() == account.split(":")[2]
+    # The shared cache is read-only inside, and the port is on the host's loopback only.
+    code, _ = host.exec("docker exec sd35-api touch /hf/written-by-the-service")
+    assert code != 0
+    ports = host.exec("docker port sd35-api")[1]
+    assert ports.strip() == "8000/tcp -> 127.0.0.1:8000"
+    assert "sd35-api: ready in" in host.exec("journalctl -u sd35-api.service --no-pager")[1]
+
+
+def test_health_and_a_real_png_through_the_ssh_forward(served) -> None:
+    _, _, client = served
+    health = ready(client)
+    assert (health["status"], health["model"], health["device"]) == ("ready", "tiny", "cpu")
+    assert health["fp8_requested"] == health["fp8_applied"] == "storage"
+    assert health["compiled"] is False and health["queue"]["max_queue"] == 4
+    answer = client.post("/generate", json={"prompt": "a lighthouse at dusk", "steps": 4,
+                                            "height": 128, "width": 128, "seed": 7})
+    assert answer.status_code == 200, answer.text
+    with Image.open(io.BytesIO(answer.content)) as png:
+        assert png.format == "PNG" and png.size == (128, 128)
+        assert len([n for n in png.convert("L").histogram() if n]) > 10
+    metrics = json.loads(answer.headers["x-metrics"])
+    assert metrics["fp8_applied"] == "storage" and metrics["latents_shape"] == [1, 16, 16, 16]
+
+
+@pytest.mark.parametrize(("body", "status", "message"), [
+    (b'{"prompt": "a cat", "steps": ', 400, "not valid JSON"),
+    (b'{"prompt": "a cat", "width": 10000, "height": 10000}', 422, "at most 1024"),
+    (b'{"prompt": "a cat", "steps": -5}', 422, "steps: Input should be greater than"),
+])
+def test_bad_requests_are_4xx_with_a_message_and_the_service_stays_up(
+        served, body: bytes, status: int, message: str) -> None:
+    _, _, client = served
+    ready(client)
+    answer = client.post("/generate", content=body, headers={"content-type": "application/json"})
+    assert answer.status_code == status and message in answer.json()["error"]
+    assert client.get("/health").status_code == 200
+
+
+def test_twenty_concurrent_requests_with_max_queue_4_get_a_png_or_a_429(served) -> None:
+    host, _, client = served
+    ready(client)
+    restarts = host.exec("systemctl show -p NRestarts --value sd35-api.service")[1].strip()
+    body = {"prompt": "a crowded market", "steps": 60, "height": 256, "width": 256}
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda i: client.post("/generate", json={**body, "seed": i}),
+                                range(20)))
+    statuses = sorted(a.status_code for a in answers)
+    assert set(statuses) <= {200, 429}, statuses
+    assert 1 <= statuses.count(200) <= 19 and statuses.count(429) >= 1, statuses
+    for answer in answers:
+        if answer.status_code == 200:
+            assert answer.content.startswith(b"\x89PNG\r\n\x1a\n")
+        else:
+            assert int(answer.headers["retry-after"]) >= 1
+    assert ready(client)["queue"]["admitted"] == 0
+    assert host.exec("systemctl show -p NRestarts --value sd35-api.service")[1].strip() == \
+        restarts  # it never went down
+
+
+def service_checks(host: Host) -> dict[str, dict]:
+    result = host.cli("doctor", host.name, "--json", "--min-free-gb", "1")
+    checks = json.loads(result.stdout)["checks"]
+    return {c["name"]: c for c in checks if c["name"].startswith("service")}
+
+
+def test_verify_service_calls_it_through_the_ssh_connection(served, tmp_path: Path) -> None:
+    host, _, _ = served
+    result = host.cli("verify", host.name, "--service", "--json", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report["address"] == "127.0.0.1:8000" and report["health"]["status"] == "ready"
+    assert report["metrics"]["fp8_applied"] == "storage"
+    with Image.open(report["png"]) as png:
+        assert png.size == (128, 128)
+
+
+def test_doctor_checks_the_unit_the_health_and_the_restarts(served) -> None:
+    host, _, _ = served
+    found = service_checks(host)
+    assert {name: c["status"] for name, c in found.items()} == {
+        "service unit": "pass", "service health": "pass", "service restarts": "pass"}
+    assert found["service health"]["evidence"].startswith("ready: tiny on cpu")
+
+
+def test_a_killed_server_is_restarted_by_systemd(served) -> None:
+    host, _, client = served
+    ready(client)
+    before = int(host.exec("systemctl show -p NRestarts --value sd35-api.service")[1])
+    pid = host.exec("docker inspect --format '{{.State.Pid}}' sd35-api")[1].strip()
+    assert pid.isdigit() and pid != "0"
+    code, output = host.exec(f"kill -9 {pid}")
+    assert code == 0, output
+    deadline = time.monotonic() + 120
+    while int(host.exec("systemctl show -p NRestarts --value sd35-api.service")[1]) == before:
+        assert time.monotonic() < deadline, "systemd did not restart the service"
+        time.sleep(1)
+    assert ready(client)["status"] == "ready"
+    assert host.exec("systemctl is-active sd35-api.service")[1].strip() == "active"
+    restarts = service_checks(host)["service restarts"]
+    assert restarts["status"] == "warn" and restarts["evidence"].startswith("1 restart(s)")
+
+
+def test_a_second_converge_changes_nothing(served) -> None:
+    host, _, client = served
+    again = converge(host)
+    assert again["exit"] == 0, again["stderr"][-3000:]
+    assert [c["summary"] for s in again["hosts"][0]["steps"] for c in s["changes"]] == []
+    assert ready(client)["status"] == "ready"
