@@ -479,6 +479,8 @@ def test_lent_h200_facts_json_is_its_parsed_transcript() -> None:
     recorded = json.loads((FIXTURES / f"{LENT_H200}.json").read_text())
     parsed = json.loads(json.dumps(facts(LENT_H200).to_json()))
     recorded["disk"]["free_bytes"] = parsed["disk"]["free_bytes"]
+    # Recorded before the facts had member daemons (issue 12); none of its accounts existed.
+    recorded.setdefault("member_daemons", {})
     assert recorded == parsed
 
 
