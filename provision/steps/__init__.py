@@ -80,18 +80,6 @@ def primary_group(facts: HostFacts, name: str) -> str:
     return next((g.name for g in facts.groups.values() if g.gid == account.gid), str(account.gid))
 
 
-def as_member(name: str, script: str) -> str:
-    """Shell (run as root) that runs `script` as the member, from her home, in her systemd user
-    session's environment. What runs as her can write only where she can: a link she planted
-    in her home cannot turn it into a write to /etc or /root, as it could as root."""
-    uid = f"$(id -u {name})"
-    body = shlex.quote(f"cd\n{script}")
-    return (f"runuser -u {name} -- env -i HOME=\"$(getent passwd {name} | cut -d: -f6)\" "
-            f"USER={name} LOGNAME={name} PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin "
-            f"XDG_RUNTIME_DIR=/run/user/{uid} "
-            f"DBUS_SESSION_BUS_ADDRESS=unix:path=/run/user/{uid}/bus sh -ec {body}")
-
-
 def former_members(facts: HostFacts, inventory: Inventory) -> list[str]:
     """Accounts an earlier run managed that the inventory no longer lists (to offboard)."""
     current = {m.name for m in inventory.members}

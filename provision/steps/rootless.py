@@ -23,10 +23,10 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
-from provision.changes import Change, run
+from provision.changes import Change, as_member, run
 from provision.facts import HostFacts, MemberDaemon
 from provision.inventory import Inventory, Member
-from provision.steps import Step, StepBlocked, apt_install, as_member, home_of
+from provision.steps import Step, StepBlocked, apt_install, home_of
 from provision.steps.docker import choose_source
 
 NAME = "rootless"

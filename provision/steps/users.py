@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import shlex
 
-from provision.changes import Change, WriteFile, run
-from provision.facts import HostFacts
+from provision.changes import Change, WriteFile, as_member, run
+from provision.facts import HostFacts, PathState
 from provision.inventory import Inventory, Member
 from provision.steps import (
     Step,
@@ -123,9 +123,10 @@ def _keys(facts: HostFacts, member: Member) -> list[Change]:
     changes = []
     ssh_dir = facts.path(f"~{name}/.ssh")
     if (ssh_dir.kind, ssh_dir.owner, ssh_dir.mode) != ("directory", name, "700"):
+        # As her: a ~/.ssh she made a link (to /root/.ssh) is never followed by root.
         changes.append(run(NAME, f"{home}/.ssh for {name} (0700)",
-                           f"install -d -m 0700 -o {name} -g {group} "
-                           f"{shlex.quote(home + '/.ssh')}"))
+                           as_member(name, "mkdir -p .ssh\nchmod 0700 .ssh"),
+                           warning=_link_warning(ssh_dir, name)))
     current = facts.path(f"~{name}/.ssh/authorized_keys")
     wanted = managed_keys(current.content, member.keys)
     if current.content != wanted or (current.owner, current.mode) != (name, "600"):
@@ -133,8 +134,17 @@ def _keys(facts: HostFacts, member: Member) -> list[Change]:
         changes.append(Change(NAME, f"{verb} {name}'s managed authorized_keys block "
                                     f"({len(member.keys)} key(s); lines outside it kept)",
                               (WriteFile(f"{home}/.ssh/authorized_keys", wanted, current.content,
-                                         owner=name, group=group, mode="0600"),)))
+                                         owner=name, group=group, mode="0600", member=name),),
+                              warning=_link_warning(current, name)))
     return changes
+
+
+def _link_warning(state: PathState, name: str) -> str | None:
+    """A link where provision writes in her home: said, and written through with her rights."""
+    if state.kind != "link":
+        return None
+    return (f"{state.path} is a link to {state.target}: written as {name}, so only where she "
+            "may write herself (root never follows it)")
 
 
 def _sudo(facts: HostFacts, member: Member) -> list[Change]:
