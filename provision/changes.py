@@ -13,6 +13,9 @@ import shlex
 from dataclasses import dataclass
 
 NEW_FILE_LINES_SHOWN = 40
+# An apply script's line starting with this is shown to the user with the step's result
+# (the engine collects them): what it met and left alone on purpose.
+REPORT = "provision-report: "
 
 
 def as_member(name: str, script: str) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import shlex
 from pathlib import PurePosixPath
 
-from provision.changes import Change, WriteFile, as_member, run
+from provision.changes import REPORT, Change, WriteFile, as_member, run
 from provision.facts import HostFacts, MemberCache
 from provision.inventory import Inventory, Member
 from provision.steps import Step, StepBlocked, apt_install, home_of
@@ -94,7 +94,7 @@ def _member(facts: HostFacts, inventory: Inventory, member: Member) -> list[Chan
     elif current.state == "dir":
         merge = render("host/hf-merge.sh.j2", src=shlex.quote(CACHE_LINK),
                        dst=shlex.quote(cache), group=inventory.defaults.cache_group,
-                       token=shlex.quote(f"{TOKEN_DIR}/token"))
+                       token=shlex.quote(f"{TOKEN_DIR}/token"), report=REPORT)
         changes.append(run(NAME, f"{link}: merge {name}'s own cache into {cache} (as her; "
                                  "nothing deleted; the token stays private), then link it",
                            as_member(name, merge), make_link))

@@ -126,7 +126,7 @@ def _keys(facts: HostFacts, member: Member) -> list[Change]:
         # As her: a ~/.ssh she made a link (to /root/.ssh) is never followed by root.
         changes.append(run(NAME, f"{home}/.ssh for {name} (0700)",
                            as_member(name, "mkdir -p .ssh\nchmod 0700 .ssh"),
-                           warning=_link_warning(ssh_dir, name)))
+                           warning=_link_warning(ssh_dir, f"{home}/.ssh", name)))
     current = facts.path(f"~{name}/.ssh/authorized_keys")
     wanted = managed_keys(current.content, member.keys)
     if current.content != wanted or (current.owner, current.mode) != (name, "600"):
@@ -135,15 +135,16 @@ def _keys(facts: HostFacts, member: Member) -> list[Change]:
                                     f"({len(member.keys)} key(s); lines outside it kept)",
                               (WriteFile(f"{home}/.ssh/authorized_keys", wanted, current.content,
                                          owner=name, group=group, mode="0600", member=name),),
-                              warning=_link_warning(current, name)))
+                              warning=_link_warning(current, f"{home}/.ssh/authorized_keys",
+                                                    name)))
     return changes
 
 
-def _link_warning(state: PathState, name: str) -> str | None:
+def _link_warning(state: PathState, path: str, name: str) -> str | None:
     """A link where provision writes in her home: said, and written through with her rights."""
     if state.kind != "link":
         return None
-    return (f"{state.path} is a link to {state.target}: written as {name}, so only where she "
+    return (f"{path} is a link to {state.target}: written as {name}, so only where she "
             "may write herself (root never follows it)")
 
 
