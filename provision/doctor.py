@@ -18,10 +18,13 @@ from provision.inventory import Inventory, Member
 from provision.render import render_workspace
 from provision.steps.hf_cache import wanted_acl
 from provision.steps.nvidia import FP8_TENSOR_CORES, PROOF_IMAGE
+from provision.steps.rootless import SUBGID, SUBUID, read_ranges
+from provision.steps.rootless import paths as rootless_paths
 from provision.verify import image_tag
 from provision.versions import host_image
 
 WATCHED = ("**/.git/objects/**",)
+SYSTEM_SOCKET = "/var/run/docker.sock"
 SETTINGS = ".vscode/settings.json"
 
 # Runs inside the team image: what torch there can do for FP8, and whether xformers loads.
@@ -76,24 +79,41 @@ def probe_script(inventory: Inventory, members: tuple[Member, ...], image: str |
         lines += [
             f"sec docker-{name}",
             # `docker version` fails when the daemon refuses her (`docker info` exits 0).
-            f"out=$(runuser -u {name} -- docker version --format '{{{{.Server.Version}}}}' 2>&1)"
-            "; echo \"exit=$?\"; printf '%s\\n' \"$out\" | tail -n 1",
+            _as(name, "docker version --format '{{.Server.Version}}'"),
             f"sec cache-{name}",
             f"runuser -u {name} -- sh -c 'f={cache}/.provision-doctor-$$; "
             f"touch \"$f\" && rm -f \"$f\"' 2>&1; echo \"exit=$?\"",
         ]
+        if inventory.defaults.rootless:
+            # Her docker CLI as she has it (her context), and the system socket named outright.
+            lines += [f"sec own-daemon-{name}",
+                      _as(name, "docker info --format '{{json .SecurityOptions}} "
+                                "{{json .Runtimes}}'"),
+                      f"sec system-socket-{name}",
+                      _as(name, f"docker -H unix://{SYSTEM_SOCKET} version --format "
+                                "'{{.Server.Version}}'")]
     gpus = "--gpus all " if gpu else ""
+    # Rootless: the team image lives in the member's own daemon, not in the system one.
+    docker = (f"runuser -u {members[0].name} -- docker" if inventory.defaults.rootless
+              and members else "docker")
     if gpu:
         lines += ["sec gpu-container",
-                  f"docker run --rm --gpus all {PROOF_IMAGE} nvidia-smi -L 2>&1; "
+                  f"{docker} run --rm --gpus all {PROOF_IMAGE} nvidia-smi -L 2>&1; "
                   "echo \"exit=$?\""]
     if image:
         lines += ["sec image",
-                  f"if docker image inspect {shlex.quote(image)} >/dev/null 2>&1; then "
-                  f"docker run --rm {gpus}{shlex.quote(image)} python3 -c "
+                  f"if {docker} image inspect {shlex.quote(image)} >/dev/null 2>&1; then "
+                  f"{docker} run --rm {gpus}{shlex.quote(image)} python3 -c "
                   f"{shlex.quote(IMAGE_PROBE)} 2>&1 | tail -n 1; else echo missing; fi"]
     lines.append("sec end")
     return "\n".join(lines) + "\n"
+
+
+def _as(name: str, command: str) -> str:
+    """Shell: `command` as the member (runuser: her groups, her HOME and so her docker
+    context), its exit status and the last line it printed."""
+    return (f"out=$(runuser -u {name} -- {command} 2>&1); echo \"exit=$?\"; "
+            "printf '%s\\n' \"$out\" | tail -n 1")
 
 
 def verify_image(facts: HostFacts, inventory: Inventory, member: Member) -> str | None:
@@ -121,12 +141,16 @@ def checks(facts: HostFacts, probe: str, inventory: Inventory, members: tuple[Me
     found.append(_keepalive(facts, inventory))
     for member in members:
         ok, seen = _exit_ok(sections.get(f"docker-{member.name}", []))
+        fix = ("provision host HOST --only rootless (her own daemon and context)"
+               if defaults.rootless else f"provision host HOST --only users,docker (puts "
+                                         f"{member.name} in the docker group; she logs in again)")
         found.append(Check(
             f"{member.name} reaches docker", "pass" if ok else "fail",
             f"docker version as {member.name}: {seen or 'no answer'}",
-            "" if ok else f"provision host HOST --only users,docker (puts {member.name} in the "
-                          "docker group; she logs in again)" if facts.docker.installed else
+            "" if ok else fix if facts.docker.installed else
             "Docker is not installed: provision host HOST --only docker"))
+        if defaults.rootless:
+            found.extend(_rootless(facts, sections, member))
         ok, seen = _exit_ok(sections.get(f"cache-{member.name}", []))
         link = facts.member_caches.get(member.name)
         linked = link is not None and link.state == "symlink" and link.detail == defaults.cache_dir
@@ -142,6 +166,8 @@ def checks(facts: HostFacts, probe: str, inventory: Inventory, members: tuple[Me
             f"{SETTINGS}: " + ("excludes .git/objects" if watched else
                                "missing" if settings is None else "no .git/objects exclude"),
             "" if watched else "provision host HOST --only workspace (or render it again)"))
+    if defaults.rootless:
+        found.append(_subordinate_ranges(facts, members))
     found.append(_shared_cache(facts, inventory))
     cache = facts.cache
     found.append(Check(
@@ -160,6 +186,58 @@ def checks(facts: HostFacts, probe: str, inventory: Inventory, members: tuple[Me
     found.append(_image_vs_driver(facts, inventory))
     found.extend(_image_checks(facts, sections))
     return found
+
+
+def _rootless(facts: HostFacts, sections: dict[str, list[str]], member: Member) -> list[Check]:
+    """Rootless mode: her own daemon answers (as rootless), the system socket refuses her,
+    lingering keeps her daemon up, and on a GPU host her daemon has the nvidia runtime."""
+    name = member.name
+    fix = "provision host HOST --only rootless"
+    ok, seen = _exit_ok(sections.get(f"own-daemon-{name}", []))
+    own = ok and "name=rootless" in seen
+    found = [Check(f"{name}'s own daemon", "pass" if own else "fail",
+                   f"docker info as {name}: {seen or 'no answer'}", "" if own else fix)]
+    reached, seen = _exit_ok(sections.get(f"system-socket-{name}", []))
+    found.append(Check(
+        f"{name} is refused the system socket", "fail" if reached else "pass",
+        f"docker -H unix://{SYSTEM_SOCKET} as {name}: {seen or 'no answer'}",
+        f"provision host HOST --only users (takes {name} out of the docker group; she logs "
+        "in again)" if reached else ""))
+    daemon = facts.member_daemons.get(name)
+    lingering = daemon is not None and daemon.linger
+    found.append(Check(f"{name}'s lingering", "pass" if lingering else "fail",
+                       f"/var/lib/systemd/linger/{name} "
+                       f"{'present' if lingering else 'missing'}",
+                       "" if lingering else fix))
+    if not facts.nvidia.has_gpu:
+        found.append(Check(f"{name}'s GPU runtime", "skip", "no NVIDIA GPU on this host"))
+    else:
+        runtime = own and '"nvidia"' in seen
+        found.append(Check(f"{name}'s GPU runtime", "pass" if runtime else "fail",
+                           f"runtimes of her daemon: {seen or 'no answer'}",
+                           "" if runtime else "GPUs in rootless daemons are not configured by "
+                                              "provision yet: nvidia-ctk runtime configure "
+                                              "--runtime=docker --config=$HOME/.config/docker/"
+                                              "daemon.json as her, then restart her daemon"))
+    return found
+
+
+def _subordinate_ranges(facts: HostFacts, members: tuple[Member, ...]) -> Check:
+    """Every member has subordinate uids and gids, and none overlaps another account's."""
+    problems, given = [], []
+    for path in (SUBUID, SUBGID):
+        ranges = read_ranges(facts.text(path))
+        for member in members:
+            mine = [r for r in ranges if r.owner == member.name]
+            if not mine:
+                problems.append(f"{member.name} has none in {path}")
+            problems += [f"{path}: {r.owner} {r} overlaps {o.owner} {o}" for r in mine
+                         for o in ranges if o.owner != r.owner and r.overlaps(o)]
+            given += [f"{member.name} {r}" for r in mine if path == SUBUID]
+    return Check("subordinate ranges", "fail" if problems else "pass",
+                 "; ".join(problems or given) or "no members",
+                 "provision host HOST --only rootless (a range given is never changed: an "
+                 "overlap is fixed by hand)" if problems else "")
 
 
 def _keepalive(facts: HostFacts, inventory: Inventory) -> Check:
@@ -261,7 +339,7 @@ def run_doctor(conn: Connection, inventory: Inventory, members: tuple[Member, ..
     """`image`: the image to look inside; None: the one `verify` builds for this host."""
     workspace = inventory.defaults.workspace_dir
     settings_paths = {m.name: f"~{m.name}/{workspace}/{SETTINGS}" for m in members}
-    facts = gather_facts(conn, inventory, tuple(settings_paths.values()))
+    facts = gather_facts(conn, inventory, (*settings_paths.values(), *rootless_paths(inventory)))
     if image is None and members:
         image = verify_image(facts, inventory, members[0])
     probe = conn.run(probe_script(inventory, members, image, bool(facts.nvidia.gpus)),

@@ -108,6 +108,13 @@ def workspace_context(inventory: Inventory, member: Member, image: ImageSpec, *,
                       facts: HostFacts | None = None) -> dict[str, Any]:
     """The variables of the workspace templates, each meaning one thing in all of them."""
     home = f"/home/{member.name}"
+    # Rootless: the container's root is her on the host (uid 0 inside maps to her uid), so she
+    # works as root inside and workspace and cache files stay hers. Her own user inside would
+    # map to one of her subordinate uids, which owns nothing of hers (so no
+    # updateRemoteUserUID either), and a --group-add of the cache group maps to nothing: the
+    # shared cache is writable inside through ACLs naming each member (the hf-cache step).
+    rootless = inventory.defaults.rootless
+    container_user, container_home = ("root", "/root") if rootless else (member.name, home)
     on_gpu = member.gpus != "none"
     model = debug_model(member, facts)
     # A GPU runs SD3.5's own size in FP8 matmuls; a CPU the tiny model, smaller, in FP8 storage.
@@ -119,6 +126,9 @@ def workspace_context(inventory: Inventory, member: Member, image: ImageSpec, *,
         "name": f"SD3.5 FP8 ({member.name} on {where})" if where else f"SD3.5 FP8 ({member.name})",
         "user": member.name,
         "home": home,
+        "rootless": rootless,
+        "container_user": container_user,
+        "container_home": container_home,
         "image": image,
         "venv": VENV,
         "wheelhouse": Path(WHEELHOUSE).name,  # relative to the build context
@@ -127,11 +137,12 @@ def workspace_context(inventory: Inventory, member: Member, image: ImageSpec, *,
         "pip_source": f"--no-index --find-links /{Path(WHEELHOUSE).name}" if image.wheelhouse
         else pip_indexes(torch_index, inventory.mirrors.pypi or PYPI_INDEX),
         "run_args": [*gpu_run_args(member.gpus), f"--shm-size={SHM_SIZE}",
-                     *([f"--group-add={cache_gid}"] if cache_gid is not None else [])],
+                     *([f"--group-add={cache_gid}"] if cache_gid is not None and not rootless
+                       else [])],
         "gpu_required": member.gpus == "all",
         "on_gpu": on_gpu,
         "cache_dir": inventory.defaults.cache_dir,
-        "hf_home": f"{home}/{CACHE_LINK}",
+        "hf_home": f"{container_home}/{CACHE_LINK}",
         "token_dir": TOKEN_DIR,
         "inductor_cache": INDUCTOR_CACHE,
         "launches": [

@@ -8,15 +8,19 @@ rootless mode; debian-12-sandbox-converged.txt on one converged before the mode 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
+import jsonschema
 import pytest
 
+from provision import doctor
 from provision.errors import InventoryError
 from provision.facts import MemberDaemon
 from provision.inventory import load_inventory, parse_inventory
+from provision.render import render_workspace
 from provision.sandbox import new_inventory
-from provision.steps import rootless, users
+from provision.steps import hf_cache, rootless, users
 from provision.steps.rootless import IdRange, allocate, read_ranges
 from provision.templating import render
 from tests.conftest import FIXTURES
@@ -162,3 +166,83 @@ def test_member_daemons_are_read_from_the_facts() -> None:
     assert facts_of(ROOTLESS).member_daemons["alice"] == MemberDaemon(
         "alice", linger=True, unit=True, socket=True, context="rootless")
     assert IdRange("a", 1, 2).end == 2
+
+
+def test_the_rootless_devcontainer_runs_as_container_root_which_is_her() -> None:
+    inventory = load_inventory(FIXTURES / "facts" / f"{ROOTLESS}.toml")
+    member = inventory.member("alice")
+    files = render_workspace(inventory, member, host_alias="box", target=None, cache_gid=1001)
+    config = json.loads(files[".devcontainer/devcontainer.json"])
+    assert (config["containerUser"], config["remoteUser"]) == ("root", "root")
+    assert config["updateRemoteUserUID"] is False  # it would land on a subordinate uid
+    assert not [a for a in config["runArgs"] if a.startswith("--group-add")]
+    mounts = {m["target"]: m["source"] for m in config["mounts"]}
+    assert mounts["/root/.cache/huggingface"] == inventory.defaults.cache_dir
+    assert mounts["/root/.config/huggingface"] == "${localEnv:HOME}/.config/huggingface"
+    assert config["containerEnv"]["HF_TOKEN_PATH"] == "/root/.config/huggingface/token"
+    schema = json.loads((FIXTURES / "schemas" / "devContainer.base.schema.json").read_text())
+    jsonschema.Draft201909Validator(schema).validate(config)
+    rootful = render_workspace(inventory_in("rootful"), member, host_alias="box", target=None,
+                               cache_gid=1001)
+    assert json.loads(rootful[".devcontainer/devcontainer.json"])["updateRemoteUserUID"] is True
+
+
+def test_rootless_cache_acls_name_each_member_and_drop_former_ones() -> None:
+    facts = facts_of(ROOTFUL)
+    changes = hf_cache.plan(facts, inventory_in("rootless"))
+    named = [c for c in changes if "ACL entries naming" in c.summary]
+    assert len(named) == 1 and "alice, bob" in named[0].summary
+    assert "setfacl -R -m u:alice:rwX,d:u:alice:rwX,u:bob:rwX,d:u:bob:rwX," in named[0].script()
+    assert not [c for c in hf_cache.plan(facts, inventory_in("rootful"))
+                if "ACL entries" in c.summary]
+    acl = (*facts.cache.acl, *(f"{d}user:{n}:rwx" for n in ("alice", "bob", "carol")
+                               for d in ("", "default:")))
+    cache = dataclasses.replace(facts.cache, acl=acl)
+    state = {**facts.state, "members": ["alice", "bob", "carol"]}
+    changes = hf_cache.plan(dataclasses.replace(facts, cache=cache, state=state),
+                            inventory_in("rootless"))
+    assert [c.summary for c in changes if "ACL" in c.summary] == [
+        "/data/cache/huggingface: remove the ACL entries of former members carol"]
+
+
+# A doctor probe transcript as probe_script's commands print it (SYNTHESIZED: the shapes are
+# those the e2e test sees on a rootless sandbox).
+PROBE = """
+@@@provision:docker-alice
+exit=0
+20.10.24+dfsg1
+@@@provision:cache-alice
+exit=0
+@@@provision:own-daemon-alice
+exit=0
+["name=seccomp,profile=default","name=rootless"] {"io.containerd.runc.v2":{"path":"runc"}}
+@@@provision:system-socket-alice
+exit=1
+Got permission denied while trying to connect to the Docker daemon socket
+@@@provision:end
+"""
+
+
+def test_doctor_checks_her_daemon_the_system_socket_ranges_and_lingering() -> None:
+    facts = facts_of(ROOTLESS)
+    inventory = load_inventory(FIXTURES / "facts" / f"{ROOTLESS}.toml")
+    members = (inventory.member("alice"),)
+    found = {c.name: c for c in doctor.checks(facts, PROBE, inventory, members, 1, {})}
+    for name in ("alice's own daemon", "alice is refused the system socket",
+                 "alice's lingering", "subordinate ranges"):
+        assert found[name].status == "pass", found[name]
+    assert found["alice's GPU runtime"].status == "skip"
+    reached = PROBE.replace("exit=1\nGot permission denied while trying to connect to the "
+                            "Docker daemon socket", "exit=0\n20.10.24+dfsg1")
+    found = {c.name: c for c in doctor.checks(facts, reached, inventory, members, 1, {})}
+    assert found["alice is refused the system socket"].status == "fail"
+    daemons = {**facts.member_daemons, "alice": dataclasses.replace(
+        facts.member_daemons["alice"], linger=False)}
+    subuid = dataclasses.replace(facts.paths["/etc/subuid"],
+                                 content="dev:165536:65536\nalice:200000:65536\n")
+    broken = dataclasses.replace(facts, member_daemons=daemons,
+                                 paths={**facts.paths, "/etc/subuid": subuid})
+    found = {c.name: c for c in doctor.checks(broken, PROBE, inventory, members, 1, {})}
+    assert found["alice's lingering"].status == "fail"
+    assert found["subordinate ranges"].status == "fail"
+    assert "overlaps dev 165536-231071" in found["subordinate ranges"].evidence

@@ -19,6 +19,7 @@ import tomlkit
 from provision.sandbox import BASE_IMPORTED
 from tests.conftest import Host
 from tests.test_converge import changes_of, converge
+from tests.test_team_e2e import doctor
 
 pytestmark = pytest.mark.sandbox
 
@@ -130,3 +131,27 @@ def test_another_members_home_and_daemon_are_out_of_reach(rootless_host) -> None
     assert code != 0 and "permission denied" in output.lower()
     code, output = host.ssh("bob", keys["bob"], f"{CURRENT_CONTEXT} && docker images -q")
     assert code == 0 and output.split() == ["rootless"], output  # alice's images are hers
+
+
+def test_doctor_passes_her_rootless_setup(rootless_host) -> None:
+    host, _ = rootless_host
+    code, checks = doctor(host, "--member", "alice")
+    assert code == 0, checks
+    for name in ("alice reaches docker", "alice's own daemon",
+                 "alice is refused the system socket", "alice's lingering",
+                 "subordinate ranges"):
+        assert checks[name]["status"] == "pass", checks[name]
+    assert checks["alice's GPU runtime"]["status"] == "skip"
+    assert "alice 1" in checks["subordinate ranges"]["evidence"]
+
+
+def test_doctor_sees_her_in_the_docker_group_again(rootless_host) -> None:
+    host, _ = rootless_host
+    host.exec("gpasswd -a alice docker")
+    try:
+        code, checks = doctor(host, "--member", "alice")
+    finally:
+        host.exec("gpasswd -d alice docker")
+    check = checks["alice is refused the system socket"]
+    assert code != 0 and check["status"] == "fail"
+    assert "out of the docker group" in check["remedy"]

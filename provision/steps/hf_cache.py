@@ -15,7 +15,7 @@ from pathlib import PurePosixPath
 from provision.changes import REPORT, Change, WriteFile, as_member, run
 from provision.facts import HostFacts, MemberCache
 from provision.inventory import Inventory, Member
-from provision.steps import Step, StepBlocked, apt_install, home_of
+from provision.steps import Step, StepBlocked, apt_install, former_members, home_of
 from provision.templating import render
 
 NAME = "hf-cache"
@@ -57,15 +57,46 @@ def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
         changes.append(Change(NAME, "HF_TOKEN_PATH per member for login shells (tokens stay "
                                     "out of the shared cache)",
                               (WriteFile(PROFILE, profile, current.content),)))
-    for member in inventory.members:
-        changes.extend(_member(facts, inventory, member))
-    # ACLs last: when acl cannot be installed, the cache and the links are already in place.
+    # ACLs before the members' links and merges: a merge runs as the member, who must be able
+    # to write in every folder of the cache, also those made there before provision managed it.
     if not state.exists or not wanted_acl(group) <= set(facts.cache.acl):
         if "setfacl" not in facts.tools:
             changes.append(run(NAME, "install acl (setfacl is missing) for the cache's default "
                                      "ACLs", apt_install("acl")))
         changes.append(run(NAME, f"{cache}: default ACLs keep members' files group-writable",
                            f"setfacl -R -m g:{group}:rwX,d:g:{group}:rwX,d:g::rwX,d:m::rwX {q}"))
+    changes.extend(_named_acls(facts, inventory))
+    for member in inventory.members:
+        changes.extend(_member(facts, inventory, member))
+    return changes
+
+
+def _named_acls(facts: HostFacts, inventory: Inventory) -> list[Change]:
+    """Rootless mode: an ACL entry naming each member, on the cache and as a default.
+
+    A rootless container drops its supplementary groups (moby #40225), so inside her dev
+    container the cache group gives her nothing; an entry naming her uid does, and the default
+    entries make every file anyone writes there writable by each member. Former members'
+    entries go.
+    """
+    if not inventory.defaults.rootless:
+        return []
+    q = shlex.quote(inventory.defaults.cache_dir)
+    acl = set(facts.cache.acl)
+    missing = [m.name for m in inventory.members
+               if not {f"user:{m.name}:rwx", f"default:user:{m.name}:rwx"} <= acl]
+    former = [n for n in former_members(facts, inventory) if f"user:{n}:rwx" in acl]
+    changes = []
+    if missing:
+        entries = ",".join(f"u:{n}:rwX,d:u:{n}:rwX" for n in missing)
+        changes.append(run(NAME, f"{inventory.defaults.cache_dir}: ACL entries naming "
+                                 f"{', '.join(missing)} (rootless containers drop the cache "
+                                 "group)", f"setfacl -R -m {entries},m::rwX,d:m::rwX {q}"))
+    if former:
+        entries = ",".join(f"u:{n},d:u:{n}" for n in former)
+        changes.append(run(NAME, f"{inventory.defaults.cache_dir}: remove the ACL entries of "
+                                 f"former members {', '.join(former)}",
+                           f"setfacl -R -x {entries} {q}"))
     return changes
 
 
