@@ -16,7 +16,7 @@ import pytest
 
 from provision import doctor
 from provision.errors import InventoryError
-from provision.facts import MemberDaemon
+from provision.facts import MemberDaemon, PathState
 from provision.inventory import load_inventory, parse_inventory
 from provision.render import render_workspace
 from provision.sandbox import new_inventory
@@ -246,3 +246,24 @@ def test_doctor_checks_her_daemon_the_system_socket_ranges_and_lingering() -> No
     assert found["alice's lingering"].status == "fail"
     assert found["subordinate ranges"].status == "fail"
     assert "overlaps dev 165536-231071" in found["subordinate ranges"].evidence
+
+
+def test_ubuntu_24_04s_user_namespace_restriction_gets_a_profile_for_rootlesskit() -> None:
+    # SYNTHESIZED: the recorded-shape Ubuntu 24.04 facts, with the sysctl as 24.04 sets it.
+    facts = facts_of("ubuntu-24.04-nogpu.synthesized")
+    restricted = PathState(rootless.USERNS_RESTRICTED, "file", "root", "root", "644", "", "1\n")
+    facts = dataclasses.replace(facts, paths={**facts.paths,
+                                              rootless.USERNS_RESTRICTED: restricted})
+    changes = rootless.plan(facts, inventory_in("rootless"))
+    profile = next(c for c in changes if c.summary.startswith(rootless.PROFILE))
+    assert "kernel.apparmor_restrict_unprivileged_userns = 1" in profile.summary
+    assert "profile provision-rootlesskit /usr/bin/rootlesskit flags=(unconfined)" in \
+        profile.actions[0].content and "userns," in profile.actions[0].content
+    assert profile.script().endswith(f"apparmor_parser -r {rootless.PROFILE}\n")
+    shipped = PathState(rootless.SHIPPED_PROFILE, "file", "root", "root", "644", "", "...")
+    covered = dataclasses.replace(facts, paths={**facts.paths,
+                                                rootless.SHIPPED_PROFILE: shipped})
+    assert not [c for c in rootless.plan(covered, inventory_in("rootless"))
+                if c.summary.startswith(rootless.PROFILE)]
+    assert not [c for c in rootless.plan(facts_of(ROOTFUL), inventory_in("rootless"))
+                if c.summary.startswith(rootless.PROFILE)]

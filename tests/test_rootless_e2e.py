@@ -155,3 +155,21 @@ def test_doctor_sees_her_in_the_docker_group_again(rootless_host) -> None:
     check = checks["alice is refused the system socket"]
     assert code != 0 and check["status"] == "fail"
     assert "out of the docker group" in check["remedy"]
+
+
+def test_switching_back_to_rootful_keeps_her_data_and_converges(rootless_host) -> None:
+    """Last in this module: it leaves the host rootful."""
+    host, keys = rootless_host
+    document = tomlkit.parse(host.inventory.read_text())
+    document["defaults"]["docker_mode"] = "rootful"
+    host.inventory.write_text(tomlkit.dumps(document))
+    report = converge(host, "--yes")
+    assert report["exit"] == 0, report["stderr"]
+    assert "alice: stop her rootless daemon (its images and data stay in /home/alice/.local/" \
+           "share/docker) and use the system daemon (docker context default)" in \
+        changes_of(report)
+    assert changes_of(converge(host)) == []
+    assert "docker" in host.testinfra.user("alice").groups
+    assert host.testinfra.file("/home/alice/.local/share/docker").is_directory
+    code, output = host.ssh("alice", keys["alice"], "docker info -f '{{.SecurityOptions}}'")
+    assert code == 0 and "rootless" not in output, output

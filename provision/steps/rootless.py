@@ -23,11 +23,12 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
-from provision.changes import Change, as_member, run
+from provision.changes import Change, Run, WriteFile, as_member, run
 from provision.facts import HostFacts, MemberDaemon
 from provision.inventory import Inventory, Member
 from provision.steps import Step, StepBlocked, apt_install, home_of
 from provision.steps.docker import choose_source
+from provision.templating import render
 
 NAME = "rootless"
 SUBUID, SUBGID = "/etc/subuid", "/etc/subgid"
@@ -93,8 +94,16 @@ def allocate(ranges: list[IdRange], owners: list[str]) -> dict[str, IdRange]:
     return given
 
 
+# Ubuntu 24.04 lets no unprivileged process make a user namespace unless an AppArmor profile
+# allows it; its apparmor package ships one for the packaged rootlesskit, older ones do not.
+USERNS_RESTRICTED = "/proc/sys/kernel/apparmor_restrict_unprivileged_userns"
+SHIPPED_PROFILE = "/etc/apparmor.d/rootlesskit"
+PROFILE = "/etc/apparmor.d/provision-rootlesskit"
+ROOTLESSKIT = "/usr/bin/rootlesskit"
+
+
 def paths(inventory: Inventory) -> tuple[str, ...]:
-    return (SUBUID, SUBGID, *LINKED)
+    return (SUBUID, SUBGID, *LINKED, USERNS_RESTRICTED, SHIPPED_PROFILE, PROFILE)
 
 
 def engine_source(facts: HostFacts, inventory: Inventory) -> str:
@@ -111,6 +120,7 @@ def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
         return [c for m in inventory.members if (c := _stop(facts, m)) is not None]
     source = engine_source(facts, inventory)
     changes = _packages(facts, source)
+    changes.extend(_apparmor(facts))
     changes.extend(_subordinate_ids(facts, inventory))
     for member in inventory.members:
         changes.extend(_member(facts, member, source))
@@ -129,8 +139,10 @@ def notes(facts: HostFacts, inventory: Inventory) -> list[str]:
     ranges = {r.owner: r for r in read_ranges(facts.text(SUBUID))}
     given = ", ".join(f"{m.name} {ranges[m.name]}" for m in inventory.members
                       if m.name in ranges)
+    gpu = ("; GPUs are NOT yet configured for members' own daemons (no nvidia runtime or CDI "
+           "there): their containers see no GPU" if facts.nvidia.has_gpu else "")
     return ["docker_mode = rootless: each member her own Docker daemon, no one in the docker "
-            "group" + (f"; subordinate ids {given}" if given else "")]
+            "group" + (f"; subordinate ids {given}" if given else "") + gpu]
 
 
 def _packages(facts: HostFacts, source: str) -> list[Change]:
@@ -153,6 +165,21 @@ def _packages(facts: HostFacts, source: str) -> list[Change]:
                            f"mkdir -p {LINKS}\n" + "\n".join(
                                f"ln -sfn {target} {link}" for link, target in LINKED.items())))
     return changes
+
+
+def _apparmor(facts: HostFacts) -> list[Change]:
+    """Where the kernel restricts unprivileged user namespaces and no profile covers
+    rootlesskit, one that does (Docker's documented profile), loaded at once."""
+    if (facts.text(USERNS_RESTRICTED) or "").strip() != "1" or facts.path(
+            SHIPPED_PROFILE).exists:
+        return []
+    wanted = render("host/apparmor-rootlesskit.j2", rootlesskit=ROOTLESSKIT)
+    current = facts.path(PROFILE).content
+    if current == wanted:
+        return []
+    return [Change(NAME, f"{PROFILE}: let {ROOTLESSKIT} make user namespaces (this kernel "
+                         "restricts them: kernel.apparmor_restrict_unprivileged_userns = 1)",
+                   (WriteFile(PROFILE, wanted, current), Run(f"apparmor_parser -r {PROFILE}")))]
 
 
 def _subordinate_ids(facts: HostFacts, inventory: Inventory) -> list[Change]:
