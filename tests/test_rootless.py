@@ -267,3 +267,17 @@ def test_ubuntu_24_04s_user_namespace_restriction_gets_a_profile_for_rootlesskit
                 if c.summary.startswith(rootless.PROFILE)]
     assert not [c for c in rootless.plan(facts_of(ROOTFUL), inventory_in("rootless"))
                 if c.summary.startswith(rootless.PROFILE)]
+
+
+def test_offboarding_moves_her_keys_aside_as_her() -> None:
+    # Her ~/.ssh may be a link to /root/.ssh: root moving "her" keys would move root's.
+    facts = facts_of(ROOTFUL)
+    inventory = inventory_in("rootful")
+    alice = dataclasses.replace(facts.accounts["alice"], authorized_keys=1)
+    offboarding = dataclasses.replace(facts, accounts={**facts.accounts, "alice": alice},
+                                      state={**facts.state, "members": ["alice", "bob"]})
+    without = dataclasses.replace(inventory, members=inventory.members[1:])
+    move = next(c for c in users.plan(offboarding, without)
+                if c.summary == "offboard alice: move her SSH keys aside")
+    assert move.script().startswith("runuser -u alice -- ")
+    assert "mv -f .ssh/authorized_keys .ssh/authorized_keys.offboarded-" in move.script()

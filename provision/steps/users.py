@@ -167,15 +167,16 @@ def _offboard(facts: HostFacts, inventory: Inventory, name: str) -> list[Change]
     account = facts.accounts.get(name)
     if account is None:
         return []
-    home = shlex.quote(account.home)
     changes = []
     if not account.locked:
         changes.append(run(NAME, f"offboard {name}: lock the account (home kept)",
                            f"usermod --lock --expiredate 1 {name}"))
     if account.authorized_keys:
+        # As her (runuser works for a locked account): her ~/.ssh may be a link to root's.
         changes.append(run(NAME, f"offboard {name}: move her SSH keys aside",
-                           f"mv -f {home}/.ssh/authorized_keys "
-                           f"{home}/.ssh/authorized_keys.offboarded-$(date +%Y%m%d%H%M%S)"))
+                           as_member(name, "mv -f .ssh/authorized_keys "
+                                           ".ssh/authorized_keys.offboarded-"
+                                           "$(date +%Y%m%d%H%M%S)")))
     if f"provision-{name}" in facts.sudoers_d:
         changes.append(run(NAME, f"offboard {name}: remove her sudo rule",
                            f"rm -f {sudoers_path(name)}"))
