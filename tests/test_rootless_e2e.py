@@ -157,6 +157,27 @@ def test_doctor_sees_her_in_the_docker_group_again(rootless_host) -> None:
     assert "out of the docker group" in check["remedy"]
 
 
+def test_offboarding_stops_her_daemon_and_keeps_its_data(rootless_host) -> None:
+    """Near the end of this module: bob leaves the team."""
+    host, _ = rootless_host
+    uid = host.testinfra.user("bob").uid
+    document = tomlkit.parse(host.inventory.read_text())
+    members = document["members"]
+    for index in reversed(range(len(members))):
+        if members[index]["name"] == "bob":
+            del members[index]
+    host.inventory.write_text(tomlkit.dumps(document))
+    report = converge(host, "--yes")
+    assert report["exit"] == 0, report["stderr"]
+    assert "offboard bob: lingering off (her own Docker daemon stops; its data stays in her " \
+           "home)" in changes_of(report)
+    code, _ = host.exec(f"for i in $(seq 40); do [ -S /run/user/{uid}/docker.sock ] || "
+                             "exit 0; sleep 0.5; done; exit 1")
+    assert code == 0, "bob's daemon still answers"
+    assert host.testinfra.file("/home/bob/.local/share/docker").is_directory
+    assert changes_of(converge(host)) == []
+
+
 def test_switching_back_to_rootful_keeps_her_data_and_converges(rootless_host) -> None:
     """Last in this module: it leaves the host rootful."""
     host, keys = rootless_host
