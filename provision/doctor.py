@@ -17,7 +17,14 @@ from provision.facts import HostFacts, gather_facts, split_sections
 from provision.inventory import Inventory, Member
 from provision.render import render_workspace
 from provision.steps.hf_cache import wanted_acl
-from provision.steps.nvidia import FP8_TENSOR_CORES, PROOF_IMAGE
+from provision.steps.nvidia import (
+    CDI_KIND,
+    CDI_SPEC,
+    FP8_TENSOR_CORES,
+    PROOF_IMAGE,
+    ROOTLESS_GPU_REMEDY,
+    rootless_gpu_blocker,
+)
 from provision.steps.rootless import SUBGID, SUBUID, read_ranges
 from provision.steps.rootless import paths as rootless_paths
 from provision.verify import image_tag
@@ -91,14 +98,19 @@ def probe_script(inventory: Inventory, members: tuple[Member, ...], image: str |
                                 "{{json .Runtimes}}'"),
                       f"sec system-socket-{name}",
                       _as(name, f"docker -H unix://{SYSTEM_SOCKET} version --format "
-                                "'{{.Server.Version}}'")]
-    gpus = "--gpus all " if gpu else ""
+                                "'{{.Server.Version}}'"),
+                      # Apart: Docker < 25 knows no such field and would fail the line above.
+                      f"sec cdi-{name}",
+                      _as(name, "docker info --format '{{json .CDISpecDirs}}'")]
+    # Rootless: her daemon has no nvidia runtime; her GPUs are CDI devices (steps/nvidia.py).
+    gpus = ("" if not gpu else f"--device={CDI_KIND}=all " if inventory.defaults.rootless
+            else "--gpus all ")
     # Rootless: the team image lives in the member's own daemon, not in the system one.
     docker = (f"runuser -u {members[0].name} -- docker" if inventory.defaults.rootless
               and members else "docker")
     if gpu:
         lines += ["sec gpu-container",
-                  f"{docker} run --rm --gpus all {PROOF_IMAGE} nvidia-smi -L 2>&1; "
+                  f"{docker} run --rm {gpus}{PROOF_IMAGE} nvidia-smi -L 2>&1; "
                   "echo \"exit=$?\""]
     if image:
         lines += ["sec image",
@@ -150,7 +162,7 @@ def checks(facts: HostFacts, probe: str, inventory: Inventory, members: tuple[Me
             "" if ok else fix if facts.docker.installed else
             "Docker is not installed: provision host HOST --only docker"))
         if defaults.rootless:
-            found.extend(_rootless(facts, sections, member))
+            found.extend(_rootless(facts, sections, inventory, member))
         ok, seen = _exit_ok(sections.get(f"cache-{member.name}", []))
         link = facts.member_caches.get(member.name)
         linked = link is not None and link.state == "symlink" and link.detail == defaults.cache_dir
@@ -188,9 +200,11 @@ def checks(facts: HostFacts, probe: str, inventory: Inventory, members: tuple[Me
     return found
 
 
-def _rootless(facts: HostFacts, sections: dict[str, list[str]], member: Member) -> list[Check]:
+def _rootless(facts: HostFacts, sections: dict[str, list[str]], inventory: Inventory,
+              member: Member) -> list[Check]:
     """Rootless mode: her own daemon answers (as rootless), the system socket refuses her,
-    lingering keeps her daemon up, and on a GPU host her daemon has the nvidia runtime."""
+    lingering keeps her daemon up, and on a GPU host her daemon reads the CDI spec directory
+    (where her Docker can: the nvidia step's rule; "GPU inside a container" runs one)."""
     name = member.name
     fix = "provision host HOST --only rootless"
     ok, seen = _exit_ok(sections.get(f"own-daemon-{name}", []))
@@ -209,17 +223,28 @@ def _rootless(facts: HostFacts, sections: dict[str, list[str]], member: Member) 
                        f"/var/lib/systemd/linger/{name} "
                        f"{'present' if lingering else 'missing'}",
                        "" if lingering else fix))
-    if not facts.nvidia.has_gpu:
-        found.append(Check(f"{name}'s GPU runtime", "skip", "no NVIDIA GPU on this host"))
-    else:
-        runtime = own and '"nvidia"' in seen
-        found.append(Check(f"{name}'s GPU runtime", "pass" if runtime else "fail",
-                           f"runtimes of her daemon: {seen or 'no answer'}",
-                           "" if runtime else "GPUs in rootless daemons are not configured by "
-                                              "provision yet: nvidia-ctk runtime configure "
-                                              "--runtime=docker --config=$HOME/.config/docker/"
-                                              "daemon.json as her, then restart her daemon"))
+    found.append(_rootless_gpu(facts, sections, inventory, name))
     return found
+
+
+def _rootless_gpu(facts: HostFacts, sections: dict[str, list[str]], inventory: Inventory,
+                  name: str) -> Check:
+    """Her daemon has CDI on and reads the spec directory; where her Docker cannot, the
+    check fails with the two ways out (never a silent skip)."""
+    check = f"{name}'s GPU runtime"
+    if not facts.nvidia.has_gpu:
+        return Check(check, "skip", "no NVIDIA GPU on this host")
+    blocker = rootless_gpu_blocker(facts, inventory)
+    if blocker is not None:
+        return Check(check, "fail", blocker, ROOTLESS_GPU_REMEDY)
+    spec_dir = CDI_SPEC.rsplit("/", 1)[0]
+    ok, seen = _exit_ok(sections.get(f"cdi-{name}", []))
+    reads = ok and f'"{spec_dir}"' in seen
+    return Check(check, "pass" if reads else "fail",
+                 f"CDI spec directories of her daemon: {seen or 'none (CDI off)'}",
+                 "" if reads else "provision host HOST --only nvidia (turns CDI on in her "
+                                  "daemon and restarts it)")
+
 
 
 def _subordinate_ranges(facts: HostFacts, members: tuple[Member, ...]) -> Check:

@@ -133,7 +133,8 @@ def run_script(inventory: Inventory, member: Member, facts: HostFacts, files: di
     work = f"{place.root}/verify/{member.name}"
     cache = shlex.quote(inventory.defaults.cache_dir)
     cache_gid = facts.groups[inventory.defaults.cache_group].gid
-    gpus = " ".join(shlex.quote(a) for a in gpu_run_args(member.gpus)) if on_gpu else ""
+    gpus = " ".join(shlex.quote(a) for a in gpu_run_args(
+        member.gpus, rootless=bool(place.member))) if on_gpu else ""
     user = ("--user 0:0 " if place.member else
             f"--user {account.uid}:{account.gid} --group-add {cache_gid} ")
     docker = (f"docker run --rm {gpus} --shm-size=16g {user}"

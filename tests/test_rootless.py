@@ -20,7 +20,7 @@ from provision.facts import MemberDaemon, PathState
 from provision.inventory import load_inventory, parse_inventory
 from provision.render import render_workspace
 from provision.sandbox import new_inventory
-from provision.steps import hf_cache, rootless, users
+from provision.steps import hf_cache, nvidia, rootless, users
 from provision.steps.rootless import IdRange, allocate, read_ranges
 from provision.templating import render
 from tests.conftest import FIXTURES
@@ -281,3 +281,126 @@ def test_offboarding_moves_her_keys_aside_as_her() -> None:
                 if c.summary == "offboard alice: move her SSH keys aside")
     assert move.script().startswith("runuser -u alice -- ")
     assert "mv -f .ssh/authorized_keys .ssh/authorized_keys.offboarded-" in move.script()
+
+
+# GPUs for rootless members: CDI (steps/nvidia.py). The facts are those recorded on the lent
+# H200 (Ubuntu 24.04, driver 580.159.04, no Docker yet); the Docker engine in them is replaced
+# by hand with the one each test names (SYNTHESIZED: no GPU host with Docker was reachable).
+H200 = "ubuntu-24.04-h200"
+
+
+def gpu_host(docker: str, version: str, spec: str | None = None):
+    facts = facts_of(H200)
+    engine = dataclasses.replace(facts.docker, installed=True, version=version.split("-")[0],
+                                 packages={docker: version})
+    paths = dict(facts.paths)
+    if spec is not None:
+        paths[nvidia.CDI_SPEC] = PathState(nvidia.CDI_SPEC, "file", "root", "root", "644", "",
+                                           spec)
+    return dataclasses.replace(facts, docker=engine, paths=paths)
+
+
+def rootless_inventory():
+    return load_inventory(FIXTURES / "facts" / f"{ROOTLESS}.toml")
+
+
+def test_rootless_gpus_come_through_cdi_where_docker_is_28_2_or_newer() -> None:
+    facts = gpu_host("docker-ce", "5:28.5.1-1~ubuntu.24.04~noble")
+    changes = nvidia.plan(facts, rootless_inventory())
+    spec = next(c for c in changes if c.summary.startswith(nvidia.CDI_SPEC))
+    assert "nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml" in spec.script()
+    mine = next(c for c in changes if c.summary.startswith("alice: GPUs in her own daemon"))
+    # CDI is on by default from 28.2: her daemon.json is left alone; the new /etc/cdi needs
+    # her daemon restarted (it sees only spec directories that existed when it started).
+    assert "features.cdi" not in mine.summary and not mine.diff()
+    assert "runuser -u alice -- " in mine.script()
+    assert "systemctl --user restart docker.service" in mine.script()
+    assert "no-cgroups" not in "".join(c.script() for c in changes)  # the rootful daemon keeps
+    note = " ".join(nvidia.notes(facts, rootless_inventory()))
+    assert "members' own daemons get GPUs through CDI" in note
+
+
+def test_docker_25_to_28_1_gets_cdi_turned_on_in_her_daemon_json_as_her() -> None:
+    facts = gpu_host("docker-ce", "5:28.1.1-1~ubuntu.24.04~noble")
+    daemon = PathState("~alice/.config/docker/daemon.json", "file", "alice", "alice", "644", "",
+                       '{"data-root": "/home/alice/docker"}\n')
+    facts = dataclasses.replace(facts, paths={**facts.paths, daemon.path: daemon})
+    mine = next(c for c in nvidia.plan(facts, rootless_inventory())
+                if c.summary.startswith("alice: GPUs in her own daemon"))
+    write = mine.actions[0]
+    assert write.member == "alice" and write.path == "/home/alice/.config/docker/daemon.json"
+    assert json.loads(write.content) == {"data-root": "/home/alice/docker",
+                                         "features": {"cdi": True}}
+    assert mine.script().startswith("runuser -u alice -- ")
+
+
+def test_a_spec_for_the_running_driver_is_kept_and_a_stale_one_generated_again() -> None:
+    current = "  - hostPath: /usr/lib/x86_64-linux-gnu/libcuda.so.580.159.04\n"
+    facts = gpu_host("docker-ce", "5:28.5.1-1~ubuntu.24.04~noble", spec=current)
+    facts = dataclasses.replace(facts, docker=dataclasses.replace(facts.docker,
+                                                                  runtimes=("nvidia", "runc")))
+    toolkit = dataclasses.replace(facts.nvidia, ctk_version="1.18.0")
+    assert nvidia.plan(dataclasses.replace(facts, nvidia=toolkit), rootless_inventory()) == []
+    stale = gpu_host("docker-ce", "28.5.1", spec=current.replace("580.159.04", "570.86.15"))
+    summaries_ = summaries(nvidia.plan(stale, rootless_inventory()))
+    assert f"{nvidia.CDI_SPEC}: the GPUs as CDI devices (nvidia.com/gpu=N), generated again " \
+           "for driver 580.159.04" in summaries_
+    assert not [s for s in summaries_ if "restart her daemon" in s]  # /etc/cdi was there
+
+
+def test_debians_docker_io_gives_rootless_members_no_gpu_and_says_so() -> None:
+    facts = gpu_host("docker.io", "20.10.24+dfsg1-1+deb12u1")
+    changes = nvidia.plan(facts, rootless_inventory())
+    assert not [c for c in changes if "CDI" in c.summary]
+    note = " ".join(nvidia.notes(facts, rootless_inventory()))
+    assert "members' containers get NO GPU: Docker 20.10 cannot hand GPUs to a rootless " \
+           "daemon" in note
+    assert 'docker_source = "docker-ce"' in note and 'docker_mode = "rootful"' in note
+    members = (rootless_inventory().member("alice"),)
+    found = {c.name: c for c in doctor.checks(facts, PROBE, rootless_inventory(), members, 1,
+                                              {})}
+    assert found["alice's GPU runtime"].status == "fail"
+    assert 'docker_source = "docker-ce"' in found["alice's GPU runtime"].remedy
+
+
+def test_the_rootful_daemon_keeps_its_nvidia_runtime_and_gets_no_cdi_changes() -> None:
+    facts = gpu_host("docker-ce", "5:28.5.1-1~ubuntu.24.04~noble")
+    plan = summaries(nvidia.plan(facts, inventory_in("rootful")))
+    assert any("register the nvidia runtime" in s for s in plan)
+    assert not [s for s in plan if "CDI" in s]
+    assert not [n for n in nvidia.notes(facts, inventory_in("rootful")) if "rootless" in n]
+
+
+def test_doctor_passes_her_gpu_check_when_her_daemon_reads_etc_cdi() -> None:
+    facts = gpu_host("docker-ce", "28.5.1")
+    inventory = rootless_inventory()
+    probe = PROBE.replace("@@@provision:end", "@@@provision:cdi-alice\nexit=0\n"
+                                              '["/etc/cdi","/var/run/cdi"]\n@@@provision:end')
+    members = (inventory.member("alice"),)
+    found = {c.name: c for c in doctor.checks(facts, probe, inventory, members, 1, {})}
+    assert found["alice's GPU runtime"].status == "pass"
+    off = {c.name: c for c in doctor.checks(facts, PROBE, inventory, members, 1, {})}
+    assert off["alice's GPU runtime"].status == "fail"
+    script = doctor.probe_script(inventory, members, "img", gpu=True)
+    assert "run --rm --device=nvidia.com/gpu=all ubuntu:24.04 nvidia-smi -L" in script
+    assert "--gpus" not in script
+
+
+@pytest.mark.parametrize(("gpus", "devices"), [
+    ("all", ["--device=nvidia.com/gpu=all"]),
+    ("1,2", ["--device=nvidia.com/gpu=1", "--device=nvidia.com/gpu=2"]),
+    ("none", []),
+])
+def test_the_rootless_devcontainer_asks_for_her_gpus_as_cdi_devices(gpus, devices) -> None:
+    inventory = rootless_inventory()
+    member = dataclasses.replace(inventory.member("alice"), gpus=gpus)
+    config = json.loads(render_workspace(inventory, member, host_alias="box", target=None,
+                                         cache_gid=None)[".devcontainer/devcontainer.json"])
+    assert config["runArgs"] == [*devices, "--shm-size=16g"]
+    assert "hostRequirements" not in config  # the CLI would append --gpus all
+    schema = json.loads((FIXTURES / "schemas" / "devContainer.base.schema.json").read_text())
+    jsonschema.Draft201909Validator(schema).validate(config)
+    rootful = json.loads(render_workspace(inventory_in("rootful"), member, host_alias="box",
+                                          target=None, cache_gid=None)[
+        ".devcontainer/devcontainer.json"])
+    assert not [a for a in rootful["runArgs"] if a.startswith("--device")]

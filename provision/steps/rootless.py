@@ -139,10 +139,8 @@ def notes(facts: HostFacts, inventory: Inventory) -> list[str]:
     ranges = {r.owner: r for r in read_ranges(facts.text(SUBUID))}
     given = ", ".join(f"{m.name} {ranges[m.name]}" for m in inventory.members
                       if m.name in ranges)
-    gpu = ("; GPUs are NOT yet configured for members' own daemons (no nvidia runtime or CDI "
-           "there): their containers see no GPU" if facts.nvidia.has_gpu else "")
     return ["docker_mode = rootless: each member her own Docker daemon, no one in the docker "
-            "group" + (f"; subordinate ids {given}" if given else "") + gpu]
+            "group" + (f"; subordinate ids {given}" if given else "")]
 
 
 def _packages(facts: HostFacts, source: str) -> list[Change]:
@@ -214,14 +212,14 @@ def _member(facts: HostFacts, member: Member, source: str) -> list[Change]:
         changes.append(run(
             NAME, f"{name}: her own Docker daemon, a systemd user service (data in "
                   f"{home_of(facts, name)}/.local/share/docker), set up as her by {setuptool}",
-            _user_manager(name),
+            user_manager(name),
             as_member(name, f"{TOOL_PATH[source]}{setuptool} install >&2")))
     if daemon.context != CONTEXT:
         socket = "unix:///run/user/$(id -u)/docker.sock"
         changes.append(run(
             NAME, f"{name}: docker context {CONTEXT!r} in use, so plain docker and VS Code "
                   f"reach her daemon",
-            _user_manager(name),
+            user_manager(name),
             as_member(name, f"docker context inspect {CONTEXT} >/dev/null 2>&1 || "
                             f"docker context create {CONTEXT} --docker host={socket} >/dev/null"
                             f"\ndocker context use {CONTEXT} >/dev/null")))
@@ -237,13 +235,13 @@ def _stop(facts: HostFacts, member: Member) -> Change | None:
     return run(NAME, f"{member.name}: stop her rootless daemon (its images and data stay in "
                      f"{home_of(facts, member.name)}/.local/share/docker) and use the system "
                      "daemon (docker context default)",
-               _user_manager(member.name),
+               user_manager(member.name),
                as_member(member.name, "systemctl --user disable --now docker.service "
                                       ">/dev/null 2>&1 || true\n"
                                       "docker context use default >/dev/null"))
 
 
-def _user_manager(name: str) -> str:
+def user_manager(name: str) -> str:
     """Her systemd user manager running, with its D-Bus socket (the setup tool needs both)."""
     return (f"systemctl start \"user@$(id -u {name}).service\"\n"
             f"[ -S \"/run/user/$(id -u {name})/bus\" ] || "
