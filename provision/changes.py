@@ -13,11 +13,30 @@ import shlex
 from dataclasses import dataclass
 
 NEW_FILE_LINES_SHOWN = 40
+# An apply script's line starting with this is shown to the user with the step's result
+# (the engine collects them): what it met and left alone on purpose.
+REPORT = "provision-report: "
+
+
+def as_member(name: str, script: str) -> str:
+    """Shell (run as root) that runs `script` as the member, from her home, in her systemd user
+    session's environment. What runs as her can write only where she can: a link she planted
+    in her home cannot turn it into a write to /etc or /root, as it could as root."""
+    uid = f"$(id -u {name})"
+    body = shlex.quote(f"cd\n{script}")
+    return (f"runuser -u {name} -- env -i HOME=\"$(getent passwd {name} | cut -d: -f6)\" "
+            f"USER={name} LOGNAME={name} PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin "
+            f"XDG_RUNTIME_DIR=/run/user/{uid} "
+            f"DBUS_SESSION_BUS_ADDRESS=unix:path=/run/user/{uid}/bus sh -ec {body}\n")
 
 
 @dataclass(frozen=True)
 class WriteFile:
-    """Write `content` to `path` atomically: temp file, owner and mode, validate, rename."""
+    """Write `content` to `path` atomically: temp file, owner and mode, validate, rename.
+
+    With `member`, the whole write runs as that account (the file is hers, in her group): a
+    path under her home is only ever written with her rights, whatever links she put there.
+    """
 
     path: str
     content: str
@@ -27,6 +46,7 @@ class WriteFile:
     mode: str = "0644"
     # A command run on the temp file before it replaces the old one; `{}` is its path.
     validate: str | None = None
+    member: str | None = None
 
     def diff(self) -> str:
         new = self.content.splitlines(keepends=True)
@@ -50,15 +70,17 @@ class WriteFile:
                         f"{check} >&2 || {{ rm -f \"$tmp\"; "
                         f"echo \"invalid new {self.path}\" >&2; exit 3; }}\n")
         path = shlex.quote(self.path)
-        return (
+        chown = "" if self.member else f"chown {self.owner}:{self.group} \"$tmp\"\n"
+        script = (
             f"mkdir -p \"$(dirname {path})\"\n"
             f"tmp=$(mktemp \"$(dirname {path})/.provision.XXXXXX\")\n"
             f"printf %s {data} | base64 -d > \"$tmp\"\n"
-            f"chown {self.owner}:{self.group} \"$tmp\"\n"
+            f"{chown}"
             f"chmod {self.mode} \"$tmp\"\n"
             f"{validate}"
             f"mv -f \"$tmp\" {path}\n"
         )
+        return as_member(self.member, script) if self.member else script
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,21 @@ from provision.image import image_tag
 from provision.inventory import SERVICE_NAME, Inventory, Member
 from provision.render import render_workspace
 from provision.steps.hf_cache import wanted_acl
-from provision.steps.nvidia import FP8_TENSOR_CORES, PROOF_IMAGE
+from provision.steps.nvidia import (
+    CDI_KIND,
+    CDI_SPEC,
+    FP8_TENSOR_CORES,
+    PROOF_IMAGE,
+    ROOTLESS_GPU_REMEDY,
+    rootless_gpu_blocker,
+)
+from provision.steps.rootless import SUBGID, SUBUID, read_ranges
+from provision.steps.rootless import paths as rootless_paths
 from provision.steps.service import CONTAINER_PORT, UNIT
 from provision.versions import host_image
 
 WATCHED = ("**/.git/objects/**",)
+SYSTEM_SOCKET = "/var/run/docker.sock"
 SETTINGS = ".vscode/settings.json"
 
 # Runs inside the team image: what torch there can do for FP8, and whether xformers loads.
@@ -89,21 +99,36 @@ def probe_script(inventory: Inventory, members: tuple[Member, ...], image: str |
         lines += [
             f"sec docker-{name}",
             # `docker version` fails when the daemon refuses her (`docker info` exits 0).
-            f"out=$(runuser -u {name} -- docker version --format '{{{{.Server.Version}}}}' 2>&1)"
-            "; echo \"exit=$?\"; printf '%s\\n' \"$out\" | tail -n 1",
+            _as(name, "docker version --format '{{.Server.Version}}'"),
             f"sec cache-{name}",
             f"runuser -u {name} -- sh -c 'f={cache}/.provision-doctor-$$; "
             f"touch \"$f\" && rm -f \"$f\"' 2>&1; echo \"exit=$?\"",
         ]
-    gpus = "--gpus all " if gpu else ""
+        if inventory.defaults.rootless:
+            # Her docker CLI as she has it (her context), and the system socket named outright.
+            lines += [f"sec own-daemon-{name}",
+                      _as(name, "docker info --format '{{json .SecurityOptions}} "
+                                "{{json .Runtimes}}'"),
+                      f"sec system-socket-{name}",
+                      _as(name, f"docker -H unix://{SYSTEM_SOCKET} version --format "
+                                "'{{.Server.Version}}'"),
+                      # Apart: Docker < 25 knows no such field and would fail the line above.
+                      f"sec cdi-{name}",
+                      _as(name, "docker info --format '{{json .CDISpecDirs}}'")]
+    # Rootless: her daemon has no nvidia runtime; her GPUs are CDI devices (steps/nvidia.py).
+    gpus = ("" if not gpu else f"--device={CDI_KIND}=all " if inventory.defaults.rootless
+            else "--gpus all ")
+    # Rootless: the team image lives in the member's own daemon, not in the system one.
+    docker = (f"runuser -u {members[0].name} -- docker" if inventory.defaults.rootless
+              and members else "docker")
     if gpu:
         lines += ["sec gpu-container",
-                  f"docker run --rm --gpus all {PROOF_IMAGE} nvidia-smi -L 2>&1; "
+                  f"{docker} run --rm {gpus}{PROOF_IMAGE} nvidia-smi -L 2>&1; "
                   "echo \"exit=$?\""]
     if image:
         lines += ["sec image",
-                  f"if docker image inspect {shlex.quote(image)} >/dev/null 2>&1; then "
-                  f"docker run --rm {gpus}{shlex.quote(image)} python3 -c "
+                  f"if {docker} image inspect {shlex.quote(image)} >/dev/null 2>&1; then "
+                  f"{docker} run --rm {gpus}{shlex.quote(image)} python3 -c "
                   f"{shlex.quote(IMAGE_PROBE)} 2>&1 | tail -n 1; else echo missing; fi"]
     if inventory.service is not None:
         lines += [
@@ -118,6 +143,13 @@ def probe_script(inventory: Inventory, members: tuple[Member, ...], image: str |
         ]
     lines.append("sec end")
     return "\n".join(lines) + "\n"
+
+
+def _as(name: str, command: str) -> str:
+    """Shell: `command` as the member (runuser: her groups, her HOME and so her docker
+    context), its exit status and the last line it printed."""
+    return (f"out=$(runuser -u {name} -- {command} 2>&1); echo \"exit=$?\"; "
+            "printf '%s\\n' \"$out\" | tail -n 1")
 
 
 def verify_image(facts: HostFacts, inventory: Inventory, member: Member) -> str | None:
@@ -145,12 +177,16 @@ def checks(facts: HostFacts, probe: str, inventory: Inventory, members: tuple[Me
     found.append(_keepalive(facts, inventory))
     for member in members:
         ok, seen = _exit_ok(sections.get(f"docker-{member.name}", []))
+        fix = ("provision host HOST --only rootless (her own daemon and context)"
+               if defaults.rootless else f"provision host HOST --only users,docker (puts "
+                                         f"{member.name} in the docker group; she logs in again)")
         found.append(Check(
             f"{member.name} reaches docker", "pass" if ok else "fail",
             f"docker version as {member.name}: {seen or 'no answer'}",
-            "" if ok else f"provision host HOST --only users,docker (puts {member.name} in the "
-                          "docker group; she logs in again)" if facts.docker.installed else
+            "" if ok else fix if facts.docker.installed else
             "Docker is not installed: provision host HOST --only docker"))
+        if defaults.rootless:
+            found.extend(_rootless(facts, sections, inventory, member))
         ok, seen = _exit_ok(sections.get(f"cache-{member.name}", []))
         link = facts.member_caches.get(member.name)
         linked = link is not None and link.state == "symlink" and link.detail == defaults.cache_dir
@@ -166,6 +202,8 @@ def checks(facts: HostFacts, probe: str, inventory: Inventory, members: tuple[Me
             f"{SETTINGS}: " + ("excludes .git/objects" if watched else
                                "missing" if settings is None else "no .git/objects exclude"),
             "" if watched else "provision host HOST --only workspace (or render it again)"))
+    if defaults.rootless:
+        found.append(_subordinate_ranges(facts, members))
     found.append(_shared_cache(facts, inventory))
     cache = facts.cache
     found.append(Check(
@@ -217,6 +255,71 @@ def _service_checks(sections: dict[str, list[str]]) -> list[Check]:
                        f"{restarts} restart(s) by systemd since {RESTARTS_SINCE}",
                        "" if restarts == 0 else f"see why in {logs} --since {RESTARTS_SINCE}"))
     return found
+
+
+def _rootless(facts: HostFacts, sections: dict[str, list[str]], inventory: Inventory,
+              member: Member) -> list[Check]:
+    """Rootless mode: her own daemon answers (as rootless), the system socket refuses her,
+    lingering keeps her daemon up, and on a GPU host her daemon reads the CDI spec directory
+    (where her Docker can: the nvidia step's rule; "GPU inside a container" runs one)."""
+    name = member.name
+    fix = "provision host HOST --only rootless"
+    ok, seen = _exit_ok(sections.get(f"own-daemon-{name}", []))
+    own = ok and "name=rootless" in seen
+    found = [Check(f"{name}'s own daemon", "pass" if own else "fail",
+                   f"docker info as {name}: {seen or 'no answer'}", "" if own else fix)]
+    reached, seen = _exit_ok(sections.get(f"system-socket-{name}", []))
+    found.append(Check(
+        f"{name} is refused the system socket", "fail" if reached else "pass",
+        f"docker -H unix://{SYSTEM_SOCKET} as {name}: {seen or 'no answer'}",
+        f"provision host HOST --only users (takes {name} out of the docker group; she logs "
+        "in again)" if reached else ""))
+    daemon = facts.member_daemons.get(name)
+    lingering = daemon is not None and daemon.linger
+    found.append(Check(f"{name}'s lingering", "pass" if lingering else "fail",
+                       f"/var/lib/systemd/linger/{name} "
+                       f"{'present' if lingering else 'missing'}",
+                       "" if lingering else fix))
+    found.append(_rootless_gpu(facts, sections, inventory, name))
+    return found
+
+
+def _rootless_gpu(facts: HostFacts, sections: dict[str, list[str]], inventory: Inventory,
+                  name: str) -> Check:
+    """Her daemon has CDI on and reads the spec directory; where her Docker cannot, the
+    check fails with the two ways out (never a silent skip)."""
+    check = f"{name}'s GPU runtime"
+    if not facts.nvidia.has_gpu:
+        return Check(check, "skip", "no NVIDIA GPU on this host")
+    blocker = rootless_gpu_blocker(facts, inventory)
+    if blocker is not None:
+        return Check(check, "fail", blocker, ROOTLESS_GPU_REMEDY)
+    spec_dir = CDI_SPEC.rsplit("/", 1)[0]
+    ok, seen = _exit_ok(sections.get(f"cdi-{name}", []))
+    reads = ok and f'"{spec_dir}"' in seen
+    return Check(check, "pass" if reads else "fail",
+                 f"CDI spec directories of her daemon: {seen or 'none (CDI off)'}",
+                 "" if reads else "provision host HOST --only nvidia (turns CDI on in her "
+                                  "daemon and restarts it)")
+
+
+
+def _subordinate_ranges(facts: HostFacts, members: tuple[Member, ...]) -> Check:
+    """Every member has subordinate uids and gids, and none overlaps another account's."""
+    problems, given = [], []
+    for path in (SUBUID, SUBGID):
+        ranges = read_ranges(facts.text(path))
+        for member in members:
+            mine = [r for r in ranges if r.owner == member.name]
+            if not mine:
+                problems.append(f"{member.name} has none in {path}")
+            problems += [f"{path}: {r.owner} {r} overlaps {o.owner} {o}" for r in mine
+                         for o in ranges if o.owner != r.owner and r.overlaps(o)]
+            given += [f"{member.name} {r}" for r in mine if path == SUBUID]
+    return Check("subordinate ranges", "fail" if problems else "pass",
+                 "; ".join(problems or given) or "no members",
+                 "provision host HOST --only rootless (a range given is never changed: an "
+                 "overlap is fixed by hand)" if problems else "")
 
 
 def _keepalive(facts: HostFacts, inventory: Inventory) -> Check:
@@ -318,7 +421,7 @@ def run_doctor(conn: Connection, inventory: Inventory, members: tuple[Member, ..
     """`image`: the image to look inside; None: the one `verify` builds for this host."""
     workspace = inventory.defaults.workspace_dir
     settings_paths = {m.name: f"~{m.name}/{workspace}/{SETTINGS}" for m in members}
-    facts = gather_facts(conn, inventory, tuple(settings_paths.values()))
+    facts = gather_facts(conn, inventory, (*settings_paths.values(), *rootless_paths(inventory)))
     if image is None and members:
         image = verify_image(facts, inventory, members[0])
     probe = conn.run(probe_script(inventory, members, image, bool(facts.nvidia.gpus)),

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from provision import __version__
-from provision.changes import Change, WriteFile
+from provision.changes import REPORT, Change, WriteFile
 from provision.connection import Connection
 from provision.errors import (
     HostLocked,
@@ -123,6 +123,12 @@ def apply_script(step: str, changes: list[Change]) -> str:
     return APPLY_SCRIPT.format(step=step, body=body)
 
 
+def reported(output: str) -> list[str]:
+    """What an apply script asked to be told (lines starting with REPORT): things it met and
+    left alone on purpose, e.g. a link a member planted, which the user must hear about."""
+    return [ln.removeprefix(REPORT) for ln in output.splitlines() if ln.startswith(REPORT)]
+
+
 def state_change(facts: HostFacts, inventory: Inventory, applied: list[str]) -> Change | None:
     """The state record, when it would say something new (members, inventory, steps)."""
     members = sorted({m.name for m in inventory.members}
@@ -193,7 +199,10 @@ def _run_steps(conn: Connection, inventory: Inventory, steps: tuple[Step, ...],
                 entry.status = "pending"
             elif entry.changes:
                 _guard_docker_restart(entry.changes, facts, options)
-                conn.run(apply_script(step.name, entry.changes), what=f"step {step.name}")
+                applied_output = conn.run(apply_script(step.name, entry.changes),
+                                          what=f"step {step.name}").stdout
+                entry.message = "; ".join(filter(None, [entry.message,
+                                                        *reported(applied_output)]))
                 entry.status = "changed"
                 applied.append(step.name)
                 facts = gather_facts(conn, inventory, paths)

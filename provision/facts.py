@@ -110,7 +110,17 @@ echo "running=${info#* }"
 docker image ls --format 'image={{.Repository}}:{{.Tag}}' 2>/dev/null | grep '^image=provision/'
 for u in $PROVISION_UNITS; do echo "unit=$u $(systemctl is-active "$u" 2>/dev/null) $(systemctl is-enabled "$u" 2>/dev/null)"; done
 sec docker-runtimes; docker info --format '{{json .Runtimes}}' 2>/dev/null
-sec packages; dpkg-query -W -f '${Package} ${Version} ${db:Status-Status}\n' docker-ce docker.io containerd.io nvidia-container-toolkit 2>/dev/null | grep ' installed$'
+sec packages; dpkg-query -W -f '${Package} ${Version} ${db:Status-Status}\n' docker-ce docker.io containerd.io nvidia-container-toolkit docker-ce-rootless-extras rootlesskit uidmap slirp4netns dbus-user-session fuse-overlayfs 2>/dev/null | grep ' installed$'
+sec rootless
+# Per account of interest: lingering, her daemon's unit and socket, and her docker context.
+for u in $PROVISION_ACCOUNTS; do
+  id=$(id -u "$u" 2>/dev/null) || continue; h=$(home_of "$u")
+  linger=no; [ -e "/var/lib/systemd/linger/$u" ] && linger=yes
+  unit=no; [ -f "$h/.config/systemd/user/docker.service" ] && [ ! -L "$h/.config/systemd/user/docker.service" ] && unit=yes
+  sock=no; [ -S "/run/user/$id/docker.sock" ] && sock=yes
+  ctx=$(sed -n 's/.*"currentContext": *"\([^"]*\)".*/\1/p' "$h/.docker/config.json" 2>/dev/null | head -n 1)
+  echo "$u|$linger|$unit|$sock|$ctx"
+done
 sec docker-repo
 # Only when Docker is missing and the inventory lets the tool choose its source (auto).
 if [ -n "$PROVISION_PROBE_DOCKER_REPO" ] && ! command -v docker >/dev/null; then
@@ -250,6 +260,17 @@ class Unit:
 
 
 @dataclass(frozen=True)
+class MemberDaemon:
+    """A member's own (rootless) Docker daemon as root sees it from outside."""
+
+    name: str
+    linger: bool  # her systemd user manager runs without a login (/var/lib/systemd/linger)
+    unit: bool  # ~/.config/systemd/user/docker.service, a regular file
+    socket: bool  # /run/user/UID/docker.sock exists
+    context: str  # her docker CLI's current context ("" = default: the system socket)
+
+
+@dataclass(frozen=True)
 class Gpu:
     index: int
     name: str
@@ -299,6 +320,7 @@ class HostFacts:
     cache_models: tuple[str, ...] = ()  # models--org--name folders in the shared cache's hub
     images: tuple[str, ...] = ()  # provision's images (repository:tag) in the host's Docker
     units: dict[str, Unit] = field(default_factory=dict)  # the units provision manages
+    member_daemons: dict[str, MemberDaemon] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -405,6 +427,7 @@ def _parse_sections(s: dict[str, list[str]], cache_dir: str) -> HostFacts:
                for parts in (ln.strip().removeprefix("unit=").split()
                              for ln in s.get("docker", []) if ln.startswith("unit="))
                if len(parts) >= 2},
+        member_daemons=_member_daemons(s.get("rootless", [])),
     )
 
 
@@ -478,6 +501,15 @@ def _member_caches(lines: list[str]) -> dict[str, MemberCache]:
         name, state, detail = ([*line.split("|", 2), "", ""])[:3]
         caches[name] = MemberCache(name, state, detail)
     return caches
+
+
+def _member_daemons(lines: list[str]) -> dict[str, MemberDaemon]:
+    daemons = {}
+    for line in lines:
+        name, linger, unit, socket, context = ([*line.split("|", 4), "", "", "", ""])[:5]
+        daemons[name] = MemberDaemon(name, linger == "yes", unit == "yes", socket == "yes",
+                                     context.strip())
+    return daemons
 
 
 def _disk(lines: list[str]) -> Disk | None:

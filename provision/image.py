@@ -33,9 +33,10 @@ def upload_script(files: dict[str, str], directory: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_script(files: dict[str, str], tag: str, image: ImageSpec) -> str:
-    """Shell that builds `tag` from the rendered `files` unless the host has it ("cached")."""
-    context = f"{ROOT}/build/{tag.split(':')[1]}"
+def build_script(files: dict[str, str], tag: str, image: ImageSpec, root: str = ROOT) -> str:
+    """Shell that builds `tag` from the rendered `files` unless the daemon it runs against has
+    it ("cached"); its build context goes under `root` (a member's own, in rootless mode)."""
+    context = f"{root}/build/{tag.split(':')[1]}"
     wheelhouse = image.wheelhouse
     script = f"if docker image inspect {tag} >/dev/null 2>&1; then echo cached; exit 0; fi\n"
     if image.base_archive:

@@ -38,6 +38,9 @@ SYSTEM_ACCOUNTS = frozenset(
     _chrony ntp postfix""".split()
 )
 DOCKER_SOURCES = ("auto", "docker-ce", "distro")
+# rootless: a Docker daemon per member, nobody in the docker group; rootful: one system daemon
+# whose group is root-equivalent. An inventory without the key is rootful, as before it existed.
+DOCKER_MODES = ("rootless", "rootful")
 HOST_FORMS = {"hostname": safe.HOSTNAME, "user": safe.LOGIN, "identity_file": safe.LOCAL_PATH,
               "known_hosts": safe.LOCAL_PATH, "proxy_jump": safe.JUMPS}
 # A mirror URL goes into apt sources, pip options and shell scripts on the host: http(s), a
@@ -57,10 +60,20 @@ class Defaults:
     keepalive_interval: int = 60
     keepalive_count_max: int = 3
     docker_source: str = "auto"
+    docker_mode: str = ""  # empty: not set, which means rootful (see `mode`)
     workspace_dir: str = "sd35-fp8"
     # Keys merged into /etc/docker/daemon.json (keys others set there are kept).
     docker_daemon: dict[str, Any] = field(default_factory=dict)
     nvidia_toolkit_version: str = ""  # empty: the newest in NVIDIA's repository
+
+    @property
+    def mode(self) -> str:
+        """The Docker mode in force: the inventory's, else rootful (what hosts had before)."""
+        return self.docker_mode or "rootful"
+
+    @property
+    def rootless(self) -> bool:
+        return self.mode == "rootless"
 
 
 @dataclass(frozen=True)
@@ -307,7 +320,7 @@ def _parse_defaults(table: Any, where: _Locator) -> Defaults:
     fields = Defaults.__dataclass_fields__
     where.unknown_keys(table, set(fields), table="defaults")
     values = {**asdict(Defaults()), **table}
-    for key in ("cache_dir", "cache_group", "docker_source", "workspace_dir",
+    for key in ("cache_dir", "cache_group", "docker_source", "docker_mode", "workspace_dir",
                 "nvidia_toolkit_version"):
         if not isinstance(values[key], str):
             raise where.error(key, "must be a string")
@@ -323,6 +336,9 @@ def _parse_defaults(table: Any, where: _Locator) -> Defaults:
         raise where.error("cache_group", f"must match {MEMBER_NAME.pattern}")
     if values["docker_source"] not in DOCKER_SOURCES:
         raise where.error("docker_source", f"must be one of {', '.join(DOCKER_SOURCES)}")
+    if "docker_mode" in table and values["docker_mode"] not in DOCKER_MODES:
+        raise where.error("docker_mode", f"must be one of {', '.join(DOCKER_MODES)}, not "
+                                         f"{values['docker_mode']!r}")
     if not isinstance(values["docker_daemon"], dict):
         raise where.error("docker_daemon", "must be a table of daemon.json keys")
     if not values["workspace_dir"]:

@@ -11,7 +11,15 @@ Decisions a reader would otherwise have to rediscover:
   Docker reads the value as CSV, so a bare `device=1,2` splits), nothing for "none". The
   container then sees exactly her GPUs, numbered from 0, so CUDA_VISIBLE_DEVICES inside it (the
   debug launch) is "0,1" for gpus "1,2": the host's indexes would pick another GPU, or none.
-- `hostRequirements.gpu` is `true` for gpus "all" only. When the Dev Containers CLI detects the
+- Rootless (docker_mode = "rootless"): a member's own daemon has no nvidia runtime, and `--gpus`
+  would need the toolkit's global `no-cgroups`, which breaks the rootful daemon; her GPUs come
+  as CDI devices instead, `--device=nvidia.com/gpu=all` or one `--device=nvidia.com/gpu=N` per
+  GPU (the names `nvidia-ctk cdi generate` gives; the nvidia step writes the spec and turns CDI
+  on in her daemon, and says when her Docker is too old for it). The container sees the same
+  GPUs, numbered from 0, as with `--gpus`.
+- `hostRequirements.gpu` is `true` for gpus "all" only, and never in rootless mode: the CLI looks
+  for the nvidia runtime, which her daemon does not have, and would append `--gpus all` if it
+  found one. When the Dev Containers CLI detects the
   nvidia runtime it appends `--gpus all` after `runArgs`, and Docker adds device requests up
   (the last NVIDIA_VISIBLE_DEVICES wins), so on a member with specific GPUs it would hand her
   every GPU. `"optional"` is broken in some VS Code paths (vscode-remote-release #9385, #10124)
@@ -47,6 +55,7 @@ from provision.files import atomic_write
 from provision.inventory import Inventory, Member
 from provision.models import debug_model
 from provision.steps.hf_cache import CACHE_LINK, TOKEN_DIR
+from provision.steps.nvidia import CDI_KIND
 from provision.target import Target
 from provision.templating import raw, render
 from provision.versions import PYPI_INDEX, PYTORCH_INDEX, ImageSpec, host_image, resolve_image
@@ -108,6 +117,13 @@ def workspace_context(inventory: Inventory, member: Member, image: ImageSpec, *,
                       facts: HostFacts | None = None) -> dict[str, Any]:
     """The variables of the workspace templates, each meaning one thing in all of them."""
     home = f"/home/{member.name}"
+    # Rootless: the container's root is her on the host (uid 0 inside maps to her uid), so she
+    # works as root inside and workspace and cache files stay hers. Her own user inside would
+    # map to one of her subordinate uids, which owns nothing of hers (so no
+    # updateRemoteUserUID either), and a --group-add of the cache group maps to nothing: the
+    # shared cache is writable inside through ACLs naming each member (the hf-cache step).
+    rootless = inventory.defaults.rootless
+    container_user, container_home = ("root", "/root") if rootless else (member.name, home)
     on_gpu = member.gpus != "none"
     model = debug_model(member, facts)
     # A GPU runs SD3.5's own size in FP8 matmuls; a CPU the tiny model, smaller, in FP8 storage.
@@ -119,6 +135,9 @@ def workspace_context(inventory: Inventory, member: Member, image: ImageSpec, *,
         "name": f"SD3.5 FP8 ({member.name} on {where})" if where else f"SD3.5 FP8 ({member.name})",
         "user": member.name,
         "home": home,
+        "rootless": rootless,
+        "container_user": container_user,
+        "container_home": container_home,
         "image": image,
         "venv": VENV,
         "wheelhouse": Path(WHEELHOUSE).name,  # relative to the build context
@@ -126,12 +145,13 @@ def workspace_context(inventory: Inventory, member: Member, image: ImageSpec, *,
         # Offline, pip sees only the wheelhouse copied into the build context.
         "pip_source": f"--no-index --find-links /{Path(WHEELHOUSE).name}" if image.wheelhouse
         else pip_indexes(torch_index, inventory.mirrors.pypi or PYPI_INDEX),
-        "run_args": [*gpu_run_args(member.gpus), f"--shm-size={SHM_SIZE}",
-                     *([f"--group-add={cache_gid}"] if cache_gid is not None else [])],
-        "gpu_required": member.gpus == "all",
+        "run_args": [*gpu_run_args(member.gpus, rootless=rootless), f"--shm-size={SHM_SIZE}",
+                     *([f"--group-add={cache_gid}"] if cache_gid is not None and not rootless
+                       else [])],
+        "gpu_required": member.gpus == "all" and not rootless,
         "on_gpu": on_gpu,
         "cache_dir": inventory.defaults.cache_dir,
-        "hf_home": f"{home}/{CACHE_LINK}",
+        "hf_home": f"{container_home}/{CACHE_LINK}",
         "token_dir": TOKEN_DIR,
         "inductor_cache": INDUCTOR_CACHE,
         "launches": [
@@ -157,10 +177,13 @@ def pip_indexes(torch_index: str, pypi_index: str) -> str:
                      *(f"--trusted-host {host}" for host in plain)])
 
 
-def gpu_run_args(gpus: str) -> list[str]:
-    """The member's `gpus` as Docker's --gpus flag (see the module docstring)."""
+def gpu_run_args(gpus: str, *, rootless: bool) -> list[str]:
+    """The member's `gpus` as Docker's --gpus flag, or as CDI devices for her own rootless
+    daemon (see the module docstring)."""
     if gpus == "none":
         return []
+    if rootless:
+        return [f"--device={CDI_KIND}={gpu}" for gpu in gpus.split(",")]
     return ["--gpus=all"] if gpus == "all" else [f'--gpus="device={gpus}"']
 
 

@@ -49,6 +49,8 @@ HOST_CONFIG = {
     "tmpfs": {"/run": "", "/run/lock": ""},
 }
 UNMASKED_PATHS = {"MaskedPaths": [], "ReadonlyPaths": []}
+# Copied into the host image beside its Dockerfile (templates/sandbox/).
+SANDBOX_FILES = ("provision-hostkeys.service", "provision-devices.service", "provision-devices")
 
 
 @dataclass(frozen=True)
@@ -116,19 +118,20 @@ def base_image(client: docker.DockerClient, log=print) -> str:
 
 def host_image(client: docker.DockerClient, base: str, log=print) -> str:
     """The sandbox host image, tagged by the hash of what it is built from (a cache key)."""
-    dockerfile = render("sandbox/Dockerfile.j2", base_image=base, admin_user=ADMIN_USER)
-    unit = raw("sandbox/provision-hostkeys.service")
-    digest = hashlib.sha256((dockerfile + unit).encode()).hexdigest()[:12]
+    files = {"Dockerfile": render("sandbox/Dockerfile.j2", base_image=base,
+                                  admin_user=ADMIN_USER),
+             **{name: raw(f"sandbox/{name}") for name in SANDBOX_FILES}}
+    digest = hashlib.sha256("".join(files.values()).encode()).hexdigest()[:12]
     tag = f"provision/sandbox-host:{digest}"
     if _image_exists(client, tag):
         return tag
     log(f"building {tag}")
     context = io.BytesIO()
     with tarfile.open(fileobj=context, mode="w") as tar:
-        for name, text in (("Dockerfile", dockerfile), ("provision-hostkeys.service", unit)):
+        for name, text in files.items():
             data = text.encode()
             info = tarfile.TarInfo(name)
-            info.size = len(data)
+            info.size, info.mode = len(data), 0o755 if "." not in name else 0o644
             tar.addfile(info, io.BytesIO(data))
     context.seek(0)
     try:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from provision.changes import as_member
 from provision.connection import Connection
 from provision.errors import InventoryError, ProvisionError, RemoteCommandFailed
 from provision.facts import HostFacts, gather_facts, split_sections
@@ -73,16 +74,42 @@ def choose_model(facts: HostFacts, member: Member, requested: str | None, on_gpu
     return cached_weights(requested, facts.cache_models) or requested
 
 
+@dataclass(frozen=True)
+class Place:
+    """Where verify works on the host and as whom. Rootful: as root in ROOT, the system daemon.
+    Rootless: as the member (her daemon holds her images), in her own cache directory."""
+
+    root: str
+    member: str | None = None  # run as her (rootless)
+
+    def script(self, text: str) -> str:
+        return as_member(self.member, text) if self.member else text
+
+
+def place_of(facts: HostFacts, inventory: Inventory, member: Member) -> Place:
+    if inventory.defaults.rootless:
+        return Place(f"{facts.accounts[member.name].home}/.cache/provision", member.name)
+    return Place(ROOT)
+
+
 def run_script(inventory: Inventory, member: Member, facts: HostFacts, files: dict[str, str],
-               tag: str, fp8: str, size: dict[str, Any], on_gpu: bool) -> str:
-    """Both generations (FP8 as asked, then bf16) in the image, then their comparison."""
+               tag: str, fp8: str, size: dict[str, Any], on_gpu: bool,
+               place: Place) -> str:
+    """Both generations (FP8 as asked, then bf16) in the image, then their comparison.
+
+    Rootful: the container runs as her uid with the cache group. Rootless: as the container's
+    root, which is her on the host (a rootless container drops supplementary groups: the
+    cache's ACLs name her instead)."""
     account = facts.accounts[member.name]
-    work = f"{ROOT}/verify/{member.name}"
+    work = f"{place.root}/verify/{member.name}"
     cache = shlex.quote(inventory.defaults.cache_dir)
     cache_gid = facts.groups[inventory.defaults.cache_group].gid
-    gpus = " ".join(shlex.quote(a) for a in gpu_run_args(member.gpus)) if on_gpu else ""
-    docker = (f"docker run --rm {gpus} --shm-size=16g --user {account.uid}:{account.gid} "
-              f"--group-add {cache_gid} -e HOME=/work -e HF_HUB_OFFLINE=1 "
+    gpus = " ".join(shlex.quote(a) for a in gpu_run_args(
+        member.gpus, rootless=bool(place.member))) if on_gpu else ""
+    user = ("--user 0:0 " if place.member else
+            f"--user {account.uid}:{account.gid} --group-add {cache_gid} ")
+    docker = (f"docker run --rm {gpus} --shm-size=16g {user}"
+              f"-e HOME=/work -e HF_HUB_OFFLINE=1 "
               f"-e HF_HOME=/hf -e TORCHINDUCTOR_CACHE_DIR=/work/.cache/torchinductor "
               f"-v {cache}:/hf -v {work}:/work -w /work {tag}")
     args = (f"--model {shlex.quote(size['model'])} --height {size['height']} "
@@ -90,7 +117,7 @@ def run_script(inventory: Inventory, member: Member, facts: HostFacts, files: di
     script = (f"mkdir -p {work}/.cache\nrm -f {work}/*.png {work}/*.json\n"
               + upload_script({INFERENCE: files[INFERENCE]}, f"{work}.src")
               + f"cp {work}.src/{INFERENCE} {work}/{INFERENCE}\nrm -rf {work}.src\n"
-              f"chown -R {account.uid}:{account.gid} {work}\n")
+              + ("" if place.member else f"chown -R {account.uid}:{account.gid} {work}\n"))
     for mode in dict.fromkeys((fp8, "off")):
         script += (f"{docker} python {INFERENCE} {args} --fp8 {mode} --output {mode}.png "
                    f"--metrics {mode}.json >/dev/null 2>{work}/{mode}.log || "
@@ -125,23 +152,25 @@ def verify(conn: Connection, inventory: Inventory, member: Member, *, model: str
     files = render_workspace(inventory, member, host_alias=conn.name, target=None, cache_gid=gid,
                              image=image, facts=facts)
     tag = image_tag(files)
+    place = place_of(facts, inventory, member)
     progress(f"building {tag} ({image.choice}; the first build downloads and installs torch: "
              "minutes)")
-    built = conn.run(build_script(files, tag, image),
+    built = conn.run(place.script(build_script(files, tag, image, place.root)),
                      what="image build", timeout=3600,
                      on_line=lambda line: progress(f"building {tag}: {line[:90]}"))
     report = VerifyReport(conn.name, member.name, tag, "cached" not in built.stdout, note,
                           image.choice)
     progress(f"generating ({size['model']}, --fp8 {fp8}, then bf16 to compare)")
-    result = conn.run(run_script(inventory, member, facts, files, tag, fp8, size, on_gpu),
+    result = conn.run(place.script(run_script(inventory, member, facts, files, tag, fp8, size,
+                                              on_gpu, place)),
                       what="generation", timeout=3600, check=False)
-    logs = f"see {ROOT}/verify/{member.name}/*.log on the host"
+    logs = f"see {place.root}/verify/{member.name}/*.log on the host"
     if not result.ok:
         raise RemoteCommandFailed(f"{conn.name}: inference.py failed in {tag}: {result.tail()}",
                                   logs, detail=result.output())
     report.runs, comparison = read_runs(result.stdout, f"{conn.name}: {logs}")
     report.comparison = {**comparison, **_ratios(report.runs, fp8)}
-    report.png = str(_fetch_png(conn, member, fp8, out))
+    report.png = str(_fetch_png(conn, member, fp8, out, place))
     return report
 
 
@@ -174,8 +203,9 @@ def _ratios(runs: dict[str, dict[str, Any]], fp8: str) -> dict[str, Any]:
             "weights_ratio": ratio("transformer_weights_gib", fast, base)}
 
 
-def _fetch_png(conn: Connection, member: Member, fp8: str, out: Path) -> Path:
-    data = conn.run(f"base64 -w0 {ROOT}/verify/{member.name}/{fp8}.png", what="fetch PNG")
+def _fetch_png(conn: Connection, member: Member, fp8: str, out: Path, place: Place) -> Path:
+    data = conn.run(place.script(f"base64 -w0 {place.root}/verify/{member.name}/{fp8}.png"),
+                    what="fetch PNG")
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"verify-{conn.name}-{member.name}-{fp8}.png"
     path.write_bytes(base64.b64decode(data.stdout))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import paramiko
 import pytest
+import tomlkit
 
 from provision import sandbox as sandboxes
 from provision.errors import DockerUnavailable
@@ -171,18 +172,24 @@ _names = itertools.count(1)
 def make_host(docker_engine, tmp_path_factory) -> Iterator[Callable[..., Host]]:
     """Start fresh sandboxes on demand; all are removed when the session ends.
 
+    `docker_mode` is written into the sandbox's inventory (rootful unless asked otherwise).
     `try_it=True` is `provision sandbox up` for journey 1: its own inventory with a demo member
     and the CPU image, whose base and wheels the sandbox then holds.
     """
     made: list[Host] = []
 
-    def make(try_it: bool = False) -> Host:
+    def make(try_it: bool = False, docker_mode: str = "rootful") -> Host:
         name = f"t{os.getpid()}-{next(_names)}"
         base = tmp_path_factory.mktemp(name)
         inventory, home = base / "provision.toml", base / "home"
         home.mkdir()
         host = Host(sandboxes.up(name, inventory, log=lambda *_: None, try_it=try_it),
                     inventory, home)
+        # `sandbox up` writes docker_mode = "rootless"; the tests written before the mode
+        # existed exercise the docker group, and ask for rootful. Rootless tests ask for it.
+        document = tomlkit.parse(inventory.read_text())
+        document["defaults"]["docker_mode"] = docker_mode
+        inventory.write_text(tomlkit.dumps(document))
         made.append(host)
         # sudo leaves this marker on its first use: sudo's doing, which host snapshots ignore.
         host.exec("touch ~/.sudo_as_admin_successful", user="admin")

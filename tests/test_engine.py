@@ -102,7 +102,8 @@ def test_the_recorded_lent_h200_plans_all_but_keepalive(team: Inventory) -> None
     report = converge_host(host, team, all_steps(), RunOptions(apply=False))
     assert statuses(report) == {"users": "pending", "keepalive": "skipped",
                                 "hf-cache": "pending", "docker": "pending",
-                                "nvidia": "pending", "workspace": "pending",
+                                "rootless": "unchanged", "nvidia": "pending",
+                                "workspace": "pending",
                                 "service": "unchanged"}  # no [service] in the team's inventory
     messages = {step.name: step.message for step in report.steps}
     assert messages["keepalive"].startswith("skipped: no sshd on this host")

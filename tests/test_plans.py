@@ -433,10 +433,14 @@ def test_sudo_rules_without_visudo_install_sudo_first_and_last(team: Inventory) 
     assert "visudo is not installed: cannot check the new /etc/sudoers.d/provision-alice" in rule
 
 
-def test_acls_come_last_so_a_missing_setfacl_blocks_nothing_before(team: Inventory) -> None:
+def test_acls_come_before_the_members_merges_which_run_as_them(team: Inventory) -> None:
+    # A member's cache merge runs as her (issue 12): the ACLs must let her write in every folder
+    # of the shared cache first. The cache itself and the login profile still come before.
     changes = hf_cache.plan(facts_of(LENT_H200), team)
-    assert summaries(changes)[-2:] == [
-        "install acl (setfacl is missing) for the cache's default ACLs",
-        "/data/cache/huggingface: default ACLs keep members' files group-writable"]
+    acl = summaries(changes).index("install acl (setfacl is missing) for the cache's default "
+                                   "ACLs")
+    assert summaries(changes)[acl + 1] == ("/data/cache/huggingface: default ACLs keep "
+                                           "members' files group-writable")
     assert summaries(changes)[0] == "create /data/cache/huggingface (root:hfcache, 2775)"
-    assert "could not install acl: $why" in changes[-2].script()
+    assert all(c.summary.startswith("/home/") for c in changes[acl + 2:])
+    assert "could not install acl: $why" in changes[acl].script()

@@ -129,10 +129,19 @@ def paths_of(steps: tuple[Step, ...], inventory: Inventory) -> tuple[str, ...]:
 
 
 def all_steps() -> tuple[Step, ...]:
-    from provision.steps import docker, hf_cache, keepalive, nvidia, service, users, workspace
+    from provision.steps import (
+        docker,
+        hf_cache,
+        keepalive,
+        nvidia,
+        rootless,
+        service,
+        users,
+        workspace,
+    )
 
-    return (users.STEP, keepalive.STEP, hf_cache.STEP, docker.STEP, nvidia.STEP, workspace.STEP,
-            service.STEP)
+    return (users.STEP, keepalive.STEP, hf_cache.STEP, docker.STEP, rootless.STEP, nvidia.STEP,
+            workspace.STEP, service.STEP)
 
 
 def select_steps(only: list[str] | None, skip: list[str] | None) -> tuple[Step, ...]:

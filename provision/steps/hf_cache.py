@@ -10,34 +10,18 @@ path, and what is left (files the cache already holds) stays in the renamed dire
 from __future__ import annotations
 
 import shlex
+from pathlib import PurePosixPath
 
-from provision.changes import Change, WriteFile, run
-from provision.facts import HostFacts, MemberCache, PathState
+from provision.changes import REPORT, Change, WriteFile, as_member, run
+from provision.facts import HostFacts, MemberCache
 from provision.inventory import Inventory, Member
-from provision.steps import Step, StepBlocked, apt_install, home_of, primary_group
+from provision.steps import Step, StepBlocked, apt_install, former_members, home_of
 from provision.templating import render
 
 NAME = "hf-cache"
 PROFILE = "/etc/profile.d/provision-hf.sh"
 CACHE_LINK = ".cache/huggingface"
 TOKEN_DIR = ".config/huggingface"
-
-MERGE = """src={src}; dst={dst}; left="$src.provision-leftovers-$(date +%Y%m%d%H%M%S)"
-mv "$src" "$left"
-(cd "$left" && find . ! -type d ! -path ./token ! -path './stored_tokens' -print) |
-while IFS= read -r f; do
-  f=${{f#./}}
-  if [ ! -e "$dst/$f" ] && [ ! -L "$dst/$f" ]; then
-    mkdir -p "$dst/$(dirname "$f")"
-    mv "$left/$f" "$dst/$f"
-    chgrp -h {group} "$dst/$f"
-    [ -L "$dst/$f" ] || chmod g+rw "$dst/$f"
-  fi
-done
-if [ -f "$left/token" ] && [ ! -e {token} ]; then mv "$left/token" {token}; fi
-find "$left" -depth -type d -empty -delete
-[ ! -d "$left" ] || echo "kept what the shared cache already had in $left" >&2"""
-
 
 def paths(inventory: Inventory) -> tuple[str, ...]:
     per_member = (p for m in inventory.members
@@ -73,59 +57,82 @@ def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
         changes.append(Change(NAME, "HF_TOKEN_PATH per member for login shells (tokens stay "
                                     "out of the shared cache)",
                               (WriteFile(PROFILE, profile, current.content),)))
-    for member in inventory.members:
-        changes.extend(_member(facts, inventory, member))
-    # ACLs last: when acl cannot be installed, the cache and the links are already in place.
+    # ACLs before the members' links and merges: a merge runs as the member, who must be able
+    # to write in every folder of the cache, also those made there before provision managed it.
     if not state.exists or not wanted_acl(group) <= set(facts.cache.acl):
         if "setfacl" not in facts.tools:
             changes.append(run(NAME, "install acl (setfacl is missing) for the cache's default "
                                      "ACLs", apt_install("acl")))
         changes.append(run(NAME, f"{cache}: default ACLs keep members' files group-writable",
                            f"setfacl -R -m g:{group}:rwX,d:g:{group}:rwX,d:g::rwX,d:m::rwX {q}"))
+    changes.extend(_named_acls(facts, inventory))
+    for member in inventory.members:
+        changes.extend(_member(facts, inventory, member))
+    return changes
+
+
+def _named_acls(facts: HostFacts, inventory: Inventory) -> list[Change]:
+    """Rootless mode: an ACL entry naming each member, on the cache and as a default.
+
+    A rootless container drops its supplementary groups (moby #40225), so inside her dev
+    container the cache group gives her nothing; an entry naming her uid does, and the default
+    entries make every file anyone writes there writable by each member. Former members'
+    entries go.
+    """
+    if not inventory.defaults.rootless:
+        return []
+    q = shlex.quote(inventory.defaults.cache_dir)
+    acl = set(facts.cache.acl)
+    missing = [m.name for m in inventory.members
+               if not {f"user:{m.name}:rwx", f"default:user:{m.name}:rwx"} <= acl]
+    former = [n for n in former_members(facts, inventory) if f"user:{n}:rwx" in acl]
+    changes = []
+    if missing:
+        entries = ",".join(f"u:{n}:rwX,d:u:{n}:rwX" for n in missing)
+        changes.append(run(NAME, f"{inventory.defaults.cache_dir}: ACL entries naming "
+                                 f"{', '.join(missing)} (rootless containers drop the cache "
+                                 "group)", f"setfacl -R -m {entries},m::rwX,d:m::rwX {q}"))
+    if former:
+        entries = ",".join(f"u:{n},d:u:{n}" for n in former)
+        changes.append(run(NAME, f"{inventory.defaults.cache_dir}: remove the ACL entries of "
+                                 f"former members {', '.join(former)}",
+                           f"setfacl -R -x {entries} {q}"))
     return changes
 
 
 def _member(facts: HostFacts, inventory: Inventory, member: Member) -> list[Change]:
+    """Her token directory, cache link and merge, all done as her (`as_member`): whatever
+    links she planted in her home, root never writes through them."""
     name, home = member.name, home_of(facts, member.name)
-    group = primary_group(facts, name)
     cache = inventory.defaults.cache_dir
     link, token_dir = f"{home}/{CACHE_LINK}", f"{home}/{TOKEN_DIR}"
     changes = []
     state = facts.path(f"~{name}/{TOKEN_DIR}")
     if (state.kind, state.owner, state.mode) != ("directory", name, "700"):
         changes.append(run(NAME, f"{token_dir}: {name}'s private token directory (0700)",
-                           _own_dir(f"{home}/.config", name, group, facts.path(f"~{name}/.config"))
-                           + f"install -d -m 0700 -o {name} -g {group} {shlex.quote(token_dir)}"))
+                           as_member(name, f"mkdir -p -m 0700 {TOKEN_DIR}\n"
+                                           f"chmod 0700 {TOKEN_DIR}")))
     current = facts.member_caches.get(name, MemberCache(name, "missing"))
-    make_link = (f"ln -sfn {shlex.quote(cache)} {shlex.quote(link)}\n"
-                 f"chown -h {name}:{group} {shlex.quote(link)}")
+    make_link = as_member(name, f"mkdir -p {PurePosixPath(CACHE_LINK).parent}\n"
+                                f"ln -sfn {shlex.quote(cache)} {CACHE_LINK}")
     if current.state == "symlink" and current.detail == cache:
         return changes
     if current.state == "symlink":
         changes.append(run(NAME, f"{link}: point to {cache} (was -> {current.detail})",
                            make_link))
     elif current.state == "missing":
-        changes.append(run(NAME, f"{link} -> {cache}",
-                           _own_dir(f"{home}/.cache", name, group, facts.path(f"~{name}/.cache"))
-                           + make_link))
+        changes.append(run(NAME, f"{link} -> {cache}", make_link))
     elif current.state == "dir":
-        merge = MERGE.format(src=shlex.quote(link), dst=shlex.quote(cache),
-                             group=inventory.defaults.cache_group,
-                             token=shlex.quote(f"{token_dir}/token"))
-        changes.append(run(NAME, f"{link}: merge {name}'s own cache into {cache} (nothing "
-                                 "deleted; the token stays private), then link it", merge,
-                           make_link))
+        merge = render("host/hf-merge.sh.j2", src=shlex.quote(CACHE_LINK),
+                       dst=shlex.quote(cache), group=inventory.defaults.cache_group,
+                       token=shlex.quote(f"{TOKEN_DIR}/token"), report=REPORT)
+        changes.append(run(NAME, f"{link}: merge {name}'s own cache into {cache} (as her; "
+                                 "nothing deleted; the token stays private), then link it",
+                           as_member(name, merge), make_link))
     else:
         raise StepBlocked(f"{link} is a {current.state}, not a directory or link",
                           f"move it away so {name}'s cache can link to {cache}")
     return changes
-
-
-def _own_dir(path: str, owner: str, group: str, state: PathState) -> str:
-    """Create a parent directory owned by the member, leaving an existing one alone."""
-    if state.exists:
-        return ""
-    return f"install -d -o {owner} -g {group} {shlex.quote(path)}\n"
 
 
 STEP = Step(NAME, plan, paths, needs=("users",))

@@ -10,13 +10,44 @@ NVIDIA's repository (or `[mirrors] nvidia_apt`, which stands for it, with `nvidi
 the mirror's copy of NVIDIA's key) must be accepted by `apt-get update` with its key before it
 stays (`signed_repository`). A pinned `nvidia_toolkit_version` pins the toolkit's four packages
 together, as NVIDIA's install guide does: each requires the others at exactly its version.
+
+GPUs for rootless members (docker_mode = "rootless") come through CDI, not the nvidia runtime.
+NVIDIA's rootless recipe (`nvidia-ctk runtime configure --runtime=docker
+--config=$HOME/.config/docker/daemon.json` plus `no-cgroups = true`) changes
+/etc/nvidia-container-runtime/config.toml for every daemon, which breaks the rootful one; NVIDIA
+points rootless users at CDI instead, where the toolkit sets up no cgroups at all
+(NVIDIA/nvidia-container-toolkit#56; "CDI also improves the compatibility of the NVIDIA
+container stack with certain features such as rootless containers", docs.nvidia.com
+container-toolkit cdi-support.html). What each piece rests on:
+
+- The spec: `nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml`, as root (NVIDIA's CDI
+  guide). It names the driver's libraries by their versioned file names, so a spec that does not
+  name the running driver is stale and is generated again. Toolkit >= 1.18 also keeps
+  /var/run/cdi/nvidia.yaml current itself (its nvidia-cdi-refresh service, on driver and toolkit
+  changes); the same device in both is no conflict: the CDI cache lets the later spec directory
+  (/var/run/cdi) win (container-device-interface pkg/cdi/cache.go, resolveConflict). /etc/cdi
+  is kept because it survives reboots and exists before her daemon starts.
+- Docker: CDI exists from Docker 25 as an opt-in (`"features": {"cdi": true}`; the CDI project's
+  issue #84, and nvidia-ctk 1.14.5 sets exactly that key), on by default from 28.2.0 (Docker
+  28.2.0 release notes). A rootless daemon runs in rootlesskit's mount namespace with /etc and
+  /run copied up, where it could not read /etc/cdi (moby#47676); dockerd-rootless.sh bind-mounts
+  /etc/cdi and /var/run/cdi into it, when they exist as it starts, since moby#48541 (28.0; the
+  backports to 25.0/26.1/27.x name no release we could check, so 28.0 is the floor here).
+- The container: `--device=nvidia.com/gpu=<index>` per GPU, or `=all` (the names `nvidia-ctk
+  cdi generate` gives by default), in place of `--gpus` (render.py).
+
+Older Docker (Debian's docker.io is 20.10): rootless members get no GPU; the plan says so with
+the remedy (Docker's repository, or docker_mode = "rootful"), and doctor fails the check.
 """
 
 from __future__ import annotations
 
-from provision.changes import Change, Run, run
+import json
+import re
+
+from provision.changes import Change, Run, WriteFile, as_member, run
 from provision.facts import HostFacts
-from provision.inventory import AptKey, Inventory
+from provision.inventory import AptKey, Inventory, Member
 from provision.steps import (
     APT_UPDATE,
     NoGpu,
@@ -24,8 +55,12 @@ from provision.steps import (
     Step,
     StepBlocked,
     apt_install,
+    home_of,
+    primary_group,
     signed_repository,
 )
+from provision.steps.docker import merge
+from provision.steps.rootless import engine_source, user_manager
 from provision.templating import render
 
 NAME = "nvidia"
@@ -36,6 +71,12 @@ TOOLKIT = ("nvidia-container-toolkit", "nvidia-container-toolkit-base", "libnvid
            "libnvidia-container1")
 FP8_TENSOR_CORES = (8, 9)
 PROOF_IMAGE = "ubuntu:24.04"
+CDI_SPEC = "/etc/cdi/nvidia.yaml"
+CDI_KIND = "nvidia.com/gpu"  # `--device=nvidia.com/gpu=0`, `=all`
+CDI_DOCKER = (25, 0)  # features.cdi exists
+CDI_BY_DEFAULT = (28, 2)  # features.cdi on unless turned off
+ROOTLESS_CDI_DOCKER = (28, 0)  # dockerd-rootless.sh lets her daemon see /etc/cdi
+MEMBER_DAEMON_JSON = ".config/docker/daemon.json"  # her rootless daemon's, under her home
 
 
 def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
@@ -73,14 +114,108 @@ def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
                                  "(nvidia-ctk merges it), restart Docker",
                            "nvidia-ctk runtime configure --runtime=docker",
                            "systemctl restart docker.service", restarts_docker=True))
+    if inventory.defaults.rootless and rootless_gpu_blocker(facts, inventory) is None:
+        changes.extend(_rootless_cdi(facts, inventory))
     return changes
+
+
+def docker_version(facts: HostFacts) -> tuple[int, int] | None:
+    """The engine's major.minor: the daemon's answer, else the installed package's version
+    (`5:28.5.1-1~ubuntu.24.04~noble`, `20.10.24+dfsg1-1+deb12u1`); None: not installed."""
+    for text in (facts.docker.version, facts.docker.packages.get("docker-ce"),
+                 facts.docker.packages.get("docker.io")):
+        found = re.match(r"(?:\d+:)?(\d+)\.(\d+)", text or "")
+        if found:
+            return int(found[1]), int(found[2])
+    return None
+
+
+def rootless_gpu_blocker(facts: HostFacts, inventory: Inventory) -> str | None:
+    """Why members' rootless daemons cannot get GPUs on this host (None: through CDI, they can).
+
+    Docker not installed yet: Docker's repository gives its newest engine, which can; the
+    distribution's is judged once installed (the engine re-reads the facts between steps).
+    """
+    version = docker_version(facts)
+    if version is None:
+        if engine_source(facts, inventory) == "docker-ce":
+            return None
+        return "the distribution's Docker is not installed yet: its version decides"
+    if version < ROOTLESS_CDI_DOCKER:
+        return (f"Docker {version[0]}.{version[1]} cannot hand GPUs to a rootless daemon (CDI "
+                f"for rootless daemons needs Docker >= {ROOTLESS_CDI_DOCKER[0]}.0)")
+    return None
+
+
+ROOTLESS_GPU_REMEDY = ("set docker_source = \"docker-ce\" (Docker's repository; remove the "
+                       "distribution's docker.io first) and converge, or docker_mode = "
+                       "\"rootful\" (the docker group: root-equivalent)")
+
+
+def _rootless_cdi(facts: HostFacts, inventory: Inventory) -> list[Change]:
+    """The CDI spec (as root), then each member's daemon with CDI on (as her)."""
+    changes = []
+    spec = facts.path(CDI_SPEC)
+    driver = facts.nvidia.driver
+    first = not spec.exists
+    if first or (driver and f".so.{driver}" not in (spec.content or "")):
+        why = "for rootless members' daemons" if first else f"again for driver {driver}"
+        changes.append(run(NAME, f"{CDI_SPEC}: the GPUs as CDI devices ({CDI_KIND}=N), "
+                                 f"generated {why}",
+                           f"mkdir -p {CDI_SPEC.rsplit('/', 1)[0]}\n"
+                           f"nvidia-ctk cdi generate --output={CDI_SPEC} >&2"))
+    for member in inventory.members:
+        changes.extend(_member_cdi(facts, member, restart=first))
+    return changes
+
+
+def _member_cdi(facts: HostFacts, member: Member, *, restart: bool) -> list[Change]:
+    """Her ~/.config/docker/daemon.json with CDI on where her Docker needs the flag (merged,
+    written as her), and her daemon restarted when that changed or /etc/cdi is new (her
+    daemon sees only spec directories that existed when it started)."""
+    name = member.name
+    actions: list[WriteFile | Run] = []
+    what = []
+    version = docker_version(facts)
+    if version is None or version < CDI_BY_DEFAULT:
+        state = facts.path(f"~{name}/{MEMBER_DAEMON_JSON}")
+        try:
+            current = json.loads(state.content) if (state.content or "").strip() else {}
+        except json.JSONDecodeError:
+            current = None
+        if not isinstance(current, dict):
+            raise StepBlocked(f"{name}'s ~/{MEMBER_DAEMON_JSON} holds no JSON object",
+                              "she fixes it (provision merges into it, never overwrites it)")
+        merged = merge(current, {"features": {"cdi": True}})
+        if merged != current:
+            actions.append(WriteFile(f"{home_of(facts, name)}/{MEMBER_DAEMON_JSON}",
+                                     json.dumps(merged, indent=2) + "\n", state.content,
+                                     owner=name, group=primary_group(facts, name),
+                                     member=name))
+            what.append(f"~/{MEMBER_DAEMON_JSON}: features.cdi on (other keys kept)")
+    if actions or restart:
+        actions.append(Run(user_manager(name)))
+        actions.append(Run(as_member(name, "systemctl --user restart docker.service")))
+        what.append("restart her daemon (her running containers stop)")
+    if not actions:
+        return []
+    return [Change(NAME, f"{name}: GPUs in her own daemon through CDI: " + "; ".join(what),
+                   tuple(actions))]
 
 
 def notes(facts: HostFacts, inventory: Inventory) -> list[str]:
     slow = [g for g in facts.nvidia.gpus
             if tuple(int(x) for x in g.compute_capability.split(".")[:2]) < FP8_TENSOR_CORES]
-    return [f"GPU {g.index} ({g.name}) has compute capability {g.compute_capability} < 8.9: "
-            "FP8 runs as storage only there, without FP8 tensor cores" for g in slow]
+    found = [f"GPU {g.index} ({g.name}) has compute capability {g.compute_capability} < 8.9: "
+             "FP8 runs as storage only there, without FP8 tensor cores" for g in slow]
+    if inventory.defaults.rootless and facts.nvidia.has_gpu:
+        blocker = rootless_gpu_blocker(facts, inventory)
+        found.append(f"docker_mode = rootless: members' own daemons get GPUs through CDI "
+                     f"({CDI_SPEC}; dev containers ask for --device={CDI_KIND}=N)"
+                     if blocker is None else
+                     f"docker_mode = rootless: members' containers get NO GPU: {blocker}; to "
+                     f"fix: {ROOTLESS_GPU_REMEDY}")
+    return found
 
 
 def proof(facts: HostFacts, inventory: Inventory) -> Proof:
@@ -97,5 +232,9 @@ def proof(facts: HostFacts, inventory: Inventory) -> Proof:
                  "nvidia-smi --query-gpu=uuid --format=csv,noheader", check)
 
 
-STEP = Step(NAME, plan, lambda inventory: (SOURCES,), notes, proof,
+def paths(inventory: Inventory) -> tuple[str, ...]:
+    return (SOURCES, CDI_SPEC, *(f"~{m.name}/{MEMBER_DAEMON_JSON}" for m in inventory.members))
+
+
+STEP = Step(NAME, plan, paths, notes, proof,
             needs=("docker",))

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import shlex
 
-from provision.changes import Change, WriteFile, run
-from provision.facts import HostFacts
+from provision.changes import Change, WriteFile, as_member, run
+from provision.facts import HostFacts, PathState
 from provision.inventory import Inventory, Member
 from provision.steps import (
     Step,
@@ -38,7 +38,8 @@ def sudoers_path(name: str) -> str:
 
 def paths(inventory: Inventory) -> tuple[str, ...]:
     return tuple(p for m in inventory.members for p in (
-        f"~{m.name}/.ssh", f"~{m.name}/.ssh/authorized_keys", sudoers_path(m.name)))
+        f"~{m.name}/", f"~{m.name}/.ssh", f"~{m.name}/.ssh/authorized_keys",
+        sudoers_path(m.name)))
 
 
 def managed_keys(current: str | None, keys: tuple[str, ...]) -> str:
@@ -56,7 +57,11 @@ def managed_keys(current: str | None, keys: tuple[str, ...]) -> str:
 
 def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
     changes = []
-    for group, system in ((inventory.defaults.cache_group, False), (DOCKER_GROUP, True)):
+    # Rootless mode needs no docker group; rootful mode puts every member in it.
+    groups = [(inventory.defaults.cache_group, False)]
+    if not inventory.defaults.rootless:
+        groups.append((DOCKER_GROUP, True))
+    for group, system in groups:
         if group not in facts.groups:
             flag = "--system " if system else ""
             changes.append(run(NAME, f"create group {group}", f"groupadd {flag}{group}"))
@@ -88,12 +93,26 @@ def _member(facts: HostFacts, inventory: Inventory, member: Member) -> list[Chan
         changes.append(run(NAME, f"unlock returning member {name}",
                            f"usermod --expiredate '' {name}"))
     groups = facts.groups_of(name) if account else set()
-    wanted = [inventory.defaults.cache_group, DOCKER_GROUP]
+    rootless = inventory.defaults.rootless
+    wanted = [inventory.defaults.cache_group] + ([] if rootless else [DOCKER_GROUP])
     missing = [g for g in wanted if g not in groups]
     if missing:
         changes.append(run(NAME, f"add {name} to {', '.join(missing)}",
                            f"usermod --append --groups {','.join(missing)} {name}",
                            warning=DOCKER_WARNING if DOCKER_GROUP in missing else None))
+    if rootless and DOCKER_GROUP in groups:
+        changes.append(run(NAME, f"{name} leaves the docker group (docker_mode = rootless: she "
+                                 "gets her own daemon; images she kept in the system daemon "
+                                 "stay there, out of her reach; her open sessions keep the "
+                                 "group until she logs in again)",
+                           f"gpasswd --delete {name} {DOCKER_GROUP} >/dev/null"))
+    home = facts.path(f"~{name}/")
+    if rootless and (account is None or home.mode != "700"):
+        # Without root through Docker, the home's mode is what keeps teammates out of it.
+        was = f", was {home.mode}" if home.exists else ""
+        path = home_of(facts, name)
+        changes.append(run(NAME, f"{path}: {name}'s alone (0700{was})",
+                           f"chmod 0700 {shlex.quote(path)}"))
     changes.extend(_keys(facts, member))
     return changes
 
@@ -104,9 +123,10 @@ def _keys(facts: HostFacts, member: Member) -> list[Change]:
     changes = []
     ssh_dir = facts.path(f"~{name}/.ssh")
     if (ssh_dir.kind, ssh_dir.owner, ssh_dir.mode) != ("directory", name, "700"):
+        # As her: a ~/.ssh she made a link (to /root/.ssh) is never followed by root.
         changes.append(run(NAME, f"{home}/.ssh for {name} (0700)",
-                           f"install -d -m 0700 -o {name} -g {group} "
-                           f"{shlex.quote(home + '/.ssh')}"))
+                           as_member(name, "mkdir -p .ssh\nchmod 0700 .ssh"),
+                           warning=_link_warning(ssh_dir, f"{home}/.ssh", name)))
     current = facts.path(f"~{name}/.ssh/authorized_keys")
     wanted = managed_keys(current.content, member.keys)
     if current.content != wanted or (current.owner, current.mode) != (name, "600"):
@@ -114,8 +134,18 @@ def _keys(facts: HostFacts, member: Member) -> list[Change]:
         changes.append(Change(NAME, f"{verb} {name}'s managed authorized_keys block "
                                     f"({len(member.keys)} key(s); lines outside it kept)",
                               (WriteFile(f"{home}/.ssh/authorized_keys", wanted, current.content,
-                                         owner=name, group=group, mode="0600"),)))
+                                         owner=name, group=group, mode="0600", member=name),),
+                              warning=_link_warning(current, f"{home}/.ssh/authorized_keys",
+                                                    name)))
     return changes
+
+
+def _link_warning(state: PathState, path: str, name: str) -> str | None:
+    """A link where provision writes in her home: said, and written through with her rights."""
+    if state.kind != "link":
+        return None
+    return (f"{path} is a link to {state.target}: written as {name}, so only where she "
+            "may write herself (root never follows it)")
 
 
 def _sudo(facts: HostFacts, member: Member) -> list[Change]:
@@ -137,18 +167,24 @@ def _offboard(facts: HostFacts, inventory: Inventory, name: str) -> list[Change]
     account = facts.accounts.get(name)
     if account is None:
         return []
-    home = shlex.quote(account.home)
     changes = []
     if not account.locked:
         changes.append(run(NAME, f"offboard {name}: lock the account (home kept)",
                            f"usermod --lock --expiredate 1 {name}"))
     if account.authorized_keys:
+        # As her (runuser works for a locked account): her ~/.ssh may be a link to root's.
         changes.append(run(NAME, f"offboard {name}: move her SSH keys aside",
-                           f"mv -f {home}/.ssh/authorized_keys "
-                           f"{home}/.ssh/authorized_keys.offboarded-$(date +%Y%m%d%H%M%S)"))
+                           as_member(name, "mv -f .ssh/authorized_keys "
+                                           ".ssh/authorized_keys.offboarded-"
+                                           "$(date +%Y%m%d%H%M%S)")))
     if f"provision-{name}" in facts.sudoers_d:
         changes.append(run(NAME, f"offboard {name}: remove her sudo rule",
                            f"rm -f {sudoers_path(name)}"))
+    daemon = facts.member_daemons.get(name)
+    if daemon is not None and daemon.linger:
+        changes.append(run(NAME, f"offboard {name}: lingering off (her own Docker daemon stops; "
+                                 "its data stays in her home)",
+                           f"loginctl disable-linger {name}"))
     member_of = facts.groups_of(name)
     for group in (inventory.defaults.cache_group, DOCKER_GROUP):
         if group in member_of:

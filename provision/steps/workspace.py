@@ -17,7 +17,7 @@ import json
 import shlex
 from pathlib import PurePosixPath
 
-from provision.changes import Change, Run, WriteFile, run
+from provision.changes import Change, Run, WriteFile, as_member, run
 from provision.facts import HostFacts
 from provision.inventory import Inventory, Member
 from provision.models import debug_model
@@ -83,14 +83,15 @@ def _member(facts: HostFacts, inventory: Inventory, member: Member) -> list[Chan
     missing_dirs = [d for d in _directories(files)
                     if not facts.path(f"~{name}/{relative}/{d}".rstrip("/")).exists]
     if missing_dirs:
-        changes.append(run(NAME, f"{root}: {name}'s workspace directories", *(
-            f"install -d -o {name} -g {group} {shlex.quote(f'{root}/{d}'.rstrip('/'))}"
-            for d in missing_dirs)))
+        changes.append(run(NAME, f"{root}: {name}'s workspace directories", as_member(
+            name, "mkdir -p " + " ".join(shlex.quote(f"{root}/{d}".rstrip("/"))
+                                         for d in missing_dirs))))
     for path, content in files.items():
         wanted = digest(content)
         current = facts.path(f"sha256:~{name}/{relative}/{path}").content
         target = f"{root}/{path}"
-        write = WriteFile(target, content, None, owner=name, group=group)
+        # Written as her: a workspace path she made a link (to /etc) is never followed by root.
+        write = WriteFile(target, content, None, owner=name, group=group, member=name)
         # Says which model her debug configurations run, and why (the cache, her GPU).
         what = f"{target} (--model {model.model}: {model.why})" if path == LAUNCH_JSON else target
         if current == wanted:
@@ -107,10 +108,10 @@ def _member(facts: HostFacts, inventory: Inventory, member: Member) -> list[Chan
             changes.append(Change(
                 NAME, f"{target} was edited by {name}: drifted, left alone (--force "
                       "overwrites it, keeping a backup)",
-                (Run(f"cp -p {backup}"), write), needs_force=True))
+                (Run(as_member(name, f"cp -p {backup}")), write), needs_force=True))
             # Right once forced; while not, her digest still differs from it: still drift.
             record[path] = wanted
-    changes.extend(_wheelhouse(facts, inventory, member, root, group))
+    changes.extend(_wheelhouse(facts, inventory, member, root))
     if record != recorded:
         changes.append(Change(NAME, f"remember what provision wrote in {name}'s workspace", (
             WriteFile(record_path(name), json.dumps(record, sort_keys=True) + "\n",
@@ -118,8 +119,8 @@ def _member(facts: HostFacts, inventory: Inventory, member: Member) -> list[Chan
     return changes
 
 
-def _wheelhouse(facts: HostFacts, inventory: Inventory, member: Member, root: str,
-                group: str) -> list[Change]:
+def _wheelhouse(facts: HostFacts, inventory: Inventory, member: Member,
+                root: str) -> list[Change]:
     """Air-gapped hosts: the image builds from the wheels in the build context, so her
     workspace gets the host's wheelhouse (hard links where the filesystem allows)."""
     source = host_image(facts, inventory).wheelhouse
@@ -130,11 +131,11 @@ def _wheelhouse(facts: HostFacts, inventory: Inventory, member: Member, root: st
         raise StepBlocked(f"[image] wheelhouse {source} is not a directory on this host",
                           "copy the wheels there first (pip download -r requirements.txt)")
     target = shlex.quote(f"{root}/{WHEELHOUSE}")
-    return [run(NAME, f"{root}/{WHEELHOUSE}: the wheels from {source}",
-                f"mkdir -p {target}",
-                f"cp -al {shlex.quote(source)}/. {target}/ 2>/dev/null || "
-                f"cp -a {shlex.quote(source)}/. {target}/",
-                f"chown {member.name}:{group} {target}")]
+    # As her: hard links where she may make them, else copies that are hers.
+    return [run(NAME, f"{root}/{WHEELHOUSE}: the wheels from {source}", as_member(
+        member.name, f"mkdir -p {target}\n"
+                     f"cp -l -R {shlex.quote(source)}/. {target}/ 2>/dev/null || "
+                     f"cp -R {shlex.quote(source)}/. {target}/"))]
 
 
 def notes(facts: HostFacts, inventory: Inventory) -> list[str]:
