@@ -108,8 +108,10 @@ def unit_text(facts: HostFacts, inventory: Inventory, service: Service, tag: str
                           "the users step creates it: converge without --skip users")
     on_gpu = bool(facts.nvidia.gpus) and service.gpus != "none"
     # systemd keeps a single-quoted word whole: --gpus="device=1,2" must reach docker as is.
-    gpu_args = [f"'{a}'" if '"' in a else a for a in gpu_run_args(service.gpus)] if on_gpu \
-        else []
+    # The unit runs the container in the system daemon in either docker_mode (root's unit, no
+    # member's daemon), so its GPUs come through the nvidia runtime, not a member's CDI.
+    gpu_args = [f"'{a}'" if '"' in a else a
+                for a in gpu_run_args(service.gpus, rootless=False)] if on_gpu else []
     return render("host/sd35-api.service.j2", name=SERVICE_NAME, image=tag, uid=uid, gid=gid,
                   cache_gid=group.gid, env_file=ENV_FILE, publish=publish(service),
                   bind=service.bind, cache_dir=inventory.defaults.cache_dir, app_dir=APP_DIR,
