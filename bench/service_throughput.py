@@ -60,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def call(port: int, method: str, path: str, body: dict[str, Any] | None = None,
          timeout: float = 1800) -> tuple[int, dict[str, str], bytes]:
+    """One request to the local server. The same few lines as `provision.verify.service_call`,
+    which sends them through an SSH channel: importing provision here would need fabric and
+    paramiko on the GPU machine, which has neither."""
     client = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         client.request(method, path, body=json.dumps(body) if body is not None else None,
