@@ -234,6 +234,16 @@ def service_forward(inventory: Inventory) -> str:
     return f"{service.port} {f'[{address}]' if ':' in address else address}:{service.port}"
 
 
+def render_for_host(inventory: Inventory, member: Member, facts: HostFacts, *,
+                    host_alias: str | None, target: Target | None) -> dict[str, str]:
+    """Every workspace file for a host that was read: its facts give the cache group's gid,
+    the image its driver runs (`versions.host_image`) and her launch.json's model."""
+    group = facts.groups.get(inventory.defaults.cache_group)
+    return render_workspace(inventory, member, host_alias=host_alias, target=target,
+                            cache_gid=group.gid if group else None,
+                            image=host_image(facts, inventory), facts=facts)
+
+
 def member_files(inventory: Inventory, member: Member, *, host_alias: str | None,
                  target: Target | None, facts: HostFacts | None,
                  identity_file: str) -> dict[str, str]:
@@ -242,10 +252,9 @@ def member_files(inventory: Inventory, member: Member, *, host_alias: str | None
     `facts`, when the host was read, give the cache group's gid, the image its driver runs
     (`versions.host_image`) and her launch.json's model.
     """
-    group = facts.groups.get(inventory.defaults.cache_group) if facts else None
-    files = render_workspace(inventory, member, host_alias=host_alias, target=target,
-                             cache_gid=group.gid if group else None,
-                             image=host_image(facts, inventory) if facts else None, facts=facts)
+    files = (render_for_host(inventory, member, facts, host_alias=host_alias, target=target)
+             if facts else render_workspace(inventory, member, host_alias=host_alias,
+                                            target=target, cache_gid=None))
     if host_alias and target:
         files["ssh_config"] = ssh_config_block(inventory, member, host_alias, target,
                                                identity_file)

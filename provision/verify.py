@@ -30,7 +30,7 @@ from provision.facts import HostFacts, gather_facts, split_sections
 from provision.image import ROOT, build_script, image_tag, upload_script
 from provision.inventory import Inventory, Member
 from provision.models import cached_weights, debug_model
-from provision.render import INFERENCE, gpu_run_args, render_workspace
+from provision.render import INFERENCE, gpu_run_args, render_for_host
 from provision.versions import host_image, resolve_image
 
 GPU_DEFAULTS = {"height": 1024, "width": 1024, "steps": 28}
@@ -148,9 +148,7 @@ def verify(conn: Connection, inventory: Inventory, member: Member, *, model: str
             f"{size['steps']} steps")
     # Refused here, before a multi-GB build, when the host's driver cannot run the image.
     image = host_image(facts, inventory)
-    gid = facts.groups[inventory.defaults.cache_group].gid
-    files = render_workspace(inventory, member, host_alias=conn.name, target=None, cache_gid=gid,
-                             image=image, facts=facts)
+    files = render_for_host(inventory, member, facts, host_alias=conn.name, target=None)
     tag = image_tag(files)
     place = place_of(facts, inventory, member)
     progress(f"building {tag} ({image.choice}; the first build downloads and installs torch: "

@@ -21,7 +21,7 @@ from provision.changes import Change, Run, WriteFile, as_member, run
 from provision.facts import HostFacts
 from provision.inventory import Inventory, Member
 from provision.models import debug_model
-from provision.render import LAUNCH_JSON, WHEELHOUSE, render_workspace
+from provision.render import LAUNCH_JSON, WHEELHOUSE, render_for_host, render_workspace
 from provision.steps import Step, StepBlocked, home_of, primary_group
 from provision.versions import host_image, resolve_image
 
@@ -33,10 +33,8 @@ def record_path(member: str) -> str:
 
 
 def _files(facts: HostFacts, inventory: Inventory, member: Member) -> dict[str, str]:
-    group = facts.groups.get(inventory.defaults.cache_group)
-    return render_workspace(inventory, member, host_alias=facts.os.hostname or None, target=None,
-                            cache_gid=group.gid if group else None,
-                            image=host_image(facts, inventory), facts=facts)
+    return render_for_host(inventory, member, facts, host_alias=facts.os.hostname or None,
+                           target=None)
 
 
 def _directories(files: dict[str, str]) -> list[str]:
