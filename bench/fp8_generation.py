@@ -8,16 +8,19 @@ the first dq run and the cache is what makes dq worth it. Same model, seed and s
 so random weights, noise and prompt embeddings are identical and the images comparable: each
 image is compared with the bf16 one (PSNR, cosine of the pixel arrays centred on mid-grey).
 
-Writes `results.json` and `results.md` (plus each run's PNG, metrics and log) under `--out`,
-after every run, so a run cut short still leaves what it measured. Progress goes to stderr.
+Writes `run.json` (every run's metrics) and `results.md` (plus each run's PNG, metrics and log)
+under `--out`, after every run, so a run cut short still leaves what it measured; at the end it
+appends one summary record per mode (bf16, storage, dq with its cold and warm first step) to
+`--records`, the history the README's FP8 table is read from. Progress goes to stderr.
 
     python3 bench/fp8_generation.py --model large --height 1024 --width 1024 --steps 28 \
-        --out "$OUT"
+        --out "$OUT" --records bench/results/fp8-h200/results.json
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib.util
 import json
 import math
@@ -68,6 +71,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "runs twice: cold, then warm cache); default: %(default)s",
     )
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument(
+        "--records",
+        type=Path,
+        help="JSON list the summary records are appended to (default: OUT/results.json)",
+    )
     p.add_argument(
         "--inductor-cache",
         type=Path,
@@ -219,20 +227,78 @@ def markdown(records: list[dict], args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary_records(runs: list[dict], args: argparse.Namespace, date: str) -> list[dict]:
+    """One record per mode that ran: its step time against bf16 eager's, its image against the
+    bf16 one, and for dq the first step both cold (compiling) and warm (Inductor cache filled).
+
+    The dq record's step time is the warm run's: the cold run's later steps are the same
+    compiled code, and the warm run is what every later press of "Run" gets.
+    """
+    measured = {r["label"]: r for r in runs if "metrics" in r}
+    bf16 = measured.get("off", {}).get("metrics", {}).get("step_ms_mean")
+    records = []
+    for label in dict.fromkeys("dq" if r["label"].startswith("dq-") else r["label"] for r in runs):
+        if label == "dq":
+            cold, warm = measured.get("dq-cold"), measured.get("dq-warm")
+            main = warm or cold
+        else:
+            cold, warm, main = measured.get(label), None, measured.get(label)
+        if main is None:
+            continue
+        m = main["metrics"]
+        similarity = main.get("similarity", {})
+        step = m.get("step_ms_mean")
+        records.append(
+            {
+                "date": date,
+                "gpu": m.get("gpu"),
+                "mode": label,
+                "fp8_applied": m.get("fp8_applied"),
+                "compiled": m.get("compiled"),
+                "model": args.model,
+                "size": f"{args.width}x{args.height}",
+                "steps": args.steps,
+                "step_ms": step,
+                "bf16_eager_step_ms": bf16,
+                "speedup_vs_bf16_eager": round(bf16 / step, 3) if bf16 and step else None,
+                "cosine": similarity.get("cosine"),
+                "psnr_db": similarity.get("psnr_db"),
+                "weights_gib": m.get("transformer_weights_gib"),
+                "peak_mem_gib": m.get("peak_mem_gib"),
+                "first_step_s_cold": cold["metrics"].get("first_step_s") if cold else None,
+                "first_step_s_warm": warm["metrics"].get("first_step_s") if warm else None,
+                "versions": {
+                    k: m.get(k) for k in ("torch", "diffusers", "transformers", "torchao")
+                },
+            }
+        )
+    return records
+
+
+def append_records(path: Path, records: list[dict]) -> None:
+    """Append to the JSON list at `path` (created if absent), replacing it atomically."""
+    history = json.loads(path.read_text()) if path.exists() else []
+    if not isinstance(history, list):
+        raise SystemExit(f"error: {path} is not a JSON list of records")
+    write_atomically(path, json.dumps(history + records, indent=2) + "\n")
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """A reader (or a run cut short) never sees half a file."""
+    tmp = path.with_name(f"{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def write_results(records: list[dict], args: argparse.Namespace, cache: Path) -> None:
-    """Write results.json and results.md (atomically: a reader never sees half a file)."""
+    """Write run.json (every run, as measured) and results.md under --out."""
     doc = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "inductor_cache": str(cache),
         "runs": records,
     }
-    for name, text in (
-        ("results.json", json.dumps(doc, indent=2) + "\n"),
-        ("results.md", markdown(records, args)),
-    ):
-        tmp = args.out / f"{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(args.out / name)
+    write_atomically(args.out / "run.json", json.dumps(doc, indent=2) + "\n")
+    write_atomically(args.out / "results.md", markdown(records, args))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,8 +357,10 @@ def main(argv: list[str] | None = None) -> int:
         if own_cache:
             shutil.rmtree(cache, ignore_errors=True)
     write_results(records, args, cache)
+    records_path = args.records or args.out / "results.json"
+    append_records(records_path, summary_records(records, args, datetime.date.today().isoformat()))
     print((args.out / "results.md").read_text(), file=sys.stderr)
-    log(f"wrote {args.out / 'results.json'} and {args.out / 'results.md'}")
+    log(f"wrote {args.out / 'run.json'} and {args.out / 'results.md'}; appended to {records_path}")
     return 0 if all("metrics" in r for r in records) else 1
 
 

@@ -332,3 +332,22 @@ def test_a_saved_pipeline_loads_through_the_device_map(tmp_path: Path) -> None:
     assert loaded["weights"] == "pretrained" and built["weights"].startswith("random")
     with Image.open(tmp_path / "loaded.png") as a, Image.open(tmp_path / "b.png") as b:
         assert a.tobytes() == b.tobytes()
+
+
+def test_dq_quantizes_without_torchaos_inductor_tuning(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchao's recommended Inductor settings (coordinate-descent tuning of every kernel, in
+    every new process) made an H200's first compiled step 231 s cold and 83 s warm for steps 2%
+    faster (bench/results/fp8-h200/variants/): dq asks torchao to leave them alone. torchao
+    refuses float8 quantization without such a GPU, so its quantize_ records the config here."""
+    require_modules("torchao")
+    import torchao.quantization
+    from diffusers import SD3Transformer2DModel
+
+    given: list[object] = []
+    monkeypatch.setattr(torchao.quantization, "quantize_", lambda _model, cfg: given.append(cfg))
+    inference = load_workspace_module("inference")
+    inference.apply_fp8(SD3Transformer2DModel(**inference.SD35_TINY), "dq")
+    [config] = given
+    assert isinstance(config, torchao.quantization.Float8DynamicActivationFloat8WeightConfig)
+    assert config.set_inductor_config is False
+    assert all(isinstance(g, torchao.quantization.PerRow) for g in config.granularity)
