@@ -59,7 +59,7 @@ def test_a_host_gets_the_account_the_files_the_image_and_a_started_unit(tmp_path
     assert summaries[0] == (f"system account sd35-api (uid {uid}, gid {gid}; not a member: "
                             "no login)")
     assert uid < 1000 and uid not in {a.uid for a in facts.accounts.values()}
-    assert summaries[1] == "/var/lib/sd35-api: the service's compile cache"
+    assert summaries[1] == "/var/lib/sd35-api: the service's home and compile cache"
     written = {a.path: a for c in changes for a in c.actions if isinstance(a, WriteFile)}
     assert set(written) == {"/opt/sd35-api/sd35_api.py", "/opt/sd35-api/healthcheck.py",
                             "/opt/sd35-api/inference.py", "/etc/sd35-api/env",
