@@ -16,6 +16,10 @@ Debian's/Ubuntu's `rootlesskit` with `docker.io`; never both (they conflict).
 
 In rootful mode a member's rootless daemon, if any, is stopped and her context set back to the
 system daemon; her rootless images and data stay where they are.
+
+The generation service's account (`sd35-api`, steps/service.py) gets its daemon from the same
+functions, taking an account's name (`subordinate_ids`, `own_daemon`, `stop_daemon`), in the
+service step, which creates that account.
 """
 
 from __future__ import annotations

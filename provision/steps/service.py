@@ -46,7 +46,7 @@ import shlex
 from provision.changes import Change, Run, WriteFile, as_member, run
 from provision.facts import HostFacts
 from provision.image import build_script, image_tag
-from provision.inventory import SERVICE_NAME, Inventory, Member, Service
+from provision.inventory import SERVICE_HOME, SERVICE_NAME, Inventory, Member, Service
 from provision.models import debug_model
 from provision.render import INFERENCE, SHM_SIZE, gpu_run_args, render_workspace
 from provision.steps import Proof, Step, StepBlocked, nvidia, rootless
@@ -58,7 +58,7 @@ UNIT = f"{SERVICE_NAME}.service"
 UNIT_FILE = f"/etc/systemd/system/{UNIT}"
 ENV_FILE = f"/etc/{SERVICE_NAME}/env"
 APP_DIR = f"/opt/{SERVICE_NAME}"
-STATE_DIR = f"/var/lib/{SERVICE_NAME}"
+STATE_DIR = SERVICE_HOME
 # Rootless: the container's /state, inside the account's home (which holds its daemon).
 ROOTLESS_STATE = f"{STATE_DIR}/container"
 # Rootless: the build context, as a member's verify puts hers in her own cache.
