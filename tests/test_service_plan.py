@@ -385,6 +385,8 @@ def test_rootless_gpus_come_as_cdi_devices_in_its_daemon_on_the_h200(tmp_path: P
 
 
 def test_facts_read_the_service_accounts_daemon_and_its_images() -> None:
+    """The recorded rootless facts with a line for sd35-api's daemon added (SYNTHESIZED, in
+    the facts script's format)."""
     text = (FIXTURES / "facts" / f"{ROOTLESS}.txt").read_text().replace(
         "dev|yes|yes|yes|rootless\n",
         "dev|yes|yes|yes|rootless\n"
