@@ -192,18 +192,17 @@ def subordinate_ids(facts: HostFacts, owners: list[str],
     ranges after the members' (`[*members, account]`), so both plans, made on the same facts,
     agree on the members' ranges and give the account one clear of them."""
     changes = []
-    names = owners
     for path, flag, kind in ((SUBUID, "--add-subuids", "uids"), (SUBGID, "--add-subgids",
                                                                    "gids")):
         ranges = read_ranges(facts.text(path))
-        for mine in (r for r in ranges if r.owner in names):
+        for mine in (r for r in ranges if r.owner in owners):
             for other in ranges:
                 if other is not mine and other.owner != mine.owner and mine.overlaps(other):
                     raise StepBlocked(
                         f"{path}: {mine.owner}'s subordinate {kind} {mine} overlap "
                         f"{other.owner}'s {other}: her containers' files could be another's",
                         f"fix {path} by hand (provision never changes a range once given)")
-        for owner, given in allocate(ranges, names).items():
+        for owner, given in allocate(ranges, owners).items():
             if given_to is not None and owner not in given_to:
                 continue
             changes.append(run(step, f"{owner}: subordinate {kind} {given} (given once, never "
