@@ -28,7 +28,7 @@ from provision.steps.nvidia import (
 )
 from provision.steps.rootless import SUBGID, SUBUID, read_ranges
 from provision.steps.rootless import paths as rootless_paths
-from provision.steps.service import CONTAINER_PORT, UNIT
+from provision.steps.service import CONTAINER_PORT, UNIT, docker_script
 from provision.versions import host_image
 
 WATCHED = ("**/.git/objects/**",)
@@ -131,11 +131,12 @@ def probe_script(inventory: Inventory, members: tuple[Member, ...], image: str |
                   f"{docker} run --rm {gpus}{shlex.quote(image)} python3 -c "
                   f"{shlex.quote(IMAGE_PROBE)} 2>&1 | tail -n 1; else echo missing; fi"]
     if inventory.service is not None:
+        # In the daemon its container runs in: the account's own one when rootless.
+        health = docker_script(inventory, f"docker exec {SERVICE_NAME} python -c "
+                                          f"{shlex.quote(SERVICE_HEALTH)} {CONTAINER_PORT}")
         lines += [
             "sec service-unit", f"systemctl is-active {UNIT}",
-            "sec service-health",
-            f"docker exec {SERVICE_NAME} python -c {shlex.quote(SERVICE_HEALTH)} "
-            f"{CONTAINER_PORT} 2>&1 | tail -n 1",
+            "sec service-health", f"{{ {health.rstrip()}\n}} 2>&1 | tail -n 1",
             # systemd logs each restart it schedules under the unit.
             "sec service-restarts",
             f"journalctl --unit {UNIT} --since {RESTARTS_SINCE} --output cat "

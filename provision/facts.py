@@ -112,14 +112,20 @@ for u in $PROVISION_UNITS; do echo "unit=$u $(systemctl is-active "$u" 2>/dev/nu
 sec docker-runtimes; docker info --format '{{json .Runtimes}}' 2>/dev/null
 sec packages; dpkg-query -W -f '${Package} ${Version} ${db:Status-Status}\n' docker-ce docker.io containerd.io nvidia-container-toolkit docker-ce-rootless-extras rootlesskit uidmap slirp4netns dbus-user-session fuse-overlayfs 2>/dev/null | grep ' installed$'
 sec rootless
-# Per account of interest: lingering, her daemon's unit and socket, and her docker context.
-for u in $PROVISION_ACCOUNTS; do
+# Per account of interest (the service account too): lingering, its daemon's unit and socket,
+# its docker context; for the service account also provision's images in its own daemon,
+# asked as that account (root never talks to a socket an account controls).
+for u in $PROVISION_ACCOUNTS $PROVISION_SERVICE_ACCOUNT; do
   id=$(id -u "$u" 2>/dev/null) || continue; h=$(home_of "$u")
   linger=no; [ -e "/var/lib/systemd/linger/$u" ] && linger=yes
   unit=no; [ -f "$h/.config/systemd/user/docker.service" ] && [ ! -L "$h/.config/systemd/user/docker.service" ] && unit=yes
   sock=no; [ -S "/run/user/$id/docker.sock" ] && sock=yes
   ctx=$(sed -n 's/.*"currentContext": *"\([^"]*\)".*/\1/p' "$h/.docker/config.json" 2>/dev/null | head -n 1)
-  echo "$u|$linger|$unit|$sock|$ctx"
+  images=
+  if [ "$u" = "$PROVISION_SERVICE_ACCOUNT" ] && [ "$sock" = yes ]; then
+    images=$(cd / && timeout 30 runuser -u "$u" -- env -i HOME="$h" PATH="$PATH" XDG_RUNTIME_DIR="/run/user/$id" docker -H "unix:///run/user/$id/docker.sock" image ls --format '{{.Repository}}:{{.Tag}}' 2>/dev/null | grep '^provision/' | paste -sd, -)
+  fi
+  echo "$u|$linger|$unit|$sock|$ctx|$images"
 done
 sec docker-repo
 # Only when Docker is missing and the inventory lets the tool choose its source (auto).
@@ -261,13 +267,16 @@ class Unit:
 
 @dataclass(frozen=True)
 class MemberDaemon:
-    """A member's own (rootless) Docker daemon as root sees it from outside."""
+    """A member's (or the service account's) own rootless Docker daemon as root sees it from
+    outside."""
 
     name: str
     linger: bool  # her systemd user manager runs without a login (/var/lib/systemd/linger)
     unit: bool  # ~/.config/systemd/user/docker.service, a regular file
     socket: bool  # /run/user/UID/docker.sock exists
     context: str  # her docker CLI's current context ("" = default: the system socket)
+    # provision's images (repository:tag) in this daemon: read for the service account only
+    images: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -349,6 +358,8 @@ def facts_request(inventory: Inventory, paths: tuple[str, ...] = ()) -> dict[str
         "PROVISION_CACHE_DIR": inventory.defaults.cache_dir,
         # Probed with or without [service]: a service removed from the inventory is stopped.
         "PROVISION_UNITS": f"{SERVICE_NAME}.service",
+        # Its own daemon (rootless mode) is looked at like a member's, its images listed too.
+        "PROVISION_SERVICE_ACCOUNT": SERVICE_NAME,
         "PROVISION_PATHS": "\n".join((STATE_FILE, DAEMON_JSON, *paths)),
         # Only when the tool chooses Docker's source and no mirror stands for the repository.
         "PROVISION_PROBE_DOCKER_REPO": "1" if inventory.defaults.docker_source == "auto"
@@ -506,9 +517,11 @@ def _member_caches(lines: list[str]) -> dict[str, MemberCache]:
 def _member_daemons(lines: list[str]) -> dict[str, MemberDaemon]:
     daemons = {}
     for line in lines:
-        name, linger, unit, socket, context = ([*line.split("|", 4), "", "", "", ""])[:5]
+        name, linger, unit, socket, context, images = ([*line.split("|", 5), "", "", "", "",
+                                                        ""])[:6]
         daemons[name] = MemberDaemon(name, linger == "yes", unit == "yes", socket == "yes",
-                                     context.strip())
+                                     context.strip(),
+                                     tuple(i for i in images.strip().split(",") if i))
     return daemons
 
 

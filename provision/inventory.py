@@ -130,6 +130,9 @@ class Member:
 
 # The generation service's system account, its systemd unit and its container: one name.
 SERVICE_NAME = "sd35-api"
+# Its home, created with the account: its state (the compile cache) and, when rootless, its
+# own daemon's data.
+SERVICE_HOME = f"/var/lib/{SERVICE_NAME}"
 
 
 @dataclass(frozen=True)

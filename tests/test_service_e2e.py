@@ -1,6 +1,10 @@
 """The generation service end to end on a sandbox (CPU, tiny model): converged with
 `[service]`, run by systemd in the team image, reached as a member reaches it, through an SSH
-port forward to the host's loopback."""
+port forward to the host's loopback.
+
+Twice: in the system daemon (docker_mode rootful), and on a second sandbox first rootful and
+then switched to docker_mode rootless, where the container moves into the sd35-api account's
+own rootless daemon."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import concurrent.futures
 import io
 import json
 import select
+import shlex
 import socket
 import threading
 import time
@@ -16,6 +21,7 @@ from pathlib import Path
 
 import paramiko
 import pytest
+import tomlkit
 
 from provision.sandbox import DEMO_MEMBER
 from tests.conftest import Host, require_modules
@@ -243,6 +249,123 @@ def test_a_killed_server_is_restarted_by_systemd(served) -> None:
 
 def test_a_second_converge_changes_nothing(served) -> None:
     host, _, client = served
+    again = converge(host)
+    assert again["exit"] == 0, again["stderr"][-3000:]
+    assert [c["summary"] for s in again["hosts"][0]["steps"] for c in s["changes"]] == []
+    assert ready(client)["status"] == "ready"
+
+
+# docker_mode = "rootless": the service in the sd35-api account's own daemon.
+
+def as_service(host: Host, command: str) -> tuple[int, str]:
+    """`command` as the sd35-api account with its user session's runtime dir: plain docker is
+    its own rootless daemon (its `rootless` context)."""
+    return host.exec(f"cd / && runuser -u sd35-api -- env XDG_RUNTIME_DIR=/run/user/"
+                     f"$(id -u sd35-api) HOME=/var/lib/sd35-api sh -c {shlex.quote(command)}")
+
+
+@pytest.fixture(scope="module")
+def served_rootless(make_host) -> Iterator[tuple[Host, dict, httpx.Client]]:
+    """A second sandbox: the service converged rootful (in the system daemon, proven healthy),
+    then docker_mode switched to rootless and converged again."""
+    host: Host = make_host(try_it=True, docker_mode="rootful")
+    with host.inventory.open("a") as inventory:
+        inventory.write(SERVICE)
+    rootful = converge(host)
+    assert rootful["exit"] == 0, rootful["stderr"][-3000:]
+    assert host.exec("docker ps --filter name=^sd35-api$ --format '{{.Names}}'")[1].strip() \
+        == "sd35-api"
+    document = tomlkit.parse(host.inventory.read_text())
+    document["defaults"]["docker_mode"] = "rootless"
+    host.inventory.write_text(tomlkit.dumps(document))
+    switched = converge(host)
+    assert switched["exit"] == 0, switched["stderr"][-3000:]
+    key = host.sandbox.identity_file.parent / DEMO_MEMBER / "id_ed25519"
+    forward = Forward(host, DEMO_MEMBER, key, PORT)
+    with httpx.Client(base_url=f"http://127.0.0.1:{forward.port}", timeout=300) as client:
+        yield host, switched, client
+    forward.close()
+
+
+def test_rootless_switch_moves_the_service_into_the_accounts_own_daemon(served_rootless
+                                                                        ) -> None:
+    host, report, _ = served_rootless
+    (entry,) = [s for s in report["hosts"][0]["steps"] if s["step"] == "service"]
+    summaries = [c["summary"] for c in entry["changes"]]
+    assert entry["status"] == "changed", entry["message"]
+    assert any(s.startswith("sd35-api: subordinate uids ") for s in summaries), summaries
+    assert "sd35-api: lingering on (her daemon runs while she is logged out)" in summaries
+    assert any(s.startswith("sd35-api: her own Docker daemon") for s in summaries)
+    assert any(s.startswith("build the team image provision/sd35-fp8:") and
+               "in its own daemon, as sd35-api" in s for s in summaries), summaries
+    assert summaries[-1].endswith("(docker_mode switched: its container moves to its own "
+                                  "daemon)"), summaries
+    assert host.exec("systemctl is-active sd35-api.service")[1].strip() == "active"
+    unit = host.exec("systemctl cat sd35-api.service")[1]
+    uid = host.exec("id -u sd35-api")[1].strip()
+    assert "User=sd35-api" in unit and f"DOCKER_HOST=unix:///run/user/{uid}/docker.sock" in unit
+    # Nothing of it in the system daemon: the container, as root sees Docker, is gone.
+    assert host.exec("docker ps -a --filter name=sd35-api --format '{{.Names}}'")[1].strip() \
+        == ""
+    code, names = as_service(host, "docker ps --format '{{.Names}}'")
+    assert code == 0 and names.split() == ["sd35-api"], names
+    # Its root is the account on the host, not root: the server's process belongs to sd35-api.
+    code, pid = as_service(host, "docker inspect --format '{{.State.Pid}}' sd35-api")
+    assert code == 0 and pid.strip().isdigit(), pid
+    assert host.exec(f"ps -o user= -p {pid.strip()}")[1].strip() == "sd35-api"
+    assert host.testinfra.file("/var/lib/systemd/linger/sd35-api").exists
+    ranges = {line.split(":")[0]: line for line in
+              host.testinfra.file("/etc/subuid").content_string.split()}
+    assert "sd35-api" in ranges and DEMO_MEMBER in ranges
+    code, _ = as_service(host, "docker exec sd35-api touch /hf/written-by-the-service")
+    assert code != 0  # the shared cache is read-only inside
+    assert as_service(host, "docker port sd35-api")[1].strip() == \
+        "8000/tcp -> 127.0.0.1:8000"
+    assert "sd35-api: ready in" in host.exec("journalctl -u sd35-api.service --no-pager")[1]
+
+
+def test_rootless_health_and_a_png_through_the_ssh_forward(served_rootless) -> None:
+    _, _, client = served_rootless
+    health = ready(client)
+    assert (health["status"], health["model"], health["device"]) == ("ready", "tiny", "cpu")
+    answer = client.post("/generate", json={"prompt": "a lighthouse at dusk", "steps": 4,
+                                            "height": 128, "width": 128, "seed": 7})
+    assert answer.status_code == 200, answer.text
+    with Image.open(io.BytesIO(answer.content)) as png:
+        assert png.format == "PNG" and png.size == (128, 128)
+
+
+def test_rootless_doctor_and_verify_look_in_the_accounts_daemon(served_rootless,
+                                                                tmp_path: Path) -> None:
+    host, _, _ = served_rootless
+    found = service_checks(host)
+    assert {name: c["status"] for name, c in found.items()} == {
+        "service unit": "pass", "service health": "pass", "service restarts": "pass"}, found
+    result = host.cli("verify", host.name, "--service", "--json", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["health"]["status"] == "ready"
+
+
+def test_rootless_killed_server_is_restarted_by_systemd(served_rootless) -> None:
+    host, _, client = served_rootless
+    ready(client)
+    before = int(host.exec("systemctl show -p NRestarts --value sd35-api.service")[1])
+    pid = as_service(host, "docker inspect --format '{{.State.Pid}}' sd35-api")[1].strip()
+    assert pid.isdigit() and pid != "0"
+    code, output = host.exec(f"kill -9 {pid}")
+    assert code == 0, output
+    deadline = time.monotonic() + 180
+    while int(host.exec("systemctl show -p NRestarts --value sd35-api.service")[1]) == before:
+        assert time.monotonic() < deadline, "systemd did not restart the service"
+        time.sleep(1)
+    assert ready(client)["status"] == "ready"
+    assert host.exec("systemctl is-active sd35-api.service")[1].strip() == "active"
+    assert as_service(host, "docker ps --format '{{.Names}}'")[1].split() == ["sd35-api"]
+    assert host.exec("docker ps -a --filter name=sd35-api -q")[1].strip() == ""
+
+
+def test_rootless_second_converge_changes_nothing(served_rootless) -> None:
+    host, _, client = served_rootless
     again = converge(host)
     assert again["exit"] == 0, again["stderr"][-3000:]
     assert [c["summary"] for s in again["hosts"][0]["steps"] for c in s["changes"]] == []

@@ -15,7 +15,7 @@ from pathlib import PurePosixPath
 from provision.changes import Change, Run, WriteFile
 from provision.errors import InventoryError, ProvisionError
 from provision.facts import HostFacts
-from provision.inventory import AptKey, Inventory
+from provision.inventory import SERVICE_HOME, SERVICE_NAME, AptKey, Inventory
 from provision.templating import render
 
 
@@ -67,9 +67,11 @@ class Step:
 
 
 def home_of(facts: HostFacts, name: str) -> str:
-    """The account's home, or where `useradd --create-home` will put it."""
+    """The account's home, or where `useradd` will put it (the service account's is set)."""
     account = facts.accounts.get(name)
-    return account.home if account else f"/home/{name}"
+    if account:
+        return account.home
+    return SERVICE_HOME if name == SERVICE_NAME else f"/home/{name}"
 
 
 def primary_group(facts: HostFacts, name: str) -> str:

@@ -47,7 +47,7 @@ import re
 
 from provision.changes import Change, Run, WriteFile, as_member, run
 from provision.facts import HostFacts
-from provision.inventory import AptKey, Inventory, Member
+from provision.inventory import AptKey, Inventory
 from provision.steps import (
     APT_UPDATE,
     NoGpu,
@@ -165,15 +165,16 @@ def _rootless_cdi(facts: HostFacts, inventory: Inventory) -> list[Change]:
                            f"mkdir -p {CDI_SPEC.rsplit('/', 1)[0]}\n"
                            f"nvidia-ctk cdi generate --output={CDI_SPEC} >&2"))
     for member in inventory.members:
-        changes.extend(_member_cdi(facts, member, restart=first))
+        changes.extend(daemon_cdi(facts, member.name, restart=first))
     return changes
 
 
-def _member_cdi(facts: HostFacts, member: Member, *, restart: bool) -> list[Change]:
+def daemon_cdi(facts: HostFacts, name: str, *, restart: bool, step: str = NAME
+               ) -> list[Change]:
     """Her ~/.config/docker/daemon.json with CDI on where her Docker needs the flag (merged,
     written as her), and her daemon restarted when that changed or /etc/cdi is new (her
-    daemon sees only spec directories that existed when it started)."""
-    name = member.name
+    daemon sees only spec directories that existed when it started). The service account's
+    daemon gets the same (the service step asks)."""
     actions: list[WriteFile | Run] = []
     what = []
     version = docker_version(facts)
@@ -199,7 +200,7 @@ def _member_cdi(facts: HostFacts, member: Member, *, restart: bool) -> list[Chan
         what.append("restart her daemon (her running containers stop)")
     if not actions:
         return []
-    return [Change(NAME, f"{name}: GPUs in her own daemon through CDI: " + "; ".join(what),
+    return [Change(step, f"{name}: GPUs in her own daemon through CDI: " + "; ".join(what),
                    tuple(actions))]
 
 

@@ -16,6 +16,10 @@ Debian's/Ubuntu's `rootlesskit` with `docker.io`; never both (they conflict).
 
 In rootful mode a member's rootless daemon, if any, is stopped and her context set back to the
 system daemon; her rootless images and data stay where they are.
+
+The generation service's account (`sd35-api`, steps/service.py) gets its daemon from the same
+functions, taking an account's name (`subordinate_ids`, `own_daemon`, `stop_daemon`), in the
+service step, which creates that account.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 
 from provision.changes import Change, Run, WriteFile, as_member, run
 from provision.facts import HostFacts, MemberDaemon
-from provision.inventory import Inventory, Member
+from provision.inventory import Inventory
 from provision.steps import Step, StepBlocked, apt_install, home_of
 from provision.steps.docker import choose_source
 from provision.templating import render
@@ -117,13 +121,13 @@ def engine_source(facts: HostFacts, inventory: Inventory) -> str:
 
 def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
     if not inventory.defaults.rootless:
-        return [c for m in inventory.members if (c := _stop(facts, m)) is not None]
+        return [c for m in inventory.members if (c := stop_daemon(facts, m.name)) is not None]
     source = engine_source(facts, inventory)
     changes = _packages(facts, source)
     changes.extend(_apparmor(facts))
-    changes.extend(_subordinate_ids(facts, inventory))
+    changes.extend(subordinate_ids(facts, [m.name for m in inventory.members]))
     for member in inventory.members:
-        changes.extend(_member(facts, member, source))
+        changes.extend(own_daemon(facts, member.name, source))
     return changes
 
 
@@ -180,44 +184,52 @@ def _apparmor(facts: HostFacts) -> list[Change]:
                    (WriteFile(PROFILE, wanted, current), Run(f"apparmor_parser -r {PROFILE}")))]
 
 
-def _subordinate_ids(facts: HostFacts, inventory: Inventory) -> list[Change]:
+def subordinate_ids(facts: HostFacts, owners: list[str],
+                    given_to: tuple[str, ...] | None = None, step: str = NAME) -> list[Change]:
+    """Subordinate ranges for `owners`, checked for overlaps and allocated in their order.
+
+    Changes only for `given_to` (default: all): the service step allocates its account's
+    ranges after the members' (`[*members, account]`), so both plans, made on the same facts,
+    agree on the members' ranges and give the account one clear of them."""
     changes = []
-    names = [m.name for m in inventory.members]
     for path, flag, kind in ((SUBUID, "--add-subuids", "uids"), (SUBGID, "--add-subgids",
                                                                    "gids")):
         ranges = read_ranges(facts.text(path))
-        for mine in (r for r in ranges if r.owner in names):
+        for mine in (r for r in ranges if r.owner in owners):
             for other in ranges:
                 if other is not mine and other.owner != mine.owner and mine.overlaps(other):
                     raise StepBlocked(
                         f"{path}: {mine.owner}'s subordinate {kind} {mine} overlap "
                         f"{other.owner}'s {other}: her containers' files could be another's",
                         f"fix {path} by hand (provision never changes a range once given)")
-        for owner, given in allocate(ranges, names).items():
-            changes.append(run(NAME, f"{owner}: subordinate {kind} {given} (given once, never "
+        for owner, given in allocate(ranges, owners).items():
+            if given_to is not None and owner not in given_to:
+                continue
+            changes.append(run(step, f"{owner}: subordinate {kind} {given} (given once, never "
                                      "changed)",
                                f"usermod {flag} {given.start}-{given.end} {owner}"))
     return changes
 
 
-def _member(facts: HostFacts, member: Member, source: str) -> list[Change]:
-    name = member.name
+def own_daemon(facts: HostFacts, name: str, source: str, step: str = NAME) -> list[Change]:
+    """The account's own daemon, as a member has it (the service account's too): lingering,
+    the setup tool's user service, and the `rootless` context in use."""
     daemon = facts.member_daemons.get(name, MemberDaemon(name, False, False, False, ""))
     changes = []
     if not daemon.linger:
-        changes.append(run(NAME, f"{name}: lingering on (her daemon runs while she is logged "
+        changes.append(run(step, f"{name}: lingering on (her daemon runs while she is logged "
                                  "out)", f"loginctl enable-linger {name}"))
     if not (daemon.unit and daemon.socket):
         setuptool = SETUPTOOL[source]
         changes.append(run(
-            NAME, f"{name}: her own Docker daemon, a systemd user service (data in "
+            step, f"{name}: her own Docker daemon, a systemd user service (data in "
                   f"{home_of(facts, name)}/.local/share/docker), set up as her by {setuptool}",
             user_manager(name),
             as_member(name, f"{TOOL_PATH[source]}{setuptool} install >&2")))
     if daemon.context != CONTEXT:
         socket = "unix:///run/user/$(id -u)/docker.sock"
         changes.append(run(
-            NAME, f"{name}: docker context {CONTEXT!r} in use, so plain docker and VS Code "
+            step, f"{name}: docker context {CONTEXT!r} in use, so plain docker and VS Code "
                   f"reach her daemon",
             user_manager(name),
             as_member(name, f"docker context inspect {CONTEXT} >/dev/null 2>&1 || "
@@ -226,19 +238,19 @@ def _member(facts: HostFacts, member: Member, source: str) -> list[Change]:
     return changes
 
 
-def _stop(facts: HostFacts, member: Member) -> Change | None:
-    """Rootful mode: her rootless daemon stopped and her context back to the system daemon
-    (she is in the docker group again); its images and data are kept."""
-    daemon = facts.member_daemons.get(member.name)
+def stop_daemon(facts: HostFacts, name: str, step: str = NAME) -> Change | None:
+    """Rootful mode: the account's rootless daemon stopped and its context back to the system
+    daemon (a member is in the docker group again); its images and data are kept."""
+    daemon = facts.member_daemons.get(name)
     if daemon is None or not (daemon.socket or daemon.context == CONTEXT):
         return None
-    return run(NAME, f"{member.name}: stop her rootless daemon (its images and data stay in "
-                     f"{home_of(facts, member.name)}/.local/share/docker) and use the system "
+    return run(step, f"{name}: stop her rootless daemon (its images and data stay in "
+                     f"{home_of(facts, name)}/.local/share/docker) and use the system "
                      "daemon (docker context default)",
-               user_manager(member.name),
-               as_member(member.name, "systemctl --user disable --now docker.service "
-                                      ">/dev/null 2>&1 || true\n"
-                                      "docker context use default >/dev/null"))
+               user_manager(name),
+               as_member(name, "systemctl --user disable --now docker.service "
+                               ">/dev/null 2>&1 || true\n"
+                               "docker context use default >/dev/null"))
 
 
 def user_manager(name: str) -> str:

@@ -1,9 +1,7 @@
 """service: the team's SD3.5 FP8 generation API, run by systemd in the team image.
 
 With a `[service]` table in the inventory each host gets:
-- a system account `sd35-api` (not a member: no login, no home of its own beyond its state
-  directory), whose ids the container runs as, with the cache group added so it can read the
-  shared cache (mounted read-only);
+- a system account `sd35-api` (not a member: no login, home /var/lib/sd35-api, its state);
 - the API (`templates/service/sd35_api.py`, with the workspace's `inference.py` beside it:
   one pipeline code) in /opt/sd35-api, mounted read-only into the container;
 - the team image, built on the host as `verify` builds it (same Dockerfile and pins, rendered
@@ -12,10 +10,30 @@ With a `[service]` table in the inventory each host gets:
   foreground of the unit, so a server killed by anything comes back, and its output is the
   unit's journal (`journalctl -u sd35-api`). Docker's health check calls /health.
 
+The container runs in the Docker that `docker_mode` says:
+- rootful: the system daemon (the docker step's). The unit is root's; the container runs as
+  the account's uid with the cache group added, its GPUs through the nvidia runtime.
+- rootless: the account's own rootless daemon, made exactly as a member's is (the rootless
+  step's functions: subordinate ranges allocated after the members' and never changed,
+  lingering, the setup tool's user service, the `rootless` context, all run as the account),
+  and the image is built in it, as the account. The unit is still a *system* unit, with
+  `User=sd35-api` and `DOCKER_HOST` naming that daemon's socket, ordered after the account's
+  user manager (`user@UID.service`), which runs the daemon: so `systemctl status sd35-api`,
+  `journalctl -u sd35-api`, `Restart=always` and doctor's restart count work as in rootful
+  mode (a user unit would need `systemctl --user -M sd35-api@` and `journalctl --user-unit`,
+  and systemd would not restart it while the account's manager is down). The container runs
+  as its root, which is the account on the host (a rootless container drops supplementary
+  groups, so the shared cache is read as "other", which its mode allows); its /state is a
+  folder inside the home, not the home itself, which holds its daemon and its user units. GPUs
+  come as CDI devices (its daemon.json gets CDI on where Docker needs it, as a member's does).
+
 The unit restarts only when its definition changed (unit, environment, API files or image);
 an unchanged inventory leaves a running service alone, and a stopped one is only started.
-The port is published on `bind` (loopback unless the inventory says otherwise): members reach
-it through their SSH connection. Docker here is the system daemon (the docker step's).
+A switch of docker_mode is such a change: the unit is stopped, the container left in the
+other daemon removed, and the unit started in the new one; the image and compile cache of the
+old mode stay where they were (rootless to rootful also stops the account's daemon, keeping
+its data). The port is published on `bind` (loopback unless the inventory says otherwise):
+members reach it through their SSH connection.
 
 A `[service]` table removed from the inventory stops and disables the unit and removes it; the
 account, its state (the compile cache) and the image stay.
@@ -25,13 +43,13 @@ from __future__ import annotations
 
 import shlex
 
-from provision.changes import Change, Run, WriteFile, run
+from provision.changes import Change, Run, WriteFile, as_member, run
 from provision.facts import HostFacts
 from provision.image import build_script, image_tag
-from provision.inventory import SERVICE_NAME, Inventory, Member, Service
+from provision.inventory import SERVICE_HOME, SERVICE_NAME, Inventory, Member, Service
 from provision.models import debug_model
 from provision.render import INFERENCE, SHM_SIZE, gpu_run_args, render_workspace
-from provision.steps import Proof, Step, StepBlocked
+from provision.steps import Proof, Step, StepBlocked, nvidia, rootless
 from provision.templating import raw, render
 from provision.versions import host_image
 
@@ -40,7 +58,12 @@ UNIT = f"{SERVICE_NAME}.service"
 UNIT_FILE = f"/etc/systemd/system/{UNIT}"
 ENV_FILE = f"/etc/{SERVICE_NAME}/env"
 APP_DIR = f"/opt/{SERVICE_NAME}"
-STATE_DIR = f"/var/lib/{SERVICE_NAME}"
+STATE_DIR = SERVICE_HOME
+# Rootless: the container's /state, inside the account's home (which holds its daemon).
+ROOTLESS_STATE = f"{STATE_DIR}/container"
+# Rootless: the build context, as a member's verify puts hers in her own cache.
+ROOTLESS_BUILD_ROOT = f"{STATE_DIR}/.cache/provision"
+DAEMON_JSON = f"~{SERVICE_NAME}/{nvidia.MEMBER_DAEMON_JSON}"
 CONTAINER_PORT = 8000
 # The API and what it imports, as they go to APP_DIR (template path → file name there).
 APP_FILES = {"service/sd35_api.py": "sd35_api.py", "service/healthcheck.py": "healthcheck.py",
@@ -48,20 +71,36 @@ APP_FILES = {"service/sd35_api.py": "sd35_api.py", "service/healthcheck.py": "he
 # The first system id (counting down, as useradd --system does) free as both uid and gid.
 SYSTEM_IDS = range(999, 99, -1)
 # Up to 30 minutes for the first health: a cold FP8 compile takes minutes, real weights more.
-HEALTH_WAIT = f"""for _ in $(seq 360); do
-  health=$(docker inspect --format '{{{{.State.Health.Status}}}}' {SERVICE_NAME} 2>/dev/null)
-  [ "$health" = healthy ] && {{ echo healthy; exit 0; }}
+# Prints only the last state seen ("healthy", or what it was); safe under `sh -e`.
+HEALTH_POLL = f"""health=
+for _ in $(seq 360); do
+  health=$(docker inspect --format '{{{{.State.Health.Status}}}}' {SERVICE_NAME} 2>/dev/null) \
+    || health=
+  [ "$health" = healthy ] && break
   systemctl is-failed --quiet {UNIT} && break
   sleep 5
 done
-echo "health: ${{health:-no container}}"
-journalctl --unit {UNIT} --lines 5 --no-pager --output cat
+if [ "$health" = healthy ]; then echo healthy; else echo "health: ${{health:-no container}}"; fi
 """
+
+
+def docker_script(inventory: Inventory, script: str) -> str:
+    """Shell (run as root) that runs `script` against the daemon the service's container is
+    in: the system daemon as root (rootful), the account's own as the account (rootless)."""
+    return as_member(SERVICE_NAME, script) if inventory.defaults.rootless else script
+
+
+def health_wait(inventory: Inventory) -> str:
+    """The proof's script: the health poll in the right daemon, the journal's tail if it was
+    not healthy (read as root: the account cannot read the system journal)."""
+    return (f"status=$({docker_script(inventory, HEALTH_POLL)})\necho \"$status\"\n"
+            f"[ \"$status\" = healthy ] || journalctl --unit {UNIT} --lines 5 --no-pager "
+            "--output cat\n")
 
 
 def paths(inventory: Inventory) -> tuple[str, ...]:
     # Asked for without [service] too: a service removed from the inventory is stopped.
-    return (UNIT_FILE, ENV_FILE, STATE_DIR,
+    return (UNIT_FILE, ENV_FILE, STATE_DIR, ROOTLESS_STATE, DAEMON_JSON,
             *(f"{APP_DIR}/{name}" for name in APP_FILES.values()))
 
 
@@ -100,22 +139,44 @@ def publish(service: Service) -> str:
     return f"{bind}:{service.port}:{CONTAINER_PORT}"
 
 
+def runs_rootless(unit: str | None) -> bool:
+    """Whether a unit file (as written by unit_text) runs the container in the account's own
+    daemon: a switch of docker_mode is seen from the unit on the host."""
+    return unit is not None and "DOCKER_HOST=" in unit
+
+
+def on_gpu(facts: HostFacts, service: Service) -> bool:
+    return bool(facts.nvidia.gpus) and service.gpus != "none"
+
+
 def unit_text(facts: HostFacts, inventory: Inventory, service: Service, tag: str) -> str:
     uid, gid = service_ids(facts)
     group = facts.groups.get(inventory.defaults.cache_group)
     if group is None:
         raise StepBlocked(f"the cache group {inventory.defaults.cache_group} does not exist",
                           "the users step creates it: converge without --skip users")
-    on_gpu = bool(facts.nvidia.gpus) and service.gpus != "none"
+    mode_rootless = inventory.defaults.rootless
     # systemd keeps a single-quoted word whole: --gpus="device=1,2" must reach docker as is.
-    # The unit runs the container in the system daemon in either docker_mode (root's unit, no
-    # member's daemon), so its GPUs come through the nvidia runtime, not a member's CDI.
     gpu_args = [f"'{a}'" if '"' in a else a
-                for a in gpu_run_args(service.gpus, rootless=False)] if on_gpu else []
-    return render("host/sd35-api.service.j2", name=SERVICE_NAME, image=tag, uid=uid, gid=gid,
-                  cache_gid=group.gid, env_file=ENV_FILE, publish=publish(service),
-                  bind=service.bind, cache_dir=inventory.defaults.cache_dir, app_dir=APP_DIR,
-                  state_dir=STATE_DIR, shm_size=SHM_SIZE, gpu_args=gpu_args)
+                for a in gpu_run_args(service.gpus, rootless=mode_rootless)
+                ] if on_gpu(facts, service) else []
+    # Rootless: the container's root is the account on the host (its ids inside would be
+    # subordinate ones, which cannot write its state), and supplementary groups are dropped.
+    user = "--user 0:0" if mode_rootless else f"--user {uid}:{gid} --group-add {group.gid}"
+    return render("host/sd35-api.service.j2", name=SERVICE_NAME, image=tag, uid=uid,
+                  user=user, rootless=mode_rootless, env_file=ENV_FILE,
+                  publish=publish(service), bind=service.bind,
+                  cache_dir=inventory.defaults.cache_dir, app_dir=APP_DIR,
+                  state_dir=ROOTLESS_STATE if mode_rootless else STATE_DIR,
+                  shm_size=SHM_SIZE, gpu_args=gpu_args)
+
+
+def images_of(facts: HostFacts, inventory: Inventory) -> tuple[str, ...]:
+    """provision's images in the daemon the service uses (the account's own when rootless)."""
+    if not inventory.defaults.rootless:
+        return facts.images
+    daemon = facts.member_daemons.get(SERVICE_NAME)
+    return daemon.images if daemon else ()
 
 
 def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
@@ -124,7 +185,10 @@ def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
         return _removal(facts)
     if not facts.docker.installed:
         raise StepBlocked("Docker is not installed", "the docker step installs it")
+    mode_rootless = inventory.defaults.rootless
     changes = _account(facts)
+    if mode_rootless:
+        changes += _own_daemon(facts, inventory, service)
     files = image_files(facts, inventory, service)
     tag = image_tag(files)
     env = render("host/sd35-api.env.j2", name=SERVICE_NAME, model=chosen_model(facts, service),
@@ -137,23 +201,70 @@ def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
         if current != content:
             verb = "write" if current is None else "update"
             definition.append(Change(NAME, f"{verb} {path}", (WriteFile(path, content, current),)))
-    if tag not in facts.images:
-        definition.append(run(NAME, f"build the team image {tag} for the service "
-                                    f"({host_image(facts, inventory).choice}; minutes the "
-                                    "first time)",
-                                 # A subshell: the script's own `exit` ends the build only.
-                                 f"(\n{build_script(files, tag, host_image(facts, inventory))})"))
+    if tag not in images_of(facts, inventory):
+        image = host_image(facts, inventory)
+        daemon = "in its own daemon, as sd35-api" if mode_rootless else "in the system daemon"
+        build = (as_member(SERVICE_NAME, build_script(files, tag, image, ROOTLESS_BUILD_ROOT))
+                 if mode_rootless else
+                 # A subshell: the script's own `exit` ends the build only.
+                 f"(\n{build_script(files, tag, image)})")
+        definition.append(run(NAME, f"build the team image {tag} for the service {daemon} "
+                                    f"({image.choice}; minutes the first time)", build))
     changes += definition
     state = facts.units.get(UNIT)
     where = f"{service.bind}:{service.port}"
+    current_unit = facts.text(UNIT_FILE)
+    switched = current_unit is not None and runs_rootless(current_unit) != mode_rootless
     if definition:
-        changes.append(run(NAME, f"(re)start {UNIT} on {where}: its definition changed",
-                           "systemctl daemon-reload", f"systemctl enable --quiet {UNIT}",
-                           f"systemctl restart {UNIT}"))
+        changes.append(run(
+            NAME, f"(re)start {UNIT} on {where}: its definition changed"
+                  + (f" (docker_mode switched: its container moves to "
+                     f"{'its own' if mode_rootless else 'the system'} daemon)"
+                     if switched else ""),
+            "systemctl daemon-reload", f"systemctl enable --quiet {UNIT}",
+            *(_leave_other_daemon(facts, mode_rootless) if switched else
+              (f"systemctl restart {UNIT}",))))
     elif state is None or state.active != "active" or state.enabled != "enabled":
         changes.append(run(NAME, f"start {UNIT} on {where} (it was "
                                  f"{state.active if state else 'unknown'})",
                            f"systemctl enable --quiet --now {UNIT}"))
+    if not mode_rootless and (stop := rootless.stop_daemon(facts, SERVICE_NAME, NAME)):
+        changes.append(stop)  # after the restart: its container has left that daemon
+    return changes
+
+
+def _leave_other_daemon(facts: HostFacts, mode_rootless: bool) -> tuple[str, ...]:
+    """A docker_mode switch: stop the unit (the new definition is loaded, so its ExecStop
+    talks to the new daemon; systemd still ends the old `docker run`), remove the container
+    the old daemon may still hold (with the port), then start in the new daemon."""
+    remove = f"docker rm --force {SERVICE_NAME} >/dev/null 2>&1 || true"
+    daemon = facts.member_daemons.get(SERVICE_NAME)
+    if mode_rootless:
+        leave = remove  # the system daemon, as root
+    elif daemon is not None and daemon.socket:
+        leave = as_member(SERVICE_NAME, remove)
+    else:
+        leave = ":"
+    return (f"systemctl stop {UNIT}", leave, f"systemctl start {UNIT}")
+
+
+def _own_daemon(facts: HostFacts, inventory: Inventory, service: Service) -> list[Change]:
+    """Rootless: the account's own daemon, made by the rootless step's functions as a member's
+    is, with CDI on for its GPUs; its subordinate ranges come after every member's."""
+    changes = rootless.subordinate_ids(facts, [*(m.name for m in inventory.members),
+                                               SERVICE_NAME], (SERVICE_NAME,), NAME)
+    changes += rootless.own_daemon(facts, SERVICE_NAME,
+                                   rootless.engine_source(facts, inventory), NAME)
+    if facts.path(ROOTLESS_STATE).kind != "directory":
+        changes.append(run(NAME, f"{ROOTLESS_STATE}: the container's /state (its compile "
+                                 "cache), made as the account",
+                           as_member(SERVICE_NAME, f"mkdir -p -m 0700 {ROOTLESS_STATE}")))
+    if on_gpu(facts, service):
+        blocker = nvidia.rootless_gpu_blocker(facts, inventory)
+        if blocker is not None:
+            raise StepBlocked(f"the service's GPUs in its own daemon: {blocker}",
+                              nvidia.ROOTLESS_GPU_REMEDY)
+        changes += nvidia.daemon_cdi(facts, SERVICE_NAME, restart=False, step=NAME)
     return changes
 
 
@@ -170,7 +281,7 @@ def _account(facts: HostFacts) -> list[Change]:
             f"useradd --system --uid {uid} --gid {gid} --home-dir {STATE_DIR} "
             f"--no-create-home --shell /usr/sbin/nologin {SERVICE_NAME}"))
     if facts.path(STATE_DIR).kind != "directory":
-        changes.append(run(NAME, f"{STATE_DIR}: the service's compile cache",
+        changes.append(run(NAME, f"{STATE_DIR}: the service's home and compile cache",
                            f"install -d -o {uid} -g {gid} -m 0750 {shlex.quote(STATE_DIR)}"))
     return changes
 
@@ -193,7 +304,7 @@ def proof(facts: HostFacts, inventory: Inventory) -> Proof | None:
         lines = stdout.strip().splitlines()
         return None if "healthy" in lines else "; ".join(lines[-6:]) or "no answer"
 
-    return Proof(HEALTH_WAIT, check)
+    return Proof(health_wait(inventory), check)
 
 
-STEP = Step(NAME, plan, paths, proof=proof, needs=("docker", "hf-cache"))
+STEP = Step(NAME, plan, paths, proof=proof, needs=("docker", "rootless", "hf-cache"))
