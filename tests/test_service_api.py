@@ -155,3 +155,45 @@ def test_a_model_that_cannot_load_is_reported_not_fatal(tmp_path: Path,
         assert client.get("/health").status_code == 503
         answer = client.post("/generate", json=SMALL)
         assert answer.status_code == 503 and "failed to load" in answer.json()["error"]
+
+
+def test_an_image_larger_than_the_free_gpu_memory_is_refused_with_a_size_that_fits() -> None:
+    """The estimate: pixels x the most a generation needed per pixel, with a margin."""
+    per_pixel = sd35_api.PRIOR_BYTES_PER_PIXEL
+    needed_1024 = 1024 * 1024 * per_pixel * sd35_api.MEMORY_MARGIN
+    assert sd35_api.too_large_for(1024, 1024, per_pixel, int(needed_1024) + 1) is None
+    refusal = sd35_api.too_large_for(2048, 2048, per_pixel, int(needed_1024) + 1)
+    assert refusal and refusal.startswith(
+        "2048x2048 needs about 13.0 GiB of GPU memory and 3.3 GiB is free on this GPU now")
+    suggested = int(refusal.rsplit("about ", 1)[1].split("x")[0])
+    assert suggested % 16 == 0 and 768 < suggested <= 1024
+    assert sd35_api.too_large_for(suggested, suggested, per_pixel, int(needed_1024) + 1) is None
+
+
+def test_a_gpu_generation_teaches_its_memory_per_pixel_and_a_cpu_one_does_not() -> None:
+    """On the peak inference.py recorded on the lent H200 (dq, Large, 1024²): 2.74 GiB over
+    the resident transformer is ~2.8 KiB per pixel, above the prior, so it is kept."""
+    recorded = json.loads((REPO / "bench" / "results" / "fp8-h200" / "2026-11-22" / "run.json")
+                          .read_text())
+    metrics = next(r["metrics"] for r in recorded["runs"] if r["label"] == "dq-warm")
+    service = sd35_api.Service(sd35_api.Settings(model="large", fp8="dq", max_queue=1))
+    service.resident_bytes = int(metrics["transformer_weights_gib"] * 2**30)
+    service.learn(metrics)
+    expected = (metrics["peak_mem_gib"] - metrics["transformer_weights_gib"]) * 2**30 / 1024**2
+    assert service.bytes_per_pixel == pytest.approx(expected)
+    assert service.bytes_per_pixel > sd35_api.PRIOR_BYTES_PER_PIXEL
+    service.learn({**metrics, "peak_mem_gib": 100.0, "peak_mem_kind": "process_max_rss"})
+    assert service.bytes_per_pixel == pytest.approx(expected)
+
+
+def test_a_memory_refusal_is_a_422_with_its_message_and_the_service_stays_up(
+        client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU has no GPU memory to run out of: the GPU's answer is stood in for here."""
+    ready(client)
+    service = client.app.state.service
+    monkeypatch.setattr(service, "memory_refusal",
+                        lambda _loaded, h, w: f"{h}x{w} needs about 9.9 GiB of GPU memory")
+    answer = client.post("/generate", json=SMALL)
+    assert answer.status_code == 422 and "64x96 needs about 9.9 GiB" in answer.json()["error"]
+    monkeypatch.undo()
+    assert client.post("/generate", json=SMALL).status_code == 200

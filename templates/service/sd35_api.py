@@ -19,10 +19,10 @@ Why it is built this way:
   wait, instead of piling up until clients time out.
 - Requests are checked before they reach the GPU: sizes positive multiples of 16 (VAE 8x,
   patch 2) no larger than the model's position-embedding grid (a larger latent cannot be
-  embedded at all), at most MAX_PIXELS pixels, steps 1..MAX_STEPS, bounded prompts, finite
-  guidance. A failure a request still causes (CUDA out of memory, a diffusers error) answers
-  that request (503 / 500, one line) and the process goes on serving: no request can take it
-  down.
+  embedded at all), at most MAX_PIXELS pixels, and on a GPU no more than its free memory
+  holds (`memory_refusal`), steps 1..MAX_STEPS, bounded prompts, finite guidance. A failure a
+  request still causes (CUDA out of memory, a diffusers error) answers that request (503 /
+  500, one line) and the process goes on serving: no request can take it down.
 
 Settings, from the environment (the service's env file): SD35_MODEL (tiny|medium|large or an
 HF id in the shared cache), SD35_FP8 (off|storage|dq), SD35_MAX_QUEUE, SD35_PORT.
@@ -58,6 +58,13 @@ import inference
 MAX_STEPS = 100
 MAX_PROMPT = 2000  # characters; the text encoders read 77 CLIP / 256 T5 tokens of it anyway
 MAX_PIXELS = 2048 * 2048  # beyond SD3.5's trained sizes; larger is memory, not quality
+# GPU memory a generation needs beyond what the loaded model holds grows with its pixels
+# (flash attention is linear in tokens, the VAE decoder's activations in pixels). Until this
+# process has measured its own (each generation's peak, the warm-up's first): 2.6 KiB per pixel,
+# SD3.5 Large on an H200 at 1024², bf16 and dq alike (bench/results/fp8-h200: peak minus the
+# transformer's weights, 2.7-2.9 GiB).
+PRIOR_BYTES_PER_PIXEL = 2.6 * 1024
+MEMORY_MARGIN = 1.25  # what the linear estimate misses: fragmentation, the PNG's encoding
 WARM_UP = {"prompt": "warm-up", "steps": 2}
 
 
@@ -104,6 +111,8 @@ class Service:
     admitted: int = 0  # the request being generated plus those waiting for it
     generated: int = 0
     seconds_per_request: float = 0.0  # the last generation's time, for Retry-After
+    resident_bytes: int = 0  # GPU memory the loaded model holds between generations
+    bytes_per_pixel: float = PRIOR_BYTES_PER_PIXEL  # the most a generation has needed
 
     def load(self) -> None:
         """On the worker thread: build the pipeline, and compile it with one small generation
@@ -112,10 +121,15 @@ class Service:
             args = inference.parse_args(["--model", self.settings.model,
                                          "--fp8", self.settings.fp8])
             loaded = inference.load_pipeline(args)
+            if loaded.device.type == "cuda":
+                import torch
+
+                self.resident_bytes = torch.cuda.memory_allocated(loaded.device)
             if loaded.compiled:
                 side = min(1024, self.max_side(loaded))
-                inference.generate(loaded, height=side, width=side, seed=0, guidance=3.5,
-                                   **WARM_UP)
+                _, metrics = inference.generate(loaded, height=side, width=side, seed=0,
+                                                guidance=3.5, **WARM_UP)
+                self.learn(metrics)
         except BaseException as exc:  # reported on /health; the process stays up
             traceback.print_exc()
             with self.lock:
@@ -158,10 +172,36 @@ class Service:
         image, metrics = inference.generate(self.loaded, **request.model_dump())
         png = io.BytesIO()
         image.save(png, format="PNG")
+        self.learn(metrics)
         with self.lock:
             self.generated += 1
             self.seconds_per_request = time.perf_counter() - started
         return png.getvalue(), metrics
+
+    def learn(self, metrics: dict[str, Any]) -> None:
+        """A GPU generation's peak memory over the resident model, per pixel: kept if larger."""
+        if not str(metrics.get("peak_mem_kind")).startswith("cuda_max_memory_allocated"):
+            return  # a CPU run's peak is the process's RSS: nothing about a GPU
+        used = metrics["peak_mem_gib"] * 2**30 - self.resident_bytes
+        with self.lock:
+            self.bytes_per_pixel = max(self.bytes_per_pixel,
+                                       used / (metrics["height"] * metrics["width"]))
+
+    def memory_refusal(self, loaded: inference.Loaded, height: int, width: int) -> str | None:
+        """Why a height x width image would not fit in the GPU's memory now (None: it fits,
+        or the model runs on the CPU). Free memory is read at each request: members' own
+        containers share the GPU."""
+        if loaded.device.type != "cuda":
+            return None
+        import torch
+
+        free, _total = torch.cuda.mem_get_info(loaded.device)
+        # Memory this process's allocator holds but no tensor uses is free for it too.
+        free += (torch.cuda.memory_reserved(loaded.device)
+                 - torch.cuda.memory_allocated(loaded.device))
+        with self.lock:
+            per_pixel = self.bytes_per_pixel
+        return too_large_for(height, width, per_pixel, free)
 
     def health(self) -> dict[str, Any]:
         with self.lock:
@@ -188,6 +228,17 @@ class Service:
                            "max_steps": MAX_STEPS, "size_multiple": 16},
             })
         return report
+
+
+def too_large_for(height: int, width: int, bytes_per_pixel: float, free_bytes: int) -> str | None:
+    """The refusal of an image whose estimated generation memory exceeds what is free."""
+    needed = height * width * bytes_per_pixel * MEMORY_MARGIN
+    if needed <= free_bytes:
+        return None
+    side = int(math.sqrt(free_bytes / (bytes_per_pixel * MEMORY_MARGIN))) // 16 * 16
+    return (f"{height}x{width} needs about {needed / 2**30:.1f} GiB of GPU memory and "
+            f"{free_bytes / 2**30:.1f} GiB is free on this GPU now: ask for fewer pixels "
+            f"(about {side}x{side} fits)")
 
 
 def one_line(exc: BaseException) -> str:
@@ -249,6 +300,8 @@ def create_app(settings: Settings) -> FastAPI:
         if request.height * request.width > MAX_PIXELS:
             return error(422, f"height x width must be at most {MAX_PIXELS} pixels, not "
                               f"{request.height * request.width}")
+        if refusal := service.memory_refusal(loaded, request.height, request.width):
+            return error(422, refusal)
         if not service.admit():
             return error(429, f"the queue is full ({settings.max_queue} waiting behind the one "
                               "generating); retry later",
