@@ -111,7 +111,6 @@ class Service:
     admitted: int = 0  # the request being generated plus those waiting for it
     generated: int = 0
     seconds_per_request: float = 0.0  # the last generation's time, for Retry-After
-    resident_bytes: int = 0  # GPU memory the loaded model holds between generations
     bytes_per_pixel: float = PRIOR_BYTES_PER_PIXEL  # the most a generation has needed
 
     def load(self) -> None:
@@ -121,15 +120,12 @@ class Service:
             args = inference.parse_args(["--model", self.settings.model,
                                          "--fp8", self.settings.fp8])
             loaded = inference.load_pipeline(args)
-            if loaded.device.type == "cuda":
-                import torch
-
-                self.resident_bytes = torch.cuda.memory_allocated(loaded.device)
             if loaded.compiled:
                 side = min(1024, self.max_side(loaded))
+                before = allocated(loaded)
                 _, metrics = inference.generate(loaded, height=side, width=side, seed=0,
                                                 guidance=3.5, **WARM_UP)
-                self.learn(metrics)
+                self.learn(metrics, before)
         except BaseException as exc:  # reported on /health; the process stays up
             traceback.print_exc()
             with self.lock:
@@ -169,20 +165,22 @@ class Service:
         """On the worker thread: one image, as PNG bytes, and its metrics."""
         assert self.loaded is not None
         started = time.perf_counter()
+        before = allocated(self.loaded)
         image, metrics = inference.generate(self.loaded, **request.model_dump())
         png = io.BytesIO()
         image.save(png, format="PNG")
-        self.learn(metrics)
+        self.learn(metrics, before)
         with self.lock:
             self.generated += 1
             self.seconds_per_request = time.perf_counter() - started
         return png.getvalue(), metrics
 
-    def learn(self, metrics: dict[str, Any]) -> None:
-        """A GPU generation's peak memory over the resident model, per pixel: kept if larger."""
+    def learn(self, metrics: dict[str, Any], allocated_before: int) -> None:
+        """A GPU generation's peak memory over what was allocated when it started, per pixel:
+        kept if larger than what earlier ones needed."""
         if not str(metrics.get("peak_mem_kind")).startswith("cuda_max_memory_allocated"):
             return  # a CPU run's peak is the process's RSS: nothing about a GPU
-        used = metrics["peak_mem_gib"] * 2**30 - self.resident_bytes
+        used = metrics["peak_mem_gib"] * 2**30 - allocated_before
         with self.lock:
             self.bytes_per_pixel = max(self.bytes_per_pixel,
                                        used / (metrics["height"] * metrics["width"]))
@@ -228,6 +226,15 @@ class Service:
                            "max_steps": MAX_STEPS, "size_multiple": 16},
             })
         return report
+
+
+def allocated(loaded: inference.Loaded) -> int:
+    """GPU memory this process's tensors hold now (0 on the CPU)."""
+    if loaded.device.type != "cuda":
+        return 0
+    import torch
+
+    return torch.cuda.memory_allocated(loaded.device)
 
 
 def too_large_for(height: int, width: int, bytes_per_pixel: float, free_bytes: int) -> str | None:
