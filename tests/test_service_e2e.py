@@ -9,6 +9,7 @@ own rootless daemon."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import io
 import json
 import select
@@ -16,7 +17,7 @@ import shlex
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import paramiko
@@ -100,6 +101,18 @@ def converge(host: Host) -> dict:
     return {"exit": result.exit_code, "stderr": result.stderr, **json.loads(result.stdout)}
 
 
+@contextlib.contextmanager
+def client_through_ssh(host: Host) -> Iterator[httpx.Client]:
+    """An HTTP client to the service as a member reaches it: her SSH connection's forward."""
+    key = host.sandbox.identity_file.parent / DEMO_MEMBER / "id_ed25519"
+    forward = Forward(host, DEMO_MEMBER, key, PORT)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{forward.port}", timeout=300) as client:
+            yield client
+    finally:
+        forward.close()
+
+
 @pytest.fixture(scope="module")
 def served(make_host) -> Iterator[tuple[Host, dict, httpx.Client]]:
     """`sandbox up` (the demo member, the CPU image's base and wheels), `[service]` added,
@@ -109,11 +122,8 @@ def served(make_host) -> Iterator[tuple[Host, dict, httpx.Client]]:
         inventory.write(SERVICE)
     report = converge(host)
     assert report["exit"] == 0, report["stderr"][-3000:]
-    key = host.sandbox.identity_file.parent / DEMO_MEMBER / "id_ed25519"
-    forward = Forward(host, DEMO_MEMBER, key, PORT)
-    with httpx.Client(base_url=f"http://127.0.0.1:{forward.port}", timeout=300) as client:
+    with client_through_ssh(host) as client:
         yield host, report, client
-    forward.close()
 
 
 def ready(client: httpx.Client, timeout: float = 300) -> dict:
@@ -229,20 +239,28 @@ def test_doctor_checks_the_unit_the_health_and_the_restarts(served) -> None:
     assert found["service health"]["evidence"].startswith("ready: tiny on cpu")
 
 
-def test_a_killed_server_is_restarted_by_systemd(served) -> None:
-    host, _, client = served
+def kill_server_and_await_restart(host: Host, client: httpx.Client,
+                                  in_its_daemon: Callable[[str], tuple[int, str]],
+                                  timeout: float) -> None:
+    """`kill -9` the server's process (its pid asked of the daemon its container runs in),
+    then wait for systemd to count a restart and for /health to answer ready again."""
     ready(client)
     before = int(host.exec("systemctl show -p NRestarts --value sd35-api.service")[1])
-    pid = host.exec("docker inspect --format '{{.State.Pid}}' sd35-api")[1].strip()
+    pid = in_its_daemon("docker inspect --format '{{.State.Pid}}' sd35-api")[1].strip()
     assert pid.isdigit() and pid != "0"
     code, output = host.exec(f"kill -9 {pid}")
     assert code == 0, output
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout
     while int(host.exec("systemctl show -p NRestarts --value sd35-api.service")[1]) == before:
         assert time.monotonic() < deadline, "systemd did not restart the service"
         time.sleep(1)
     assert ready(client)["status"] == "ready"
     assert host.exec("systemctl is-active sd35-api.service")[1].strip() == "active"
+
+
+def test_a_killed_server_is_restarted_by_systemd(served) -> None:
+    host, _, client = served
+    kill_server_and_await_restart(host, client, host.exec, timeout=120)
     restarts = service_checks(host)["service restarts"]
     assert restarts["status"] == "warn" and restarts["evidence"].startswith("1 restart(s)")
 
@@ -280,11 +298,8 @@ def served_rootless(make_host) -> Iterator[tuple[Host, dict, httpx.Client]]:
     host.inventory.write_text(tomlkit.dumps(document))
     switched = converge(host)
     assert switched["exit"] == 0, switched["stderr"][-3000:]
-    key = host.sandbox.identity_file.parent / DEMO_MEMBER / "id_ed25519"
-    forward = Forward(host, DEMO_MEMBER, key, PORT)
-    with httpx.Client(base_url=f"http://127.0.0.1:{forward.port}", timeout=300) as client:
+    with client_through_ssh(host) as client:
         yield host, switched, client
-    forward.close()
 
 
 def test_rootless_switch_moves_the_service_into_the_accounts_own_daemon(served_rootless
@@ -348,18 +363,8 @@ def test_rootless_doctor_and_verify_look_in_the_accounts_daemon(served_rootless,
 
 def test_rootless_killed_server_is_restarted_by_systemd(served_rootless) -> None:
     host, _, client = served_rootless
-    ready(client)
-    before = int(host.exec("systemctl show -p NRestarts --value sd35-api.service")[1])
-    pid = as_service(host, "docker inspect --format '{{.State.Pid}}' sd35-api")[1].strip()
-    assert pid.isdigit() and pid != "0"
-    code, output = host.exec(f"kill -9 {pid}")
-    assert code == 0, output
-    deadline = time.monotonic() + 180
-    while int(host.exec("systemctl show -p NRestarts --value sd35-api.service")[1]) == before:
-        assert time.monotonic() < deadline, "systemd did not restart the service"
-        time.sleep(1)
-    assert ready(client)["status"] == "ready"
-    assert host.exec("systemctl is-active sd35-api.service")[1].strip() == "active"
+    kill_server_and_await_restart(host, client, lambda command: as_service(host, command),
+                                  timeout=180)
     assert as_service(host, "docker ps --format '{{.Names}}'")[1].split() == ["sd35-api"]
     assert host.exec("docker ps -a --filter name=sd35-api -q")[1].strip() == ""
 
