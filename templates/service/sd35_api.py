@@ -19,10 +19,11 @@ Why it is built this way:
   wait, instead of piling up until clients time out.
 - Requests are checked before they reach the GPU: sizes positive multiples of 16 (VAE 8x,
   patch 2) no larger than the model's position-embedding grid (a larger latent cannot be
-  embedded at all), at most MAX_PIXELS pixels, and on a GPU no more than its free memory
-  holds (`memory_refusal`), steps 1..MAX_STEPS, bounded prompts, finite guidance. A failure a
-  request still causes (CUDA out of memory, a diffusers error) answers that request (503 /
-  500, one line) and the process goes on serving: no request can take it down.
+  embedded at all), at most MAX_PIXELS pixels, and on a GPU, when its turn comes, no more
+  than the free memory holds (`memory_refusal`: 422), steps 1..MAX_STEPS, bounded prompts,
+  finite guidance. A failure a request still causes (CUDA out of memory, a diffusers error)
+  answers that request (503 / 500, one line) and the process goes on serving: no request can
+  take it down.
 
 Settings, from the environment (the service's env file): SD35_MODEL (tiny|medium|large or an
 HF id in the shared cache), SD35_FP8 (off|storage|dq), SD35_MAX_QUEUE, SD35_PORT.
@@ -164,6 +165,10 @@ class Service:
     def run(self, request: GenerateRequest) -> tuple[bytes, dict[str, Any]]:
         """On the worker thread: one image, as PNG bytes, and its metrics."""
         assert self.loaded is not None
+        # Here, not when the request arrives: while another generation runs, its activations
+        # hold memory this one will find free when its turn comes.
+        if refusal := self.memory_refusal(self.loaded, request.height, request.width):
+            raise TooLarge(refusal)
         started = time.perf_counter()
         before = allocated(self.loaded)
         image, metrics = inference.generate(self.loaded, **request.model_dump())
@@ -195,8 +200,7 @@ class Service:
 
         free, _total = torch.cuda.mem_get_info(loaded.device)
         # Memory this process's allocator holds but no tensor uses is free for it too.
-        free += (torch.cuda.memory_reserved(loaded.device)
-                 - torch.cuda.memory_allocated(loaded.device))
+        free += torch.cuda.memory_reserved(loaded.device) - allocated(loaded)
         with self.lock:
             per_pixel = self.bytes_per_pixel
         return too_large_for(height, width, per_pixel, free)
@@ -226,6 +230,10 @@ class Service:
                            "max_steps": MAX_STEPS, "size_multiple": 16},
             })
         return report
+
+
+class TooLarge(Exception):
+    """A request the GPU's free memory cannot hold: refused before it runs (a 422)."""
 
 
 def allocated(loaded: inference.Loaded) -> int:
@@ -307,8 +315,6 @@ def create_app(settings: Settings) -> FastAPI:
         if request.height * request.width > MAX_PIXELS:
             return error(422, f"height x width must be at most {MAX_PIXELS} pixels, not "
                               f"{request.height * request.width}")
-        if refusal := service.memory_refusal(loaded, request.height, request.width):
-            return error(422, refusal)
         if not service.admit():
             return error(429, f"the queue is full ({settings.max_queue} waiting behind the one "
                               "generating); retry later",
@@ -317,6 +323,8 @@ def create_app(settings: Settings) -> FastAPI:
         future.add_done_callback(service.release)
         try:
             png, metrics = await asyncio.wrap_future(future)
+        except TooLarge as exc:
+            return error(422, str(exc))
         except Exception as exc:  # one request's failure, never the process's
             traceback.print_exc()
             if type(exc).__name__ == "OutOfMemoryError":
