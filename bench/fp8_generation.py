@@ -275,12 +275,21 @@ def summary_records(runs: list[dict], args: argparse.Namespace, date: str) -> li
     return records
 
 
-def append_records(path: Path, records: list[dict]) -> None:
-    """Append to the JSON list at `path` (created if absent), replacing it atomically."""
-    history = json.loads(path.read_text()) if path.exists() else []
+def read_records(path: Path) -> list[dict]:
+    """The history at `path` (none yet: empty); read before the runs, so a file that is not a
+    list of records stops the bench at once, not after minutes of GPU time."""
+    try:
+        history = json.loads(path.read_text()) if path.exists() else []
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"error: {path} is not JSON ({exc})") from None
     if not isinstance(history, list):
         raise SystemExit(f"error: {path} is not a JSON list of records")
-    write_atomically(path, json.dumps(history + records, indent=2) + "\n")
+    return history
+
+
+def append_records(path: Path, records: list[dict]) -> None:
+    """Append to the JSON list at `path` (created if absent), replacing it atomically."""
+    write_atomically(path, json.dumps(read_records(path) + records, indent=2) + "\n")
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -314,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if "dq" in args.modes and importlib.util.find_spec("torchao") is None:
         log("warning: torchao is not importable: the dq runs will fail (--strict)")
+    records_path = args.records or args.out / "results.json"
+    read_records(records_path)
     args.out.mkdir(parents=True, exist_ok=True)
     own_cache = args.inductor_cache is None
     cache = Path(tempfile.mkdtemp(prefix="inductor-")) if own_cache else args.inductor_cache
@@ -357,7 +368,6 @@ def main(argv: list[str] | None = None) -> int:
         if own_cache:
             shutil.rmtree(cache, ignore_errors=True)
     write_results(records, args, cache)
-    records_path = args.records or args.out / "results.json"
     append_records(records_path, summary_records(records, args, datetime.date.today().isoformat()))
     print((args.out / "results.md").read_text(), file=sys.stderr)
     log(f"wrote {args.out / 'run.json'} and {args.out / 'results.md'}; appended to {records_path}")
