@@ -425,6 +425,21 @@ def test_rows_up_to_the_limit_are_reduced_in_one_pass(
     assert decide(Reduction(2432), True) == default
 
 
+def test_a_torch_whose_heuristic_takes_other_arguments_keeps_its_defaults(
+    inductor_choices: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The heuristic is Inductor's internals: if its arguments change, our override would break
+    compilation, so it is not installed."""
+    from torch._inductor.virtualized import V
+
+    inference = load_workspace_module("inference")
+    monkeypatch.setattr(inductor_choices.InductorChoices, "should_use_persistent_reduction",
+                        staticmethod(lambda features, cooperative, hints: False))  # fmt: skip
+    before = V.choices
+    assert inference.keep_rows_in_registers() is False
+    assert V.choices is before
+
+
 def test_compiling_the_blocks_brings_both_kernel_changes(
     inductor_choices: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

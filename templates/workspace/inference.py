@@ -55,6 +55,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.metadata
+import inspect
 import itertools
 import json
 import os
@@ -626,10 +627,11 @@ def keep_rows_in_registers() -> bool:
     """Have Inductor reduce rows up to PERSISTENT_ROW_LIMIT wide in one pass; False if it cannot.
 
     Uses the hook Inductor documents for its heuristics (a subclass of InductorChoices given to
-    V.set_choices_handler); a torch without it keeps its defaults. The choice changes kernel
-    speed only, never results. It is not in the compile cache's key (torch's keyed variant,
-    config.inductor_choices_class, puts the factory in a pickled, hashed config, where a
-    closure breaks both); caches from before it miss anyway, the sigmoid GELU changed the graph.
+    V.set_choices_handler); a torch without it, or whose heuristic takes other arguments, keeps
+    its defaults. The choice changes kernel speed only, never results. It is not in the compile
+    cache's key (torch's keyed variant, config.inductor_choices_class, puts the factory in a
+    pickled, hashed config, where a closure breaks both); caches from before it miss anyway,
+    the sigmoid GELU changed the graph.
     """
     try:
         from torch._inductor import config as inductor_config
@@ -637,6 +639,9 @@ def keep_rows_in_registers() -> bool:
         from torch._inductor.runtime.hints import ReductionHint
         from torch._inductor.virtualized import V
     except ImportError:
+        return False
+    default = InductorChoices.should_use_persistent_reduction
+    if len(inspect.signature(default).parameters) != 2:  # not (features, cooperative_reduction)
         return False
 
     class RowsInRegisters(InductorChoices):
@@ -651,7 +656,7 @@ def keep_rows_in_registers() -> bool:
                 and int(numel) <= PERSISTENT_ROW_LIMIT
             ):
                 return True
-            return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
+            return default(features, cooperative_reduction)
 
     V.set_choices_handler(RowsInRegisters())
     return True
