@@ -36,6 +36,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the GPU machine runs this from a checkout, provision not installed
+from provision.files import atomic_write  # noqa: E402  (stdlib only: nothing to install there)
+
 INFERENCE = ROOT / "templates" / "workspace" / "inference.py"
 FP8_MODES = ("off", "storage", "dq")
 NEEDED = ("torch", "diffusers", "transformers", "numpy", "PIL", "requests")
@@ -289,14 +292,7 @@ def read_records(path: Path) -> list[dict]:
 
 def append_records(path: Path, records: list[dict]) -> None:
     """Append to the JSON list at `path` (created if absent), replacing it atomically."""
-    write_atomically(path, json.dumps(read_records(path) + records, indent=2) + "\n")
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """A reader (or a run cut short) never sees half a file."""
-    tmp = path.with_name(f"{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write(path, json.dumps(read_records(path) + records, indent=2) + "\n")
 
 
 def write_results(records: list[dict], args: argparse.Namespace, cache: Path) -> None:
@@ -306,8 +302,8 @@ def write_results(records: list[dict], args: argparse.Namespace, cache: Path) ->
         "inductor_cache": str(cache),
         "runs": records,
     }
-    write_atomically(args.out / "run.json", json.dumps(doc, indent=2) + "\n")
-    write_atomically(args.out / "results.md", markdown(records, args))
+    atomic_write(args.out / "run.json", json.dumps(doc, indent=2) + "\n")
+    atomic_write(args.out / "results.md", markdown(records, args))
 
 
 def main(argv: list[str] | None = None) -> int:

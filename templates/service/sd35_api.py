@@ -123,10 +123,7 @@ class Service:
             loaded = inference.load_pipeline(args)
             if loaded.compiled:
                 side = min(1024, self.max_side(loaded))
-                before = allocated(loaded)
-                _, metrics = inference.generate(loaded, height=side, width=side, seed=0,
-                                                guidance=3.5, **WARM_UP)
-                self.learn(metrics, before)
+                self.generate(loaded, height=side, width=side, seed=0, guidance=3.5, **WARM_UP)
         except BaseException as exc:  # reported on /health; the process stays up
             traceback.print_exc()
             with self.lock:
@@ -170,15 +167,20 @@ class Service:
         if refusal := self.memory_refusal(self.loaded, request.height, request.width):
             raise TooLarge(refusal)
         started = time.perf_counter()
-        before = allocated(self.loaded)
-        image, metrics = inference.generate(self.loaded, **request.model_dump())
+        image, metrics = self.generate(self.loaded, **request.model_dump())
         png = io.BytesIO()
         image.save(png, format="PNG")
-        self.learn(metrics, before)
         with self.lock:
             self.generated += 1
             self.seconds_per_request = time.perf_counter() - started
         return png.getvalue(), metrics
+
+    def generate(self, loaded: inference.Loaded, **request: Any) -> tuple[Any, dict[str, Any]]:
+        """`inference.generate`, learning from its peak memory what a pixel needs."""
+        before = allocated(loaded)
+        image, metrics = inference.generate(loaded, **request)
+        self.learn(metrics, before)
+        return image, metrics
 
     def learn(self, metrics: dict[str, Any], allocated_before: int) -> None:
         """A GPU generation's peak memory over what was allocated when it started, per pixel:
