@@ -262,6 +262,7 @@ def summary_records(runs: list[dict], args: argparse.Namespace, date: str) -> li
                 "size": f"{args.width}x{args.height}",
                 "steps": args.steps,
                 "step_ms": step,
+                "step_ms_note": m.get("step_ms_note"),
                 "bf16_eager_step_ms": bf16,
                 "speedup_vs_bf16_eager": round(bf16 / step, 3) if bf16 and step else None,
                 "cosine": similarity.get("cosine"),

@@ -151,6 +151,7 @@ def test_metrics_line_has_the_reported_fields(storage_run: tuple[dict, Path, Pat
     assert (metrics["height"], metrics["width"], metrics["steps"]) == (HEIGHT, WIDTH, 2)
     assert metrics["fp8_linear_layers"] > 0
     assert metrics["step_ms_mean"] > 0 and metrics["peak_mem_gib"] > 0
+    assert metrics["step_ms_note"].endswith("timed by the host's clock")
     assert Path(metrics["output"]) == png
     assert json.loads(metrics_file.read_text()) == metrics
     assert metrics["attention_maps"] is None, "nothing recorded without --attention-maps"
@@ -333,6 +334,49 @@ def test_a_saved_pipeline_loads_through_the_device_map(tmp_path: Path) -> None:
     assert loaded["weights"] == "pretrained" and built["weights"].startswith("random")
     with Image.open(tmp_path / "loaded.png") as a, Image.open(tmp_path / "b.png") as b:
         assert a.tobytes() == b.tobytes()
+
+
+def test_gpu_steps_are_timed_by_events_without_stalling_between_steps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A synchronize at every step idled the H200 while the host launched the next step, a cost
+    of measuring that `--fp8 dq`'s short steps felt most. CI has no GPU, so this checks the
+    decision with stand-ins for torch.cuda's Event, stream and synchronize (written here, not
+    recorded): marks are events on the device's stream, nothing waits until the durations are
+    read, and they come from the events' own clock. The real events ran on the lent H200
+    (bench/results/fp8-h200/)."""
+    import torch
+
+    waits: list[str] = []
+
+    class Event:
+        def __init__(self, enable_timing: bool) -> None:
+            assert enable_timing
+            self.at: float | None = None
+
+        def record(self, stream: str) -> None:
+            assert stream == "stream of cuda:1"
+            self.at = float(len(timer.marks))  # the GPU reaches mark n at n/4 seconds
+
+        def synchronize(self) -> None:
+            waits.append("last event")
+
+        def elapsed_time(self, end: Event) -> float:
+            return (end.at - self.at) * 250.0  # milliseconds
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: f"stream of {device}")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waits.append("device"))
+    inference = load_workspace_module("inference")
+    timer = inference.StepTimer(torch.device("cuda:1"))
+    timer.on_transformer_call(None, ())
+    timer.on_transformer_call(None, ())  # a second transformer call in step 1 marks nothing
+    for step in range(3):
+        assert timer.on_step_end(None, step, None, {"latents": step}) == {"latents": step}
+    assert waits == [], "a step waited for the GPU"
+    assert timer.durations() == [0.25, 0.25, 0.25]
+    assert waits == ["last event"]
+    assert "CUDA events" in timer.clock
 
 
 def test_dq_quantizes_without_torchaos_inductor_tuning(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -44,9 +44,10 @@ steps, guidance, load_s, load_phases_s, first_step_s, step_ms_mean, step_ms_note
 decode_s, total_s, peak_mem_gib, peak_mem_kind, load_peak_mem_gib, transformer_weights_gib,
 transformer_params, latents_shape, attention_maps, output. load_s runs from start to
 ready-to-denoise (library imports, build or load, FP8 conversion; load_phases_s splits it);
-compilation happens in the first step, so first_step_s holds it and step_ms_mean
-(CUDA-synchronised) leaves step 1 out. peak_mem_gib is the CUDA allocator peak during generation
-(load_peak_mem_gib: while loading) on a GPU, the process's max RSS on a CPU.
+compilation happens in the first step, so first_step_s holds it and step_ms_mean (on a GPU
+timed by CUDA events, which do not stall the steps) leaves step 1 out. peak_mem_gib is the CUDA
+allocator peak during generation (load_peak_mem_gib: while loading) on a GPU, the process's max
+RSS on a CPU.
 Exit codes: 0 done, 1 known error (one line on stderr), 2 usage or `--strict` refusal.
 """
 
@@ -676,31 +677,56 @@ def is_fp8_weight(w: torch.Tensor) -> bool:
 
 
 class StepTimer:
-    """Wall time of each denoising step, synchronising CUDA so it is the GPU's time."""
+    """When each denoising step ends, on the device's own timeline.
+
+    On CUDA a mark is an event recorded on the stream and read after the run: synchronising at
+    every step would idle the GPU while the host launches the next step, a cost of measuring,
+    not of the model (the pipeline itself never waits between steps). On the CPU the work is
+    synchronous, and the host's clock is the device's.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.marks: list[float] = []
+        self.marks: list[Any] = []  # CUDA events, or perf_counter seconds on the CPU
+        self.clock = (
+            "timed by CUDA events, no synchronisation between steps"
+            if device.type == "cuda"
+            else "timed by the host's clock"
+        )
 
     def now(self) -> float:
+        """The host's clock once the device has finished what was queued."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
+    def mark(self) -> None:
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record(torch.cuda.current_stream(self.device))
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
     def on_transformer_call(self, _module: torch.nn.Module, _args: Any) -> None:
         """Forward pre-hook: marks the start of the first step only."""
         if not self.marks:
-            self.marks.append(self.now())
+            self.mark()
 
     def on_step_end(
         self, _pipe: Any, _step: int, _timestep: Any, callback_kwargs: dict[str, Any]
     ) -> dict[str, Any]:
         """The pipeline's callback_on_step_end: marks the end of each step."""
-        self.marks.append(self.now())
+        self.mark()
         return callback_kwargs
 
     def durations(self) -> list[float]:
-        return [b - a for a, b in itertools.pairwise(self.marks)]
+        """Seconds between consecutive marks; on CUDA, once the last one has been reached."""
+        if self.device.type != "cuda":
+            return [b - a for a, b in itertools.pairwise(self.marks)]
+        if self.marks:
+            self.marks[-1].synchronize()
+        return [a.elapsed_time(b) / 1000 for a, b in itertools.pairwise(self.marks)]
 
 
 def decode(pipe: StableDiffusion3Pipeline, latents: torch.Tensor) -> Image:
@@ -930,9 +956,9 @@ def generate(
         "first_step_s": round(durations[0], 3) if durations else None,
         "step_ms_mean": round(1000 * sum(measured) / len(measured), 2) if measured else None,
         "step_ms_note": (
-            "mean over steps 2..N; step 1 (compilation, allocator warm-up) excluded"
+            f"mean over steps 2..N; step 1 (compilation, allocator warm-up) excluded; {timer.clock}"
             if len(durations) > 1
-            else "single step: includes warm-up"
+            else f"single step: includes warm-up; {timer.clock}"
         ),
         "denoise_s": round(denoise_s, 3),
         "decode_s": round(decode_s, 3),
