@@ -687,21 +687,22 @@ class StepTimer:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self.on_cuda = device.type == "cuda"
         self.marks: list[Any] = []  # CUDA events, or perf_counter seconds on the CPU
         self.clock = (
             "timed by CUDA events, no synchronisation between steps"
-            if device.type == "cuda"
+            if self.on_cuda
             else "timed by the host's clock"
         )
 
     def now(self) -> float:
         """The host's clock once the device has finished what was queued."""
-        if self.device.type == "cuda":
+        if self.on_cuda:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
     def mark(self) -> None:
-        if self.device.type == "cuda":
+        if self.on_cuda:
             event = torch.cuda.Event(enable_timing=True)
             event.record(torch.cuda.current_stream(self.device))
             self.marks.append(event)
@@ -722,7 +723,7 @@ class StepTimer:
 
     def durations(self) -> list[float]:
         """Seconds between consecutive marks; on CUDA, once the last one has been reached."""
-        if self.device.type != "cuda":
+        if not self.on_cuda:
             return [b - a for a, b in itertools.pairwise(self.marks)]
         if self.marks:
             self.marks[-1].synchronize()
