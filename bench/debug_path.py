@@ -78,12 +78,12 @@ def configuration(launch: Path, name: str) -> dict[str, Any]:
     return found
 
 
-def attention_processor_file() -> Path:
-    """diffusers' attention_processor.py, found without importing diffusers."""
+def diffusers_file(relative: str) -> Path:
+    """A file of diffusers (`models/attention_processor.py`), found without importing it."""
     spec = importlib.util.find_spec("diffusers")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("error: diffusers is not importable here")
-    return Path(spec.submodule_search_locations[0]) / "models" / "attention_processor.py"
+    return Path(spec.submodule_search_locations[0]) / relative
 
 
 def free_port() -> int:
@@ -117,9 +117,12 @@ def debug_run(config: dict[str, Any], args: argparse.Namespace, work: Path,
     Its files in `--out` are named `name`.*."""
     out: Path = args.out
     script = (args.workspace / "inference.py").resolve()
-    processor = attention_processor_file()
+    processor = diffusers_file("models/attention_processor.py")
     attention_line = first_statement_line(processor.read_text(), "JointAttnProcessor2_0",
                                           "__call__")
+    scheduler = diffusers_file("schedulers/scheduling_flow_match_euler_discrete.py")
+    step_line = first_statement_line(scheduler.read_text(), "FlowMatchEulerDiscreteScheduler",
+                                     "step")
     decode_line = next(n for n, text in enumerate(script.read_text().splitlines(), 1)
                        if text.rstrip().endswith(MARKER))
     port = free_port()
@@ -128,6 +131,7 @@ def debug_run(config: dict[str, Any], args: argparse.Namespace, work: Path,
                "--metrics", str(out / f"{name}.json")]
     record: dict[str, Any] = {"config": config["name"], "args": config["args"],
                               "breakpoints": {"attention": f"{processor}:{attention_line}",
+                                              "scheduler": f"{scheduler}:{step_line}",
                                               "decode": f"{script}:{decode_line}"}}
     log(f"{config['name']}: {' '.join(config['args'])}")
     with (out / f"{name}.log").open("w") as log_file, \
@@ -148,10 +152,12 @@ def debug_run(config: dict[str, Any], args: argparse.Namespace, work: Path,
             dap.wait("event", "initialized")
             record["attached_s"] = since()
             dap.request("setExceptionBreakpoints", filters=["uncaught"])  # VS Code's default
-            for path, line in ((processor, attention_line), (script, decode_line)):
+            for path, line in ((processor, attention_line), (scheduler, step_line),
+                               (script, decode_line)):
                 placed = dap.request("setBreakpoints", source={"path": str(path)},
-                                     breakpoints=[{"line": line}])
-                assert placed["breakpoints"][0]["verified"], placed
+                                     breakpoints=[{"line": line}])["breakpoints"][0]
+                # debugpy says where it put it: a moved breakpoint stops somewhere else.
+                assert (placed["verified"], placed["line"]) == (True, line), placed
             dap.request("configurationDone")
 
             stop = dap.wait("event", "stopped")["body"]
@@ -164,16 +170,26 @@ def debug_run(config: dict[str, Any], args: argparse.Namespace, work: Path,
                 context="repl")["result"])
             record["helper"] = {"shape": shape, "max_row_sum_error": worst,
                                 "s": round(time.perf_counter() - asked, 3)}
+            # Removed once hit: they would stop in every block, and every step.
             dap.request("setBreakpoints", source={"path": str(processor)}, breakpoints=[])
             dap.request("continue", threadId=stop["threadId"])
-            record["held_at_attention_s"] = round(since() - record["attention_stop_s"], 2)
+            held = since() - record["attention_stop_s"]
             log(f"attention stop at {record['attention_stop_s']} s ({record['attention_frame']})"
                 f"; helper {record['helper']}")
 
             stop = dap.wait("event", "stopped")["body"]
+            record["scheduler_stop_s"] = since()
+            frame = dap.request("stackTrace", threadId=stop["threadId"])["stackFrames"][0]
+            record["scheduler_frame"] = f"{frame['name']} line {frame['line']}"
+            dap.request("setBreakpoints", source={"path": str(scheduler)}, breakpoints=[])
+            dap.request("continue", threadId=stop["threadId"])
+            held += since() - record["scheduler_stop_s"]
+            record["held_at_stops_s"] = round(held, 2)
+            log(f"scheduler stop at {record['scheduler_stop_s']} s ({record['scheduler_frame']})")
+
+            stop = dap.wait("event", "stopped")["body"]
             record["decode_stop_s"] = since()
-            record["decode_stop_running_s"] = round(
-                record["decode_stop_s"] - record["held_at_attention_s"], 2)
+            record["decode_stop_running_s"] = round(record["decode_stop_s"] - held, 2)
             frame = dap.request("stackTrace", threadId=stop["threadId"])["stackFrames"][0]
             record["decode_frame"] = f"{frame['name']} line {frame['line']}"
             record["latents_shape"] = dap.request(
@@ -236,6 +252,11 @@ def checks(records: dict[str, Any]) -> list[tuple[str, str, bool]]:
             value = median(runs, key)
             found.append((f"median {key} <= {limit:g} s", f"{value} s ({len(runs)} launches)",
                           value is not None and value <= limit))
+        frames = {(r.get("attention_frame", "").split(" line")[0],
+                   r.get("scheduler_frame", "").split(" line")[0],
+                   r.get("decode_frame", "").split(" line")[0]) for r in runs}
+        found.append(("every breakpoint stops where set (attention, scheduler step, decode)",
+                      f"frames: {sorted(frames)}", frames == {("__call__", "step", "decode")}))
         compiled = [r.get("metrics", {}).get("compiled") for r in runs]
         found.append(("not compiled under the debugger", f"compiled: {compiled}",
                       all(c is False for c in compiled)))
@@ -262,28 +283,32 @@ def markdown(records: dict[str, Any], launch: Path) -> str:
         f"- configurations from {launch.name}; weights: {first.get('weights')}; "
         f"text encoders: {first.get('text_encoders')}",
         "- times in seconds from the launch of the process (debugpy's included); `held`: how "
-        "long the client kept the program at the attention stop (helper call, continue)",
+        "long the client kept the program at the attention and scheduler stops (helper call, "
+        "continue)",
         "",
     ]
     if runs:
         lines += [
             f"## {runs[0]['config']}: `{' '.join(runs[0]['args'])}`",
             "",
-            "| launch | attached | first stop in attention | held | stop before decode "
-            "| decode stop less held | exit | load s | first step s | ms/step | compiled |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| launch | attached | first stop in attention | stop in scheduler step | held "
+            "| stop before decode | decode stop less held | exit | load s | first step s "
+            "| ms/step | compiled |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for n, r in enumerate(runs, 1):
             m = r.get("metrics", {})
             lines.append(
                 f"| {n} | {r.get('attached_s')} | {r.get('attention_stop_s')} "
-                f"| {r.get('held_at_attention_s')} | {r.get('decode_stop_s')} "
+                f"| {r.get('scheduler_stop_s')} | {r.get('held_at_stops_s')} "
+                f"| {r.get('decode_stop_s')} "
                 f"| {r.get('decode_stop_running_s')} | {r.get('exit_s')} | {m.get('load_s')} "
                 f"| {m.get('first_step_s')} | {m.get('step_ms_mean')} | {m.get('compiled')} |"
             )
         lines.append(
             f"| median | {median(runs, 'attached_s')} | {median(runs, 'attention_stop_s')} "
-            f"| {median(runs, 'held_at_attention_s')} | {median(runs, 'decode_stop_s')} "
+            f"| {median(runs, 'scheduler_stop_s')} | {median(runs, 'held_at_stops_s')} "
+            f"| {median(runs, 'decode_stop_s')} "
             f"| {median(runs, 'decode_stop_running_s')} | {median(runs, 'exit_s')} | | | | |"
         )
         last = runs[-1]

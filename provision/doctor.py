@@ -14,13 +14,12 @@ from dataclasses import asdict, dataclass
 from provision.connection import Connection
 from provision.errors import InventoryError
 from provision.facts import HostFacts, gather_facts, split_sections
+from provision.gpu_access import CDI_SPEC, gpu_run_args, host_gpu_path
 from provision.image import image_tag
 from provision.inventory import SERVICE_NAME, Inventory, Member
 from provision.render import render_workspace
 from provision.steps.hf_cache import wanted_acl
 from provision.steps.nvidia import (
-    CDI_KIND,
-    CDI_SPEC,
     FP8_TENSOR_CORES,
     PROOF_IMAGE,
     ROOTLESS_GPU_REMEDY,
@@ -90,8 +89,9 @@ class Check:
 
 
 def probe_script(inventory: Inventory, members: tuple[Member, ...], image: str | None,
-                 gpu: bool) -> str:
-    """One script: per member docker access and cache writes, then the GPU and image probes."""
+                 gpu_args: list[str]) -> str:
+    """One script: per member docker access and cache writes, then the GPU and image probes
+    (`gpu_args`: how a container gets every GPU of the host, `gpu_access`; empty: no GPU)."""
     cache = shlex.quote(inventory.defaults.cache_dir)
     lines = ["sec() { printf '\\n@@@provision:%s\\n' \"$1\"; }"]
     for member in members:
@@ -115,13 +115,11 @@ def probe_script(inventory: Inventory, members: tuple[Member, ...], image: str |
                       # Apart: Docker < 25 knows no such field and would fail the line above.
                       f"sec cdi-{name}",
                       _as(name, "docker info --format '{{json .CDISpecDirs}}'")]
-    # Rootless: her daemon has no nvidia runtime; her GPUs are CDI devices (steps/nvidia.py).
-    gpus = ("" if not gpu else f"--device={CDI_KIND}=all " if inventory.defaults.rootless
-            else "--gpus all ")
+    gpus = "".join(f"{shlex.quote(arg)} " for arg in gpu_args)
     # Rootless: the team image lives in the member's own daemon, not in the system one.
     docker = (f"runuser -u {members[0].name} -- docker" if inventory.defaults.rootless
               and members else "docker")
-    if gpu:
+    if gpu_args:
         lines += ["sec gpu-container",
                   f"{docker} run --rm {gpus}{PROOF_IMAGE} nvidia-smi -L 2>&1; "
                   "echo \"exit=$?\""]
@@ -425,7 +423,9 @@ def run_doctor(conn: Connection, inventory: Inventory, members: tuple[Member, ..
     facts = gather_facts(conn, inventory, (*settings_paths.values(), *rootless_paths(inventory)))
     if image is None and members:
         image = verify_image(facts, inventory, members[0])
-    probe = conn.run(probe_script(inventory, members, image, bool(facts.nvidia.gpus)),
+    gpu_args = gpu_run_args("all", host_gpu_path(facts, rootless=inventory.defaults.rootless)
+                            ) if facts.nvidia.gpus else []
+    probe = conn.run(probe_script(inventory, members, image, gpu_args),
                      what="doctor probe", check=False)
     settings = {name: facts.text(path) for name, path in settings_paths.items()}
     return checks(facts, probe.stdout, inventory, members, min_free_gb, settings)

@@ -7,25 +7,13 @@ pin stops here, before any file or image exists.
 
 Decisions a reader would otherwise have to rediscover:
 
-- GPUs reach the container through `runArgs` only: `--gpus=all`, `--gpus="device=1,2"` (quoted:
-  Docker reads the value as CSV, so a bare `device=1,2` splits), nothing for "none". The
-  container then sees exactly her GPUs, numbered from 0, so CUDA_VISIBLE_DEVICES inside it (the
-  debug launch) is "0,1" for gpus "1,2": the host's indexes would pick another GPU, or none.
-- Rootless (docker_mode = "rootless"): a member's own daemon has no nvidia runtime, and `--gpus`
-  would need the toolkit's global `no-cgroups`, which breaks the rootful daemon; her GPUs come
-  as CDI devices instead, `--device=nvidia.com/gpu=all` or one `--device=nvidia.com/gpu=N` per
-  GPU (the names `nvidia-ctk cdi generate` gives; the nvidia step writes the spec and turns CDI
-  on in her daemon, and says when her Docker is too old for it). The container sees the same
-  GPUs, numbered from 0, as with `--gpus`.
-- `hostRequirements.gpu` is `true` for gpus "all" only, and never in rootless mode: the CLI looks
-  for the nvidia runtime, which her daemon does not have, and would append `--gpus all` if it
-  found one. When the Dev Containers CLI detects the
-  nvidia runtime it appends `--gpus all` after `runArgs`, and Docker adds device requests up
-  (the last NVIDIA_VISIBLE_DEVICES wins), so on a member with specific GPUs it would hand her
-  every GPU. `"optional"` is broken in some VS Code paths (vscode-remote-release #9385, #10124)
-  and silences the warning when no GPU runtime is found, so `true` it is. `--gpus=all` stays in
-  `runArgs` too: the CLI only detects a GPU when the nvidia runtime is registered in `docker
-  info`, and `--gpus` works without that.
+- GPUs reach the container through `runArgs` only, as CDI devices (`--device=nvidia.com/gpu=N`)
+  or, on a rootful Docker older than 25, the nvidia runtime asked for the same CDI names
+  (`provision.gpu_access`, which says why not `--gpus`). The container then sees exactly her
+  GPUs, numbered from 0, so CUDA_VISIBLE_DEVICES inside it (the debug launch) is "0,1" for gpus
+  "1,2": the host's indexes would pick another GPU, or none.
+- No `hostRequirements.gpu`: with it, the Dev Containers CLI appends `--gpus all` whenever the
+  daemon lists an nvidia runtime, which would hand her every GPU (gpu_access again).
 - The Hugging Face token never enters the shared cache: HF_TOKEN_PATH points into her own
   `~/.config/huggingface` (0700 on the host, made by the hf-cache step, where her login shells
   keep the token too), bind-mounted into the container; one `hf auth login` serves both.
@@ -52,10 +40,10 @@ from urllib.parse import urlsplit
 from provision.errors import InventoryError
 from provision.facts import HostFacts
 from provision.files import atomic_write
+from provision.gpu_access import container_cuda_devices, gpu_run_args, host_gpu_path
 from provision.inventory import Inventory, Member
 from provision.models import debug_model
 from provision.steps.hf_cache import CACHE_LINK, TOKEN_DIR
-from provision.steps.nvidia import CDI_KIND
 from provision.target import Target
 from provision.templating import raw, render
 from provision.versions import PYPI_INDEX, PYTORCH_INDEX, ImageSpec, host_image, resolve_image
@@ -100,7 +88,7 @@ def render_workspace(inventory: Inventory, member: Member, *, host_alias: str | 
     (else the target's alias) names the container after where it runs. `image` is the image
     for the host's driver (`resolve_image(inventory.image, driver)`); None: for no particular
     host, the defaults. `facts`, when the host was read, choose the model her launch.json runs
-    (its cached weights, her GPU's memory).
+    (its cached weights, her GPU's memory) and how her GPUs reach the container (its Docker).
     """
     image = image or resolve_image(inventory.image)
     where = host_alias or (target.alias if target else None)
@@ -145,10 +133,10 @@ def workspace_context(inventory: Inventory, member: Member, image: ImageSpec, *,
         # Offline, pip sees only the wheelhouse copied into the build context.
         "pip_source": f"--no-index --find-links /{Path(WHEELHOUSE).name}" if image.wheelhouse
         else pip_indexes(torch_index, inventory.mirrors.pypi or PYPI_INDEX),
-        "run_args": [*gpu_run_args(member.gpus, rootless=rootless), f"--shm-size={SHM_SIZE}",
+        "run_args": [*gpu_run_args(member.gpus, host_gpu_path(facts, rootless=rootless)),
+                     f"--shm-size={SHM_SIZE}",
                      *([f"--group-add={cache_gid}"] if cache_gid is not None and not rootless
                        else [])],
-        "gpu_required": member.gpus == "all" and not rootless,
         "on_gpu": on_gpu,
         "cache_dir": inventory.defaults.cache_dir,
         "hf_home": f"{container_home}/{CACHE_LINK}",
@@ -175,23 +163,6 @@ def pip_indexes(torch_index: str, pypi_index: str) -> str:
                     if url.startswith("http://")})
     return " ".join([f"--index-url {torch_index}", f"--extra-index-url {pypi_index}",
                      *(f"--trusted-host {host}" for host in plain)])
-
-
-def gpu_run_args(gpus: str, *, rootless: bool) -> list[str]:
-    """The member's `gpus` as Docker's --gpus flag, or as CDI devices for her own rootless
-    daemon (see the module docstring)."""
-    if gpus == "none":
-        return []
-    if rootless:
-        return [f"--device={CDI_KIND}={gpu}" for gpu in gpus.split(",")]
-    return ["--gpus=all"] if gpus == "all" else [f'--gpus="device={gpus}"']
-
-
-def container_cuda_devices(gpus: str) -> str | None:
-    """CUDA_VISIBLE_DEVICES inside her container, which numbers her GPUs from 0; None: all."""
-    if gpus == "all":
-        return None
-    return "" if gpus == "none" else ",".join(str(i) for i in range(gpus.count(",") + 1))
 
 
 def ssh_config_block(inventory: Inventory, member: Member, host_alias: str, target: Target,

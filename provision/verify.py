@@ -27,10 +27,11 @@ from provision.changes import as_member
 from provision.connection import Connection
 from provision.errors import InventoryError, ProvisionError, RemoteCommandFailed
 from provision.facts import HostFacts, gather_facts, split_sections
+from provision.gpu_access import gpu_run_args, host_gpu_path
 from provision.image import ROOT, build_script, image_tag, upload_script
 from provision.inventory import Inventory, Member
 from provision.models import cached_weights, debug_model
-from provision.render import INFERENCE, gpu_run_args, render_for_host
+from provision.render import INFERENCE, SHM_SIZE, render_for_host
 from provision.versions import host_image, resolve_image
 
 GPU_DEFAULTS = {"height": 1024, "width": 1024, "steps": 28}
@@ -105,10 +106,10 @@ def run_script(inventory: Inventory, member: Member, facts: HostFacts, files: di
     cache = shlex.quote(inventory.defaults.cache_dir)
     cache_gid = facts.groups[inventory.defaults.cache_group].gid
     gpus = " ".join(shlex.quote(a) for a in gpu_run_args(
-        member.gpus, rootless=bool(place.member))) if on_gpu else ""
+        member.gpus, host_gpu_path(facts, rootless=bool(place.member)))) if on_gpu else ""
     user = ("--user 0:0 " if place.member else
             f"--user {account.uid}:{account.gid} --group-add {cache_gid} ")
-    docker = (f"docker run --rm {gpus} --shm-size=16g {user}"
+    docker = (f"docker run --rm {gpus} --shm-size={SHM_SIZE} {user}"
               f"-e HOME=/work -e HF_HUB_OFFLINE=1 "
               f"-e HF_HOME=/hf -e TORCHINDUCTOR_CACHE_DIR=/work/.cache/torchinductor "
               f"-v {cache}:/hf -v {work}:/work -w /work {tag}")
@@ -119,7 +120,11 @@ def run_script(inventory: Inventory, member: Member, facts: HostFacts, files: di
               + f"cp {work}.src/{INFERENCE} {work}/{INFERENCE}\nrm -rf {work}.src\n"
               + ("" if place.member else f"chown -R {account.uid}:{account.gid} {work}\n"))
     for mode in dict.fromkeys((fp8, "off")):
-        script += (f"{docker} python {INFERENCE} {args} --fp8 {mode} --output {mode}.png "
+        # The FP8 run compiles (what dq, the Run configuration and the service do), on a CPU
+        # too: the image must hold what Inductor needs (a C/C++ compiler, Python's headers).
+        compile_flag = " --compile" if mode == fp8 else ""
+        script += (f"{docker} python {INFERENCE} {args} --fp8 {mode}{compile_flag} "
+                   f"--output {mode}.png "
                    f"--metrics {mode}.json >/dev/null 2>{work}/{mode}.log || "
                    f"{{ tail -n 5 {work}/{mode}.log >&2; exit 4; }}\n"
                    f"printf '@@@provision:run-{mode}\\n'; cat {work}/{mode}.json; echo\n")
@@ -167,6 +172,7 @@ def verify(conn: Connection, inventory: Inventory, member: Member, *, model: str
         raise RemoteCommandFailed(f"{conn.name}: inference.py failed in {tag}: {result.tail()}",
                                   logs, detail=result.output())
     report.runs, comparison = read_runs(result.stdout, f"{conn.name}: {logs}")
+    require_compiled(report.runs[fp8], f"{conn.name}: {logs}")
     report.comparison = {**comparison, **_ratios(report.runs, fp8)}
     report.png = str(_fetch_png(conn, member, fp8, out, place))
     return report
@@ -188,6 +194,16 @@ def read_runs(stdout: str, logs: str) -> tuple[dict[str, dict[str, Any]], dict[s
         reason = f"a section is not JSON: {exc}"
     raise RemoteCommandFailed(f"the generation's report could not be read ({reason})", logs,
                               detail=stdout)
+
+
+def require_compiled(run: dict[str, Any], logs: str) -> None:
+    """The FP8 run was asked to compile: one that ran eager instead proves nothing about the
+    compiled path the Run configuration and the service take, so verify fails, loudly."""
+    if run.get("compiled") is not True:
+        raise RemoteCommandFailed(
+            f"the --fp8 {run.get('fp8_applied')} run was not compiled "
+            f"({run.get('compile_skipped_reason') or 'inference.py reports compiled: false'})",
+            logs)
 
 
 def _ratios(runs: dict[str, dict[str, Any]], fp8: str) -> dict[str, Any]:

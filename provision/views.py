@@ -142,7 +142,8 @@ def verify_table(report: VerifyReport) -> Table:
     for label, key in (("device", "device"), ("gpu", "gpu"), ("compute capability",
                        "compute_capability"), ("torch", "torch"), ("diffusers", "diffusers"),
                        ("model", "model"), ("FP8 applied", "fp8_applied"),
-                       ("ms per step", "step_ms_mean"), ("total s", "total_s"),
+                       ("compiled", "compiled"), ("ms per step", "step_ms_mean"),
+                       ("total s", "total_s"),
                        ("peak GiB", "peak_mem_gib"), ("weights GiB", "transformer_weights_gib"),
                        ("latents", "latents_shape")):
         if key in first:

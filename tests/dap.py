@@ -77,8 +77,17 @@ ATTENTION_HELPER_CHECK = (
 
 
 def first_statement_line(source: str, cls: str, method: str) -> int:
-    """Line of the first statement of `cls.method` in `source`, after any docstring: where a
-    breakpoint "in" that method goes (a `def` line only stops once, when it is defined)."""
+    """Where a breakpoint "in" `cls.method` of `source` goes: its first statement after any
+    docstring (a `def` line only stops once, when it is defined), at the first line of it that
+    holds code on every CPython.
+
+    For a statement whose header spans lines, that is where its condition (or iterable,
+    value, context manager) starts, not the `if (` line: from Python 3.12 no instruction is
+    emitted there, and debugpy moves a breakpoint on a line without code up to the previous
+    line with code in the file (pydevd_api.py, add_breakpoint with adjust_line) - for
+    diffusers' `FlowMatchEulerDiscreteScheduler.step` its signature, which runs once, when the
+    class is made at import, never in `step` (seen on 3.12 and 3.13, debugpy 1.8.22).
+    """
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ClassDef) and node.name == cls:
             for item in node.body:
@@ -86,5 +95,10 @@ def first_statement_line(source: str, cls: str, method: str) -> int:
                     body = item.body
                     docstring = (isinstance(body[0], ast.Expr)
                                  and isinstance(body[0].value, ast.Constant))
-                    return body[1 if docstring else 0].lineno
+                    statement = body[1 if docstring else 0]
+                    header = (getattr(statement, "test", None) or getattr(statement, "iter", None)
+                              or getattr(statement, "value", None)
+                              or next((i.context_expr for i in getattr(statement, "items", ())),
+                                      None))
+                    return (header or statement).lineno
     raise LookupError(f"no {cls}.{method} in the source")

@@ -74,13 +74,14 @@ def local_image() -> str:
         raise
 
 
-# The GPU requests each member's container must get, even when the CLI believes a GPU runtime
-# is there (--gpu-availability all) and so acts on hostRequirements.gpu.
-GPU_REQUESTS = {"alice": {'"device=0"'}, "bob": {'"device=1,2"'}, "carol": set(),
-                "dan": {"all"}}
+# The CDI devices each member's container must get (gpu_access), and no --gpus even when the
+# CLI believes a GPU runtime is there (--gpu-availability all): it adds `--gpus all` only for
+# hostRequirements.gpu, which the rendered file never sets.
+GPU_DEVICES = {"alice": {"nvidia.com/gpu=0"}, "bob": {"nvidia.com/gpu=1", "nvidia.com/gpu=2"},
+               "carol": set(), "dan": {"nvidia.com/gpu=all"}}
 
 
-@pytest.mark.parametrize("member", list(GPU_REQUESTS))
+@pytest.mark.parametrize("member", list(GPU_DEVICES))
 def test_the_cli_gives_the_container_exactly_her_gpus(member: str, local_image: str,
                                                       tmp_path: Path) -> None:
     """The rendered devcontainer.json with a local image in place of the build, brought up with
@@ -102,9 +103,10 @@ def test_the_cli_gives_the_container_exactly_her_gpus(member: str, local_image: 
     runs = [ln for ln in (done.stdout + done.stderr).splitlines() if "Start: Run: docker run" in ln]
     assert runs, done.stdout[-2000:] + done.stderr[-2000:]
     words = shlex.split(runs[0].split("Start: Run: ", 1)[1], posix=False)
-    requests = {w.removeprefix("--gpus=") for w in words if w.startswith("--gpus=")}
-    requests |= {after for before, after in itertools.pairwise(words) if before == "--gpus"}
-    assert requests == GPU_REQUESTS[member], runs[0]
+    assert not [w for w in words if w.startswith("--gpus")], runs[0]
+    devices = {w.removeprefix("--device=") for w in words if w.startswith("--device=")}
+    devices |= {after for before, after in itertools.pairwise(words) if before == "--device"}
+    assert devices == GPU_DEVICES[member], runs[0]
 
 
 def _remove_containers(folder: Path) -> None:

@@ -343,6 +343,7 @@ def test_paths_daemon_json_present_state_missing() -> None:
     assert (daemon.kind, daemon.owner, daemon.group, daemon.mode, daemon.target) == (
         "file", "root", "root", "644", "")
     assert json.loads(f.text(DAEMON_JSON) or "") == {
+        "features": {"cdi": True},
         "runtimes": {"nvidia": {"args": [], "path": "nvidia-container-runtime"}}}
     assert f.state == {}
 

@@ -215,8 +215,9 @@ def test_docker_keeps_an_installed_engine_and_merges_daemon_json(team: Inventory
     assert change.restarts_docker and "systemctl restart docker" in restart.command
 
 
-def test_nvidia_toolkit_from_nvidias_repository_then_runtime(team: Inventory) -> None:
-    repo, install, runtime = nvidia.plan(facts_of("ubuntu-24.04-h100.synthesized"), team)
+def test_nvidia_toolkit_from_nvidias_repository_then_cdi_spec_and_runtime(team: Inventory) -> None:
+    repo, install, spec, runtime = nvidia.plan(facts_of("ubuntu-24.04-h100.synthesized"), team)
+    assert "nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml" in spec.script()
     script = repo.script() + install.script()
     assert ('curl -fsSL https://nvidia.github.io/libnvidia-container/gpgkey -o "$backup/key.new"'
             in script)
@@ -241,7 +242,7 @@ def test_nvidia_on_a_ready_host_changes_nothing_and_proves_all_gpus(team: Invent
     facts = facts_of("ubuntu-22.04-h100.synthesized")
     assert nvidia.plan(facts, team) == [] and nvidia.notes(facts, team) == []
     proof = nvidia.proof(facts, team)
-    assert "docker run --rm --gpus all" in proof.script
+    assert "docker run --rm --device=nvidia.com/gpu=all " in proof.script  # Docker 27: CDI
     uuids = [g.uuid for g in facts.nvidia.gpus]
     assert proof.check("\n".join(reversed(uuids)) + "\n") is None
     assert "sees" in proof.check(uuids[0] + "\n")
@@ -393,7 +394,7 @@ def test_docker_from_a_mirror_with_a_key_file(team: Inventory) -> None:
 
 def test_nvidia_from_a_mirror_fetches_the_mirrors_key(team: Inventory) -> None:
     mirrored = with_mirrors(team, nvidia_apt="https://mirror.example/libnvidia-container")
-    repo, _, _ = nvidia.plan(facts_of("ubuntu-24.04-h100.synthesized"), mirrored)
+    repo, *_ = nvidia.plan(facts_of("ubuntu-24.04-h100.synthesized"), mirrored)
     script = repo.script()
     assert "curl -fsSL https://mirror.example/libnvidia-container/gpgkey" in script
     (sources,) = [a for a in repo.actions if isinstance(a, WriteFile)]

@@ -120,25 +120,25 @@ def test_the_vendored_schema_rejects_what_the_cli_would() -> None:
         assert not validator.is_valid({**config, **broken}), broken
 
 
-# gpus -> (--gpus run args, hostRequirements, CUDA_VISIBLE_DEVICES in the debug launch)
+# gpus -> (GPU run args: CDI devices for a host not read, CUDA_VISIBLE_DEVICES in the debug launch)
 GPU_CASES = {
-    "alice": (['--gpus="device=0"'], None, "0"),
-    "bob": (['--gpus="device=1,2"'], None, "0,1"),  # the container numbers her GPUs from 0
-    "carol": ([], None, ""),
-    "dan": (["--gpus=all"], {"gpu": True}, None),
+    "alice": (["--device=nvidia.com/gpu=0"], "0"),
+    "bob": (["--device=nvidia.com/gpu=1", "--device=nvidia.com/gpu=2"], "0,1"),  # numbered from 0
+    "carol": ([], ""),
+    "dan": (["--device=nvidia.com/gpu=all"], None),
 }
 
 
 @pytest.mark.parametrize("member", MEMBERS, ids=lambda m: f"{m.name}-gpus-{m.gpus}")
-def test_gpus_become_run_args_host_requirements_and_launch_env(member: Member) -> None:
-    gpu_args, requirements, visible = GPU_CASES[member.name]
+def test_gpus_become_cdi_run_args_and_launch_env_never_host_requirements(member: Member) -> None:
+    gpu_args, visible = GPU_CASES[member.name]
     config = as_json(member, ".devcontainer/devcontainer.json")
     _, gid = HOSTS[member.name]
     group = [f"--group-add={gid}"] if gid is not None else []
     assert config["runArgs"] == [*gpu_args, "--shm-size=16g", *group]
-    # Only for "all": the CLI appends --gpus all when it sees a GPU runtime, which would widen
-    # a member's own GPUs to every GPU.
-    assert config.get("hostRequirements") == requirements
+    # The CLI appends --gpus all when it sees an nvidia runtime and hostRequirements.gpu is
+    # set: every GPU for a member assigned one, and no container where only CDI works.
+    assert "hostRequirements" not in config
     for launch in as_json(member, ".vscode/launch.json")["configurations"][:2]:
         assert launch.get("env", {}).get("CUDA_VISIBLE_DEVICES") == visible
 

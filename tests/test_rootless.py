@@ -351,7 +351,10 @@ def test_a_spec_for_the_running_driver_is_kept_and_a_stale_one_generated_again()
 def test_debians_docker_io_gives_rootless_members_no_gpu_and_says_so() -> None:
     facts = gpu_host("docker.io", "20.10.24+dfsg1-1+deb12u1")
     changes = nvidia.plan(facts, rootless_inventory())
-    assert not [c for c in changes if "CDI" in c.summary]
+    # The spec is for the system daemon's nvidia runtime (gpu_access); her daemon gets nothing.
+    assert [c.summary for c in changes if "CDI" in c.summary] == [
+        f"{nvidia.CDI_SPEC}: the GPUs as CDI devices (nvidia.com/gpu=N), generated for "
+        "containers' GPUs"]
     note = " ".join(nvidia.notes(facts, rootless_inventory()))
     assert "members' containers get NO GPU: Docker 20.10 cannot hand GPUs to a rootless " \
            "daemon" in note
@@ -363,11 +366,14 @@ def test_debians_docker_io_gives_rootless_members_no_gpu_and_says_so() -> None:
     assert 'docker_source = "docker-ce"' in found["alice's GPU runtime"].remedy
 
 
-def test_the_rootful_daemon_keeps_its_nvidia_runtime_and_gets_no_cdi_changes() -> None:
+def test_the_rootful_daemon_keeps_its_nvidia_runtime_and_no_member_daemon_changes() -> None:
     facts = gpu_host("docker-ce", "5:28.5.1-1~ubuntu.24.04~noble")
     plan = summaries(nvidia.plan(facts, inventory_in("rootful")))
     assert any("register the nvidia runtime" in s for s in plan)
-    assert not [s for s in plan if "CDI" in s]
+    # The spec (every container's GPUs come through it); CDI is on by default from 28.2.
+    assert [s for s in plan if "CDI" in s or "cdi" in s] == [
+        f"{nvidia.CDI_SPEC}: the GPUs as CDI devices (nvidia.com/gpu=N), generated for "
+        "containers' GPUs"]
     assert not [n for n in nvidia.notes(facts, inventory_in("rootful")) if "rootless" in n]
 
 
@@ -381,7 +387,7 @@ def test_doctor_passes_her_gpu_check_when_her_daemon_reads_etc_cdi() -> None:
     assert found["alice's GPU runtime"].status == "pass"
     off = {c.name: c for c in doctor.checks(facts, PROBE, inventory, members, 1, {})}
     assert off["alice's GPU runtime"].status == "fail"
-    script = doctor.probe_script(inventory, members, "img", gpu=True)
+    script = doctor.probe_script(inventory, members, "img", ["--device=nvidia.com/gpu=all"])
     assert "run --rm --device=nvidia.com/gpu=all ubuntu:24.04 nvidia-smi -L" in script
     assert "--gpus" not in script
 
@@ -403,4 +409,4 @@ def test_the_rootless_devcontainer_asks_for_her_gpus_as_cdi_devices(gpus, device
     rootful = json.loads(render_workspace(inventory_in("rootful"), member, host_alias="box",
                                           target=None, cache_gid=None)[
         ".devcontainer/devcontainer.json"])
-    assert not [a for a in rootful["runArgs"] if a.startswith("--device")]
+    assert rootful["runArgs"] == [*devices, "--shm-size=16g"]  # the same CDI devices

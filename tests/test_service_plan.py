@@ -136,7 +136,7 @@ def test_gpus_bind_and_model_reach_the_unit_on_the_h200(tmp_path: Path) -> None:
     files = {a.path: a.content for c in changes for a in c.actions if isinstance(a, WriteFile)}
     unit = files["/etc/systemd/system/sd35-api.service"]
     assert "--publish [::1]:7860:8000" in unit
-    assert "'--gpus=\"device=1,2\"'" in unit  # one word for systemd, CSV-quoted for docker
+    assert " --device=nvidia.com/gpu=1 --device=nvidia.com/gpu=2 " in unit  # CDI, as a member's
     # No model given: what the GPU holds, as for a member (no SD3.5 weights cached there).
     assert "SD35_MODEL=large\n" in files["/etc/sd35-api/env"]
 
@@ -192,7 +192,7 @@ def test_doctor_has_no_service_checks_without_a_service_table(tmp_path: Path) ->
     from provision.doctor import checks, probe_script
 
     inv = parse_inventory({}, tmp_path / "provision.toml")
-    assert "sd35-api" not in probe_script(inv, (), None, False)
+    assert "sd35-api" not in probe_script(inv, (), None, [])
     names = [c.name for c in checks(facts_of(SANDBOX), "\n@@@provision:end\n", inv, (), 1.0,
                                     {})]
     assert not [n for n in names if n.startswith("service")]
@@ -401,8 +401,8 @@ def test_facts_read_the_service_accounts_daemon_and_its_images() -> None:
 def test_rootless_doctor_asks_the_accounts_daemon_for_the_health() -> None:
     from provision.doctor import probe_script
 
-    script = probe_script(rootless_inventory(), (), None, False)
+    script = probe_script(rootless_inventory(), (), None, [])
     health = script.split("sec service-health\n")[1].split("\nsec ")[0]
     assert health.startswith("{ runuser -u sd35-api -- ") and "docker exec sd35-api" in health
-    rootful = probe_script(as_rootful(rootless_inventory()), (), None, False)
+    rootful = probe_script(as_rootful(rootless_inventory()), (), None, [])
     assert "{ docker exec sd35-api python -c " in rootful

@@ -107,15 +107,17 @@ def test_reopen_in_container_with_the_official_cli(workstation) -> None:
     assert shared.exists and shared.user == DEMO_MEMBER and shared.group == "hfcache"
 
 
-def test_f5_stops_in_attention_and_before_the_decode_and_a_change_is_decoded(
+def test_f5_stops_in_attention_the_scheduler_and_before_the_decode_and_a_change_is_decoded(
         workstation, verified) -> None:
     """The seed's debug path as VS Code runs it: inference.py under debugpy in the team image
     with the rendered "Debug SD3.5 FP8" arguments plus `--compile` (which the debugger must
     overrule), the debug port reached through SSH as Remote-SSH forwards it. A breakpoint in
     diffusers' JointAttnProcessor2_0.__call__ hits (nothing was compiled) and the workspace's
-    attention helper gives rows summing to 1 over the image tokens; at the one before the VAE
-    decode `latents` is [1, 16, H/8, W/8], and zeros set from the debug console are what the
-    VAE decodes. The same arguments with --attention-maps write one PNG per prompt token."""
+    attention helper gives rows summing to 1 over the image tokens; one in the scheduler's
+    `step` hits (the seed steps into it; test_debugger_pythons covers 3.12+); at the one before
+    the VAE decode `latents` is [1, 16, H/8, W/8], and zeros set from the debug console are
+    what the VAE decodes. The same arguments with --attention-maps write one PNG per prompt
+    token."""
     host, keys = workstation
     workspace = f"/home/{DEMO_MEMBER}/sd35-fp8"
     image = verified["image"]
@@ -132,9 +134,13 @@ def test_f5_stops_in_attention_and_before_the_decode_and_a_change_is_decoded(
                            "print(u.find_spec('diffusers').submodule_search_locations[0])\"")
     assert code == 0, site
     processor = f"{site.strip()}/models/attention_processor.py"
+    scheduler = f"{site.strip()}/schedulers/scheduling_flow_match_euler_discrete.py"
     code, text = host.exec(f"docker run --rm {image} cat {processor}")
     assert code == 0, text
     attention_line = first_statement_line(text, "JointAttnProcessor2_0", "__call__")
+    code, text = host.exec(f"docker run --rm {image} cat {scheduler}")
+    assert code == 0, text
+    step_line = first_statement_line(text, "FlowMatchEulerDiscreteScheduler", "step")
     uid = host.exec(f"id -u {DEMO_MEMBER}")[1].strip()
     in_image = (f"--user {uid} -e HOME=/tmp -e HF_HUB_OFFLINE=1 -v {workspace}:/workspace "
                 f"-w /workspace {image}")
@@ -165,10 +171,11 @@ def test_f5_stops_in_attention_and_before_the_decode_and_a_change_is_decoded(
         dap.send("attach", justMyCode=config["justMyCode"])
         dap.wait("event", "initialized")
         dap.request("setExceptionBreakpoints", filters=["uncaught"])  # VS Code's default
-        for path, line in ((processor, attention_line), ("/workspace/inference.py", decode_line)):
+        for path, line in ((processor, attention_line), (scheduler, step_line),
+                           ("/workspace/inference.py", decode_line)):
             placed = dap.request("setBreakpoints", source={"path": path},
-                                 breakpoints=[{"line": line}])
-            assert placed["breakpoints"][0]["verified"], placed
+                                 breakpoints=[{"line": line}])["breakpoints"][0]
+            assert (placed["verified"], placed["line"]) == (True, line), placed
         dap.request("configurationDone")
 
         stopped = dap.wait("event", "stopped")["body"]
@@ -183,6 +190,13 @@ def test_f5_stops_in_attention_and_before_the_decode_and_a_change_is_decoded(
         assert shape == [77 + 256, side[0] * side[1]]  # CLIP + T5 positions x image tokens
         assert worst < 1e-4
         dap.request("setBreakpoints", source={"path": processor}, breakpoints=[])
+        dap.request("continue", threadId=stopped["threadId"])
+
+        stopped = dap.wait("event", "stopped")["body"]
+        frame = dap.request("stackTrace", threadId=stopped["threadId"])["stackFrames"][0]
+        assert (frame["name"], frame["line"]) == ("step", step_line)  # the scheduler's
+        assert frame["source"]["path"] == scheduler
+        dap.request("setBreakpoints", source={"path": scheduler}, breakpoints=[])
         dap.request("continue", threadId=stopped["threadId"])
 
         stopped = dap.wait("event", "stopped")["body"]

@@ -89,19 +89,27 @@ def _install(facts: HostFacts, inventory: Inventory) -> list[Change]:
     ]
 
 
+def daemon_config(text: str | None, where: str) -> dict[str, Any]:
+    """A daemon.json's object ({} for none or an empty file); one that is not a JSON object
+    blocks the step: provision merges into it and never overwrites it."""
+    try:
+        current = json.loads(text) if text and text.strip() else {}
+    except json.JSONDecodeError as exc:
+        raise StepBlocked(f"{where} is not valid JSON ({exc.msg}, line {exc.lineno})",
+                          "fix it by hand; provision merges into it and never overwrites it"
+                          ) from None
+    if not isinstance(current, dict):
+        raise StepBlocked(f"{where} holds no JSON object",
+                          "fix it by hand; provision merges into it and never overwrites it")
+    return current
+
+
 def _daemon_json(facts: HostFacts, inventory: Inventory) -> list[Change]:
     wanted = inventory.defaults.docker_daemon
     if not wanted:
         return []
     text = facts.text(DAEMON_JSON)
-    try:
-        current = json.loads(text) if text and text.strip() else {}
-    except json.JSONDecodeError as exc:
-        raise StepBlocked(f"{DAEMON_JSON} is not valid JSON ({exc.msg}, line {exc.lineno})",
-                          "fix it by hand; provision merges into it and never overwrites it"
-                          ) from None
-    if not isinstance(current, dict):
-        raise StepBlocked(f"{DAEMON_JSON} holds no JSON object", "fix it by hand")
+    current = daemon_config(text, DAEMON_JSON)
     merged = merge(current, wanted)
     if merged == current:
         return []

@@ -1,17 +1,20 @@
-"""nvidia: the NVIDIA Container Toolkit, registered with Docker, proven by nvidia-smi in a
+"""nvidia: the NVIDIA Container Toolkit, the GPUs as CDI devices, proven by nvidia-smi in a
 container.
 
 Only on hosts whose facts show an NVIDIA GPU; otherwise the step says "skipped: no NVIDIA GPU"
 (a failure under --require-gpu). A GPU without a working driver is an error with the remedy:
-installing the driver itself is out of scope. Docker restarts only when `nvidia-ctk` changes
-its configuration, and never under running containers without --yes (the engine's rule).
+installing the driver itself is out of scope. Docker restarts only when its configuration
+changes, and never under running containers without --yes (the engine's rule).
 
 NVIDIA's repository (or `[mirrors] nvidia_apt`, which stands for it, with `nvidia_apt_key` or
 the mirror's copy of NVIDIA's key) must be accepted by `apt-get update` with its key before it
 stays (`signed_repository`). A pinned `nvidia_toolkit_version` pins the toolkit's four packages
 together, as NVIDIA's install guide does: each requires the others at exactly its version.
 
-GPUs for rootless members (docker_mode = "rootless") come through CDI, not the nvidia runtime.
+Containers get GPUs through CDI in every docker mode (`provision.gpu_access` says how and why
+not `--gpus`): the step writes the spec, turns CDI on in the system daemon where its Docker
+needs the flag, registers the nvidia runtime (Docker < 25 asks it for CDI names), and for
+rootless members turns CDI on in each one's own daemon.
 NVIDIA's rootless recipe (`nvidia-ctk runtime configure --runtime=docker
 --config=$HOME/.config/docker/daemon.json` plus `no-cgroups = true`) changes
 /etc/nvidia-container-runtime/config.toml for every daemon, which breaks the rootful one; NVIDIA
@@ -34,19 +37,29 @@ container-toolkit cdi-support.html). What each piece rests on:
   /etc/cdi and /var/run/cdi into it, when they exist as it starts, since moby#48541 (28.0; the
   backports to 25.0/26.1/27.x name no release we could check, so 28.0 is the floor here).
 - The container: `--device=nvidia.com/gpu=<index>` per GPU, or `=all` (the names `nvidia-ctk
-  cdi generate` gives by default), in place of `--gpus` (render.py).
+  cdi generate` gives by default), in place of `--gpus`; on a rootful Docker < 25 the nvidia
+  runtime with those names in NVIDIA_VISIBLE_DEVICES (`gpu_access.gpu_run_args`).
 
-Older Docker (Debian's docker.io is 20.10): rootless members get no GPU; the plan says so with
-the remedy (Docker's repository, or docker_mode = "rootful"), and doctor fails the check.
+Older Docker (Debian 12's docker.io is 20.10): rootless members get no GPU; the plan says so
+with the remedy (Docker's repository, or docker_mode = "rootful"), and doctor fails the check.
 """
 
 from __future__ import annotations
 
 import json
-import re
 
-from provision.changes import Change, Run, WriteFile, as_member, run
-from provision.facts import HostFacts
+from provision.changes import Change, Run, WriteFile, as_member
+from provision.facts import DAEMON_JSON, HostFacts
+from provision.gpu_access import (
+    CDI_BY_DEFAULT,
+    CDI_DOCKER,
+    CDI_KIND,
+    CDI_SPEC,
+    ROOTLESS_CDI_DOCKER,
+    docker_version,
+    gpu_path,
+    gpu_run_args,
+)
 from provision.inventory import AptKey, Inventory
 from provision.steps import (
     APT_UPDATE,
@@ -59,7 +72,7 @@ from provision.steps import (
     primary_group,
     signed_repository,
 )
-from provision.steps.docker import merge
+from provision.steps.docker import daemon_config, merge
 from provision.steps.rootless import engine_source, user_manager
 from provision.templating import render
 
@@ -71,11 +84,6 @@ TOOLKIT = ("nvidia-container-toolkit", "nvidia-container-toolkit-base", "libnvid
            "libnvidia-container1")
 FP8_TENSOR_CORES = (8, 9)
 PROOF_IMAGE = "ubuntu:24.04"
-CDI_SPEC = "/etc/cdi/nvidia.yaml"
-CDI_KIND = "nvidia.com/gpu"  # `--device=nvidia.com/gpu=0`, `=all`
-CDI_DOCKER = (25, 0)  # features.cdi exists
-CDI_BY_DEFAULT = (28, 2)  # features.cdi on unless turned off
-ROOTLESS_CDI_DOCKER = (28, 0)  # dockerd-rootless.sh lets her daemon see /etc/cdi
 MEMBER_DAEMON_JSON = ".config/docker/daemon.json"  # her rootless daemon's, under her home
 
 
@@ -109,25 +117,54 @@ def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
                 current=facts.text(SOURCES)),
             Change(NAME, f"install NVIDIA Container Toolkit {pinned or '(newest)'}",
                    (Run(APT_UPDATE), Run(apt_install(*packages))))]
-    if "nvidia" not in facts.docker.runtimes:
-        changes.append(run(NAME, "register the nvidia runtime in /etc/docker/daemon.json "
-                                 "(nvidia-ctk merges it), restart Docker",
-                           "nvidia-ctk runtime configure --runtime=docker",
-                           "systemctl restart docker.service", restarts_docker=True))
+    changes += _cdi_spec(facts)
+    changes += _system_daemon(facts)
     if inventory.defaults.rootless and rootless_gpu_blocker(facts, inventory) is None:
-        changes.extend(_rootless_cdi(facts, inventory))
+        # Her daemon sees only spec directories that existed when it started.
+        new_spec = not facts.path(CDI_SPEC).exists
+        for member in inventory.members:
+            changes.extend(daemon_cdi(facts, member.name, restart=new_spec))
     return changes
 
 
-def docker_version(facts: HostFacts) -> tuple[int, int] | None:
-    """The engine's major.minor: the daemon's answer, else the installed package's version
-    (`5:28.5.1-1~ubuntu.24.04~noble`, `20.10.24+dfsg1-1+deb12u1`); None: not installed."""
-    for text in (facts.docker.version, facts.docker.packages.get("docker-ce"),
-                 facts.docker.packages.get("docker.io")):
-        found = re.match(r"(?:\d+:)?(\d+)\.(\d+)", text or "")
-        if found:
-            return int(found[1]), int(found[2])
-    return None
+def _cdi_spec(facts: HostFacts) -> list[Change]:
+    """/etc/cdi/nvidia.yaml, which both GPU paths read (`provision.gpu_access`): generated when
+    missing, and again when it does not name the running driver (it names the driver's
+    libraries by their versioned file names)."""
+    spec = facts.path(CDI_SPEC)
+    driver = facts.nvidia.driver
+    if spec.exists and (not driver or f".so.{driver}" in (spec.content or "")):
+        return []
+    why = "for containers' GPUs" if not spec.exists else f"again for driver {driver}"
+    return [Change(NAME, f"{CDI_SPEC}: the GPUs as CDI devices ({CDI_KIND}=N), generated {why}",
+                   (Run(f"mkdir -p {CDI_SPEC.rsplit('/', 1)[0]}\n"
+                        f"nvidia-ctk cdi generate --output={CDI_SPEC} >&2"),))]
+
+
+def _system_daemon(facts: HostFacts) -> list[Change]:
+    """The system daemon hands GPUs over its way (`gpu_access.gpu_path`): CDI on where its
+    Docker needs the flag (25 <= version < 28.2; merged into daemon.json, other keys kept),
+    and the nvidia runtime registered (`nvidia-ctk` merges it; the GPU path of Docker < 25,
+    and what NVIDIA's guide sets up). One restart for both."""
+    actions: list[WriteFile | Run] = []
+    what = []
+    version = docker_version(facts)
+    if version is not None and CDI_DOCKER <= version < CDI_BY_DEFAULT:
+        text = facts.text(DAEMON_JSON)
+        current = daemon_config(text, DAEMON_JSON)
+        merged = merge(current, {"features": {"cdi": True}})
+        if merged != current:
+            actions.append(WriteFile(DAEMON_JSON, json.dumps(merged, indent=2) + "\n", text))
+            what.append(f"{DAEMON_JSON}: features.cdi on (other keys kept)")
+    if "nvidia" not in facts.docker.runtimes:
+        # After the write above: nvidia-ctk reads the file as it then is and keeps its keys.
+        actions.append(Run("nvidia-ctk runtime configure --runtime=docker"))
+        what.append(f"register the nvidia runtime in {DAEMON_JSON} (nvidia-ctk merges it)")
+    if not actions:
+        return []
+    actions.append(Run("systemctl restart docker.service"))
+    return [Change(NAME, "; ".join(what) + ", restart Docker", tuple(actions),
+                   restarts_docker=True)]
 
 
 def rootless_gpu_blocker(facts: HostFacts, inventory: Inventory) -> str | None:
@@ -152,23 +189,6 @@ ROOTLESS_GPU_REMEDY = ("set docker_source = \"docker-ce\" (Docker's repository; 
                        "\"rootful\" (the docker group: root-equivalent)")
 
 
-def _rootless_cdi(facts: HostFacts, inventory: Inventory) -> list[Change]:
-    """The CDI spec (as root), then each member's daemon with CDI on (as her)."""
-    changes = []
-    spec = facts.path(CDI_SPEC)
-    driver = facts.nvidia.driver
-    first = not spec.exists
-    if first or (driver and f".so.{driver}" not in (spec.content or "")):
-        why = "for rootless members' daemons" if first else f"again for driver {driver}"
-        changes.append(run(NAME, f"{CDI_SPEC}: the GPUs as CDI devices ({CDI_KIND}=N), "
-                                 f"generated {why}",
-                           f"mkdir -p {CDI_SPEC.rsplit('/', 1)[0]}\n"
-                           f"nvidia-ctk cdi generate --output={CDI_SPEC} >&2"))
-    for member in inventory.members:
-        changes.extend(daemon_cdi(facts, member.name, restart=first))
-    return changes
-
-
 def daemon_cdi(facts: HostFacts, name: str, *, restart: bool, step: str = NAME
                ) -> list[Change]:
     """Her ~/.config/docker/daemon.json with CDI on where her Docker needs the flag (merged,
@@ -180,13 +200,7 @@ def daemon_cdi(facts: HostFacts, name: str, *, restart: bool, step: str = NAME
     version = docker_version(facts)
     if version is None or version < CDI_BY_DEFAULT:
         state = facts.path(f"~{name}/{MEMBER_DAEMON_JSON}")
-        try:
-            current = json.loads(state.content) if (state.content or "").strip() else {}
-        except json.JSONDecodeError:
-            current = None
-        if not isinstance(current, dict):
-            raise StepBlocked(f"{name}'s ~/{MEMBER_DAEMON_JSON} holds no JSON object",
-                              "she fixes it (provision merges into it, never overwrites it)")
+        current = daemon_config(state.content, f"{name}'s ~/{MEMBER_DAEMON_JSON}")
         merged = merge(current, {"features": {"cdi": True}})
         if merged != current:
             actions.append(WriteFile(f"{home_of(facts, name)}/{MEMBER_DAEMON_JSON}",
@@ -220,16 +234,18 @@ def notes(facts: HostFacts, inventory: Inventory) -> list[str]:
 
 
 def proof(facts: HostFacts, inventory: Inventory) -> Proof:
-    """A container started with --gpus all sees exactly the GPUs the host lists."""
+    """A container of the system daemon given every GPU (the way `gpu_access` hands them
+    over) sees exactly the GPUs the host lists."""
     expected = sorted(g.uuid for g in facts.nvidia.gpus)
+    gpus = " ".join(gpu_run_args("all", gpu_path(docker_version(facts), rootless=False)))
 
     def check(stdout: str) -> str | None:
         seen = sorted(line.strip() for line in stdout.splitlines() if line.strip())
         if seen == expected:
             return None
-        return f"a --gpus all container sees {seen or 'no GPU'}, the host lists {expected}"
+        return f"a container run with {gpus} sees {seen or 'no GPU'}, the host lists {expected}"
 
-    return Proof(f"docker run --rm --gpus all {PROOF_IMAGE} "
+    return Proof(f"docker run --rm {gpus} {PROOF_IMAGE} "
                  "nvidia-smi --query-gpu=uuid --format=csv,noheader", check)
 
 

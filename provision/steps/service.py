@@ -12,7 +12,9 @@ With a `[service]` table in the inventory each host gets:
 
 The container runs in the Docker that `docker_mode` says:
 - rootful: the system daemon (the docker step's). The unit is root's; the container runs as
-  the account's uid with the cache group added, its GPUs through the nvidia runtime.
+  the account's uid with the cache group added, its GPUs as a member's are
+  (`provision.gpu_access`: CDI devices, or the nvidia runtime asked for CDI names on Docker
+  < 25).
 - rootless: the account's own rootless daemon, made exactly as a member's is (the rootless
   step's functions: subordinate ranges allocated after the members' and never changed,
   lingering, the setup tool's user service, the `rootless` context, all run as the account),
@@ -45,10 +47,11 @@ import shlex
 
 from provision.changes import Change, Run, WriteFile, as_member, run
 from provision.facts import HostFacts
+from provision.gpu_access import gpu_run_args, host_gpu_path
 from provision.image import build_script, image_tag
 from provision.inventory import SERVICE_HOME, SERVICE_NAME, Inventory, Member, Service
 from provision.models import debug_model
-from provision.render import INFERENCE, SHM_SIZE, gpu_run_args, render_workspace
+from provision.render import INFERENCE, SHM_SIZE, render_workspace
 from provision.steps import Proof, Step, StepBlocked, nvidia, rootless
 from provision.templating import raw, render
 from provision.versions import host_image
@@ -156,10 +159,8 @@ def unit_text(facts: HostFacts, inventory: Inventory, service: Service, tag: str
         raise StepBlocked(f"the cache group {inventory.defaults.cache_group} does not exist",
                           "the users step creates it: converge without --skip users")
     mode_rootless = inventory.defaults.rootless
-    # systemd keeps a single-quoted word whole: --gpus="device=1,2" must reach docker as is.
-    gpu_args = [f"'{a}'" if '"' in a else a
-                for a in gpu_run_args(service.gpus, rootless=mode_rootless)
-                ] if on_gpu(facts, service) else []
+    gpu_args = gpu_run_args(service.gpus, host_gpu_path(facts, rootless=mode_rootless)
+                            ) if on_gpu(facts, service) else []
     # Rootless: the container's root is the account on the host (its ids inside would be
     # subordinate ones, which cannot write its state), and supplementary groups are dropped.
     user = "--user 0:0" if mode_rootless else f"--user {uid}:{gid} --group-add {group.gid}"

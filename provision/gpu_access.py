@@ -1,0 +1,87 @@
+"""How a container gets the host's NVIDIA GPUs: one rule for the dev container, `verify`, the
+nvidia step's proof, `doctor` and the generation service.
+
+The rule: through CDI, the Container Device Interface (NVIDIA's way forward, "CDI support" in
+the container toolkit's documentation), never through Docker's `--gpus`:
+
+- A daemon that reads CDI specs (Docker >= 25 rootful, with `"features": {"cdi": true}` below
+  28.2; a rootless daemon from Docker 28, see steps/nvidia.py) gets her GPUs as CDI devices,
+  `--device=nvidia.com/gpu=N` (or `=all`), the names `nvidia-ctk cdi generate` writes.
+- An older rootful daemon (Debian 12's docker.io is 20.10) runs the container with the nvidia
+  runtime and asks for the same CDI names in NVIDIA_VISIBLE_DEVICES: the runtime in its default
+  `auto` mode switches itself to CDI when every requested device is a fully qualified CDI name
+  (nvidia-container-toolkit v1.18.0, internal/info/auto.go, ResolveRuntimeMode:
+  `OnlyFullyQualifiedCDIDevices` -> CDIRuntimeMode), so no global mode is changed.
+
+Why not `--gpus`: Docker serves it through the toolkit's legacy prestart hook, which needs
+libnvidia-container (nvidia-container-cli). That exists in NVIDIA's apt repository but not in a
+clean source build of the toolkit, and on the lent H200 `--gpus all` failed ("could not select
+device driver") where both CDI paths gave the container the GPU (bench/gpu_container/).
+Both paths hand over exactly the GPUs named, numbered from 0 inside the container.
+
+The Dev Containers CLI appends `--gpus all` to `runArgs` when `hostRequirements.gpu` is set and
+`docker info` lists an nvidia runtime (@devcontainers/cli 0.89.0, dist/spec-node, the function
+that writes "GPU support found, add GPU flags to docker call."): that would hand a member
+assigned GPU 0 every GPU, and fails where only CDI works. So the rendered devcontainer.json
+never sets `hostRequirements.gpu`: her GPUs come from `runArgs` alone.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from provision.facts import HostFacts
+
+CDI_KIND = "nvidia.com/gpu"  # `--device=nvidia.com/gpu=0`, `=all`
+CDI_SPEC = "/etc/cdi/nvidia.yaml"
+CDI_DOCKER = (25, 0)  # features.cdi exists
+CDI_BY_DEFAULT = (28, 2)  # features.cdi on unless turned off
+ROOTLESS_CDI_DOCKER = (28, 0)  # dockerd-rootless.sh lets her daemon see /etc/cdi
+
+GpuPath = Literal["cdi", "runtime"]
+
+
+def docker_version(facts: HostFacts) -> tuple[int, int] | None:
+    """The engine's major.minor: the daemon's answer, else the installed package's version
+    (`5:28.5.1-1~ubuntu.24.04~noble`, `20.10.24+dfsg1-1+deb12u1`); None: not installed."""
+    for text in (facts.docker.version, facts.docker.packages.get("docker-ce"),
+                 facts.docker.packages.get("docker.io")):
+        found = re.match(r"(?:\d+:)?(\d+)\.(\d+)", text or "")
+        if found:
+            return int(found[1]), int(found[2])
+    return None
+
+
+def gpu_path(version: tuple[int, int] | None, *, rootless: bool) -> GpuPath:
+    """How the daemon of this Docker version hands GPUs over (see the module docstring).
+
+    An engine not known yet (no host read, Docker not installed) is taken to be a current one.
+    A rootless daemon always asks by CDI device: where her Docker cannot, the nvidia step says
+    her containers get no GPU (`steps.nvidia.rootless_gpu_blocker`)."""
+    if rootless or version is None or version >= CDI_DOCKER:
+        return "cdi"
+    return "runtime"
+
+
+def host_gpu_path(facts: HostFacts | None, *, rootless: bool) -> GpuPath:
+    """`gpu_path` for the engine a host's facts show (None: no host read)."""
+    return gpu_path(docker_version(facts) if facts else None, rootless=rootless)
+
+
+def gpu_run_args(gpus: str, path: GpuPath) -> list[str]:
+    """A member's `gpus` ("all", "0", "1,2", "none") as `docker run` arguments."""
+    if gpus == "none":
+        return []
+    names = [f"{CDI_KIND}={gpu}" for gpu in gpus.split(",")]
+    if path == "cdi":
+        return [f"--device={name}" for name in names]
+    return ["--runtime=nvidia", f"--env=NVIDIA_VISIBLE_DEVICES={','.join(names)}"]
+
+
+def container_cuda_devices(gpus: str) -> str | None:
+    """CUDA_VISIBLE_DEVICES inside her container, which numbers her GPUs from 0; None: all."""
+    if gpus == "all":
+        return None
+    return "" if gpus == "none" else ",".join(str(i) for i in range(gpus.count(",") + 1))
