@@ -89,9 +89,10 @@ def _install(facts: HostFacts, inventory: Inventory) -> list[Change]:
     ]
 
 
-def daemon_config(text: str | None, where: str) -> dict[str, Any]:
-    """A daemon.json's object ({} for none or an empty file); one that is not a JSON object
-    blocks the step: provision merges into it and never overwrites it."""
+def merged_daemon_json(text: str | None, where: str, wanted: dict[str, Any]) -> str | None:
+    """A daemon.json's new text with `wanted` merged in (other keys kept), or None when it
+    already holds it. One that is not a JSON object blocks the step: provision merges into it
+    and never overwrites it."""
     try:
         current = json.loads(text) if text and text.strip() else {}
     except json.JSONDecodeError as exc:
@@ -101,7 +102,8 @@ def daemon_config(text: str | None, where: str) -> dict[str, Any]:
     if not isinstance(current, dict):
         raise StepBlocked(f"{where} holds no JSON object",
                           "fix it by hand; provision merges into it and never overwrites it")
-    return current
+    merged = merge(current, wanted)
+    return None if merged == current else json.dumps(merged, indent=2) + "\n"
 
 
 def _daemon_json(facts: HostFacts, inventory: Inventory) -> list[Change]:
@@ -109,12 +111,11 @@ def _daemon_json(facts: HostFacts, inventory: Inventory) -> list[Change]:
     if not wanted:
         return []
     text = facts.text(DAEMON_JSON)
-    current = daemon_config(text, DAEMON_JSON)
-    merged = merge(current, wanted)
-    if merged == current:
+    merged = merged_daemon_json(text, DAEMON_JSON, wanted)
+    if merged is None:
         return []
     keys = ", ".join(sorted(wanted))
-    write = WriteFile(DAEMON_JSON, json.dumps(merged, indent=2) + "\n", text)
+    write = WriteFile(DAEMON_JSON, merged, text)
     if not facts.docker.installed:
         return [Change(NAME, f"{DAEMON_JSON}: set {keys} before Docker first starts", (write,))]
     return [Change(NAME, f"{DAEMON_JSON}: merge {keys} (other keys kept), restart Docker",

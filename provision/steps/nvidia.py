@@ -46,8 +46,6 @@ with the remedy (Docker's repository, or docker_mode = "rootful"), and doctor fa
 
 from __future__ import annotations
 
-import json
-
 from provision.changes import Change, Run, WriteFile, as_member
 from provision.facts import DAEMON_JSON, HostFacts
 from provision.gpu_access import (
@@ -57,8 +55,8 @@ from provision.gpu_access import (
     CDI_SPEC,
     ROOTLESS_CDI_DOCKER,
     docker_version,
-    gpu_path,
     gpu_run_args,
+    host_gpu_path,
 )
 from provision.inventory import AptKey, Inventory
 from provision.steps import (
@@ -72,7 +70,7 @@ from provision.steps import (
     primary_group,
     signed_repository,
 )
-from provision.steps.docker import daemon_config, merge
+from provision.steps.docker import merged_daemon_json
 from provision.steps.rootless import engine_source, user_manager
 from provision.templating import render
 
@@ -84,6 +82,7 @@ TOOLKIT = ("nvidia-container-toolkit", "nvidia-container-toolkit-base", "libnvid
            "libnvidia-container1")
 FP8_TENSOR_CORES = (8, 9)
 PROOF_IMAGE = "ubuntu:24.04"
+CDI_ON = {"features": {"cdi": True}}  # daemon.json, where Docker < 28.2 needs it
 MEMBER_DAEMON_JSON = ".config/docker/daemon.json"  # her rootless daemon's, under her home
 
 
@@ -151,10 +150,9 @@ def _system_daemon(facts: HostFacts) -> list[Change]:
     version = docker_version(facts)
     if version is not None and CDI_DOCKER <= version < CDI_BY_DEFAULT:
         text = facts.text(DAEMON_JSON)
-        current = daemon_config(text, DAEMON_JSON)
-        merged = merge(current, {"features": {"cdi": True}})
-        if merged != current:
-            actions.append(WriteFile(DAEMON_JSON, json.dumps(merged, indent=2) + "\n", text))
+        merged = merged_daemon_json(text, DAEMON_JSON, CDI_ON)
+        if merged is not None:
+            actions.append(WriteFile(DAEMON_JSON, merged, text))
             what.append(f"{DAEMON_JSON}: features.cdi on (other keys kept)")
     if "nvidia" not in facts.docker.runtimes:
         # After the write above: nvidia-ctk reads the file as it then is and keeps its keys.
@@ -200,11 +198,10 @@ def daemon_cdi(facts: HostFacts, name: str, *, restart: bool, step: str = NAME
     version = docker_version(facts)
     if version is None or version < CDI_BY_DEFAULT:
         state = facts.path(f"~{name}/{MEMBER_DAEMON_JSON}")
-        current = daemon_config(state.content, f"{name}'s ~/{MEMBER_DAEMON_JSON}")
-        merged = merge(current, {"features": {"cdi": True}})
-        if merged != current:
+        merged = merged_daemon_json(state.content, f"{name}'s ~/{MEMBER_DAEMON_JSON}", CDI_ON)
+        if merged is not None:
             actions.append(WriteFile(f"{home_of(facts, name)}/{MEMBER_DAEMON_JSON}",
-                                     json.dumps(merged, indent=2) + "\n", state.content,
+                                     merged, state.content,
                                      owner=name, group=primary_group(facts, name),
                                      member=name))
             what.append(f"~/{MEMBER_DAEMON_JSON}: features.cdi on (other keys kept)")
@@ -237,7 +234,7 @@ def proof(facts: HostFacts, inventory: Inventory) -> Proof:
     """A container of the system daemon given every GPU (the way `gpu_access` hands them
     over) sees exactly the GPUs the host lists."""
     expected = sorted(g.uuid for g in facts.nvidia.gpus)
-    gpus = " ".join(gpu_run_args("all", gpu_path(docker_version(facts), rootless=False)))
+    gpus = " ".join(gpu_run_args("all", host_gpu_path(facts, rootless=False)))
 
     def check(stdout: str) -> str | None:
         seen = sorted(line.strip() for line in stdout.splitlines() if line.strip())
