@@ -140,6 +140,8 @@ def state_change(facts: HostFacts, inventory: Inventory, applied: list[str]) -> 
         return None
     record = {
         "tool_version": __version__, "inventory_digest": digest, "members": members,
+        # The group members were put in, so a later cache_group takes them out of it.
+        "cache_group": inventory.defaults.cache_group,
         "applied_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "steps_applied": applied,
     }

@@ -18,7 +18,7 @@ from typing import Any
 
 import paramiko
 
-from provision import safe
+from provision import privilege, safe
 from provision.errors import InventoryError
 from provision.versions import ImageError, resolve_image
 
@@ -47,6 +47,9 @@ HOST_FORMS = {"hostname": safe.HOSTNAME, "user": safe.LOGIN, "identity_file": sa
 # host, and a path of plain characters only (no credentials, query, quotes or shell syntax).
 MIRROR_URL = re.compile(r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~%+/-]*)?$")
 ARMORED_KEY = "-----BEGIN PGP PUBLIC KEY BLOCK-----"
+# Private key material in any of its clothes: PEM/OpenSSH armour, a PuTTY key file, or an
+# OpenSSH private key's body without its armour ("openssh-key-v1" in base64).
+PRIVATE_KEY = re.compile(r"PRIVATE KEY|PuTTY-User-Key-File|b3BlbnNzaC1rZXktdjE")
 FP8_MODES = ("off", "storage", "dq")
 RANDOM_SIZES = ("tiny", "medium", "large")
 # An HF model id (org/name): it becomes a container's environment and a path in the cache.
@@ -126,6 +129,8 @@ class Member:
     keys: tuple[str, ...]
     sudo: tuple[str, ...] = ()
     gpus: str = "all"
+    # The admin says her sudo list makes her root (privilege.sudo_problem), and knows it.
+    root_equivalent: bool = False
 
 
 # The generation service's system account, its systemd unit and its container: one name.
@@ -287,11 +292,12 @@ def parse_mirrors(table: Any, where: _Locator) -> Mirrors:
 
 def mirror_url(key: str, value: str, where: _Locator) -> str:
     """The URL without a trailing slash (paths are appended to it), or a refusal saying why."""
-    if "@" in value:
-        raise where.error(key, "holds credentials (not shown): keep them out of the inventory "
-                               "(apt: /etc/apt/auth.conf.d on the host; pip: a netrc file)")
+    if "@" in value or "?" in value:
+        raise where.error(key, "holds credentials or a query (not shown): keep them out of "
+                               "the inventory (apt: /etc/apt/auth.conf.d on the host; pip: a "
+                               "netrc file)")
     if not MIRROR_URL.match(value):
-        raise where.error(key, f"{value!r} is not a plain http(s) URL: use scheme://host[:port]"
+        raise where.error(key, f"{safe.shown(value)} is not a plain http(s) URL: use scheme://host[:port]"
                                "/path with letters, digits and . _ ~ % + - / only (no "
                                "credentials, query, spaces, quotes or shell characters)")
     return value.rstrip("/")
@@ -302,7 +308,8 @@ def apt_key(key: str, value: str, where: _Locator) -> AptKey:
     if value.startswith(("http://", "https://")):
         return AptKey(url=mirror_url(key, value, where))
     if not value.startswith("/"):
-        raise where.error(key, f"{value!r} must be a key URL (http/https) or an absolute path "
+        raise where.error(key, f"{safe.shown(value)} must be a key URL (http/https) or an "
+                               "absolute path "
                                "to an ASCII-armored key file")
     path = Path(value)
     if not path.is_file():
@@ -335,8 +342,12 @@ def _parse_defaults(table: Any, where: _Locator) -> Defaults:
                       ("nvidia_toolkit_version", safe.DEBIAN_VERSION)):
         if values[key] and (why := safe.problem(values[key], form)):
             raise where.error(key, why)
+    if why := privilege.cache_dir_problem(values["cache_dir"]):
+        raise where.error("cache_dir", why)
     if not MEMBER_NAME.match(values["cache_group"]):
         raise where.error("cache_group", f"must match {MEMBER_NAME.pattern}")
+    if why := privilege.group_problem(values["cache_group"]):
+        raise where.error("cache_group", why)
     if values["docker_source"] not in DOCKER_SOURCES:
         raise where.error("docker_source", f"must be one of {', '.join(DOCKER_SOURCES)}")
     if "docker_mode" in table and values["docker_mode"] not in DOCKER_MODES:
@@ -374,7 +385,8 @@ def _parse_member(index: int, table: Any, base: Path, where: _Locator) -> Member
     label = f"[[members]] #{index + 1}"
     if not isinstance(table, dict):
         raise where.error("members", f"{label} must be a table")
-    where.unknown_keys(table, {"name", "keys", "sudo", "gpus"}, table="members")
+    where.unknown_keys(table, {"name", "keys", "sudo", "gpus", "root_equivalent"},
+                       table="members")
     name = table.get("name")
     if not isinstance(name, str):
         raise where.error("name", f"{label} needs a name (a string)")
@@ -391,12 +403,22 @@ def _parse_member(index: int, table: Any, base: Path, where: _Locator) -> Member
     if any(bad in c for c in sudo for bad in ("\n", ",", "\\", ":")):
         raise where.error("sudo", f"member {name!r}: a sudo command may not hold ',', ':', "
                                   "'\\' or a newline", needle=name)
+    root_equivalent = table.get("root_equivalent", False)
+    if not isinstance(root_equivalent, bool):
+        raise where.error("root_equivalent", f"member {name!r}: must be true or false",
+                          needle=name)
+    for entry in sudo:
+        if not root_equivalent and (why := privilege.sudo_problem(entry)):
+            raise where.error("sudo", f"member {name!r}: {entry} is root-equivalent ({why}); "
+                                      "list exact, limited commands, or say "
+                                      "root_equivalent = true for her", needle=name)
     gpus = table.get("gpus", "all")
     if not isinstance(gpus, str) or not GPUS.match(gpus):
         raise where.error("gpus", f"member {name!r}: gpus must be 'all', 'none' or indexes "
                                   f"like \"0\" or \"0,1\", not {gpus!r}", needle=name)
     parsed = tuple(read_public_key(k, base, where, name) for k in keys)
-    return Member(name=name, keys=parsed, sudo=tuple(sudo), gpus=gpus)
+    return Member(name=name, keys=parsed, sudo=tuple(sudo), gpus=gpus,
+                  root_equivalent=root_equivalent)
 
 
 def validate_member_name(name: str, where: _Locator | None = None) -> None:
@@ -417,12 +439,18 @@ def read_public_key(value: str, base: Path, where: _Locator, owner: str) -> str:
     """
     text, source = value, "inline key"
     if not _looks_inline(value):
+        if safe.SECRET.search(value):
+            # Not a path: likely key material pasted without its first line, never echoed.
+            raise where.error("keys", f"member {owner!r}: {safe.shown(value)} is neither an "
+                                      "SSH public key line nor the path of a .pub file",
+                              needle=owner)
         path = Path(value).expanduser()
         path = path if path.is_absolute() else base / path
         if not path.is_file():
-            raise where.error("keys", f"member {owner!r}: key file {path} not found", needle=value)
+            raise where.error("keys", f"member {owner!r}: key file {safe.shown(str(path))} not "
+                                      "found", needle=value)
         text, source = path.read_text(errors="replace"), str(path)
-    if "PRIVATE KEY" in text:
+    if PRIVATE_KEY.search(text):
         raise where.error("keys", f"member {owner!r}: {source} is a private key; give the "
                                   "public key (.pub) instead (its content is not shown)",
                           needle=value if source != "inline key" else owner)
@@ -447,7 +475,7 @@ def parse_public_key_line(line: str, source: str, where: _Locator, owner: str) -
 
 
 def _looks_inline(value: str) -> bool:
-    return value.startswith(("ssh-", "ecdsa-", "sk-")) or "PRIVATE KEY" in value
+    return value.startswith(("ssh-", "ecdsa-", "sk-")) or bool(PRIVATE_KEY.search(value))
 
 
 class _Locator:

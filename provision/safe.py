@@ -32,8 +32,21 @@ FORMS = {
 }
 
 
+# What a pasted secret looks like: key material, a URL's query or credentials, a long token.
+SECRET = re.compile(r"PRIVATE KEY|PuTTY|://[^/\s]*@|[?#]|[A-Za-z0-9+=_-]{40,}|\n")
+SHOWN_LENGTH = 120
+
+
+def shown(value: str) -> str:
+    """`value` quoted for a message, or a stand-in when it may be a secret pasted into the wrong
+    field (a private key body, an access token): an error line is copied into chats and logs."""
+    if len(value) <= SHOWN_LENGTH and not SECRET.search(value):
+        return repr(value)
+    return f"the value given ({len(value)} characters, not shown: it may be a secret)"
+
+
 def problem(value: str, form: re.Pattern[str]) -> str | None:
     """Why `value` is not of `form`, or None when it is."""
     if form.match(value) and ".." not in value.split("/"):
         return None
-    return f"{value!r} must be {FORMS[form]}"
+    return f"{shown(value)} must be {FORMS[form]}"

@@ -213,7 +213,7 @@ def test_groups_of(host: str, user: str, groups: set[str]) -> None:
     ("host", "n_groups", "group"),
     [
         (JAMMY_H100, 62, Group("docker", 999, ("ubuntu", "alice"))),
-        (NOBLE_H100, 63, Group("hfcache", 988, ("alice", "carol"))),
+        (NOBLE_H100, 63, Group("hfcache", 1003, ("alice", "carol"))),
         (NOBLE_NOGPU, 61, Group("docker", 988, ())),
         (JAMMY_NODRIVER, 60, Group("sudo", 27, ("alice",))),
         (DEBIAN, 43, Group("adm", 4, ())),

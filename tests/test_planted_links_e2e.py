@@ -37,11 +37,14 @@ def step_of(report: dict, name: str) -> dict:
 def test_planted_links_are_never_followed(make_host) -> None:
     host: Host = make_host()
     plant(host, "carol",
-          "mkdir -p .cache/huggingface/hub/models--a--b/blobs && "
+          "mkdir -p .cache/huggingface/hub/models--a--b/blobs "
+          ".cache/huggingface/hub/models--a--b/snapshots/r1 && "
           "echo mine > .cache/huggingface/hub/models--a--b/blobs/abc && "
+          "ln -s ../../blobs/abc .cache/huggingface/hub/models--a--b/snapshots/r1/model && "
           "chown -R carol:carol .cache && "
           "ln /etc/shadow .cache/huggingface/hub/hard-shadow && "
           "ln -s /etc/shadow .cache/huggingface/hub/soft-shadow && "
+          "ln -s ../../../../etc/shadow .cache/huggingface/hub/relative-shadow && "
           "ln -s /root .cache/huggingface/hub/root")
     plant(host, "dave", "ln -s /etc sd35-fp8")
     _, before = host.exec(OUTSIDE)
@@ -49,13 +52,18 @@ def test_planted_links_are_never_followed(make_host) -> None:
     report = converge(host, "--yes")
     _, after = host.exec(OUTSIDE)
     assert after == before
-    # carol's own file went into the shared cache; the planted links stayed behind, reported.
+    # carol's own file and Hugging Face's relative link to it went into the shared cache; the
+    # planted links (absolute or relative, out of the cache) stayed behind, reported.
     assert host.exec("cat /data/cache/huggingface/hub/models--a--b/blobs/abc")[1] == "mine\n"
+    assert host.exec("cat /data/cache/huggingface/hub/models--a--b/snapshots/r1/model")[1] == \
+        "mine\n"
+    planted = {"hard-shadow", "soft-shadow", "relative-shadow", "root"}
     code, leftovers = host.exec("ls /home/carol/.cache/huggingface.provision-leftovers-*/hub")
-    assert code == 0 and set(leftovers.split()) == {"hard-shadow", "soft-shadow", "root"}
-    assert host.exec("ls /data/cache/huggingface/hub/hard-shadow")[0] != 0
+    assert code == 0 and set(leftovers.split()) == planted
+    for name in planted:
+        assert host.exec(f"ls /data/cache/huggingface/hub/{name}")[0] != 0
     merged = step_of(report, "hf-cache")["message"]
-    for name in ("hard-shadow", "soft-shadow", "root"):
+    for name in planted:
         assert f"/home/carol/.cache/huggingface/hub/{name} not merged" in merged
     assert host.exec("readlink /home/carol/.cache/huggingface")[1].strip() == \
         "/data/cache/huggingface"

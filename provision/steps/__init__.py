@@ -83,9 +83,20 @@ def primary_group(facts: HostFacts, name: str) -> str:
 
 
 def former_members(facts: HostFacts, inventory: Inventory) -> list[str]:
-    """Accounts an earlier run managed that the inventory no longer lists (to offboard)."""
-    current = {m.name for m in inventory.members}
-    return sorted(set(facts.state.get("members", [])) - current)
+    """Accounts an earlier run managed that the inventory no longer lists (to offboard).
+
+    Never the login provision connects as: locking her would lock the admin out mid-run.
+    """
+    return sorted(set(_left(facts, inventory)) - {facts.sudo_user})
+
+
+def kept_login(facts: HostFacts, inventory: Inventory) -> str | None:
+    """The connecting login, when she left the inventory's members (kept, not offboarded)."""
+    return facts.sudo_user if facts.sudo_user in _left(facts, inventory) else None
+
+
+def _left(facts: HostFacts, inventory: Inventory) -> set[str]:
+    return set(facts.state.get("members", [])) - {m.name for m in inventory.members}
 
 
 # apt waits (bounded) for a dpkg lock held by e.g. unattended-upgrades instead of failing.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import shlex
 from pathlib import PurePosixPath
 
+from provision import privilege
 from provision.changes import REPORT, Change, WriteFile, as_member, run
 from provision.facts import HostFacts, MemberCache
 from provision.inventory import Inventory, Member
@@ -39,6 +40,11 @@ def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
     defaults = inventory.defaults
     cache, group = defaults.cache_dir, defaults.cache_group
     q = shlex.quote(cache)
+    homes = {a.name: a.home for a in facts.accounts.values()
+             if a.uid == 0 or a.uid >= privilege.FIRST_REGULAR_ID}
+    if why := privilege.cache_dir_host_problem(cache, homes):
+        raise StepBlocked(f"[defaults] cache_dir = {cache!r}: {why}",
+                          "set cache_dir to a directory of its own, e.g. /data/cache/huggingface")
     changes = []
     state = facts.path(cache)
     if not state.exists:

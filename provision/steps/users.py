@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shlex
 
+from provision import privilege
 from provision.changes import Change, WriteFile, as_member, run
 from provision.facts import HostFacts, PathState
 from provision.inventory import Inventory, Member
@@ -18,6 +19,7 @@ from provision.steps import (
     apt_install,
     former_members,
     home_of,
+    kept_login,
     primary_group,
 )
 from provision.templating import render
@@ -28,7 +30,8 @@ END = "# END provision managed keys"
 DOCKER_GROUP = "docker"
 DOCKER_WARNING = ("the docker group is root-equivalent: its members can start a container "
                   "that mounts / and act as root on this host")
-FIRST_REGULAR_UID = 1000
+ROOT_EQUIVALENT_WARNING = ("root_equivalent = true: this sudo list lets {name} act as root "
+                           "on this host")
 
 
 def sudoers_path(name: str) -> str:
@@ -56,6 +59,7 @@ def managed_keys(current: str | None, keys: tuple[str, ...]) -> str:
 
 
 def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
+    _check_cache_group(facts, inventory.defaults.cache_group)
     changes = []
     # Rootless mode needs no docker group; rootful mode puts every member in it.
     groups = [(inventory.defaults.cache_group, False)]
@@ -69,6 +73,7 @@ def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
         changes.extend(_member(facts, inventory, member))
     for name in former_members(facts, inventory):
         changes.extend(_offboard(facts, inventory, name))
+    changes.extend(_former_cache_group(facts, inventory))
     # Sudo rules last: when sudo itself cannot be installed, the accounts are already made.
     with_sudo = [m.name for m in inventory.members if m.sudo]
     if with_sudo and "visudo" not in facts.tools:
@@ -86,7 +91,7 @@ def _member(facts: HostFacts, inventory: Inventory, member: Member) -> list[Chan
     if account is None:
         changes.append(run(NAME, f"create account {name} (home, bash)",
                            f"useradd --create-home --shell /bin/bash --user-group {name}"))
-    elif account.uid < FIRST_REGULAR_UID:
+    elif account.uid < privilege.FIRST_REGULAR_ID:
         raise StepBlocked(f"{name} exists as a system account (uid {account.uid})",
                           "give the member another name in the inventory")
     elif account.locked:
@@ -160,7 +165,43 @@ def _sudo(facts: HostFacts, member: Member) -> list[Change]:
         return []
     return [Change(NAME, f"sudo for {member.name}: only {', '.join(member.sudo)}",
                    (WriteFile(path, wanted, current.content, mode="0440",
-                              validate="visudo -cf {}"),))]
+                              validate="visudo -cf {}"),),
+                   warning=ROOT_EQUIVALENT_WARNING.format(name=member.name)
+                   if member.root_equivalent else None)]
+
+
+def _check_cache_group(facts: HostFacts, group: str) -> None:
+    """Every member joins the cache group: on this host it must be a group of its own."""
+    existing = facts.groups.get(group)
+    if existing is None:
+        return
+    personal_of = next((a.name for a in facts.accounts.values() if a.gid == existing.gid), None)
+    if why := privilege.group_host_problem(group, existing.gid, personal_of):
+        raise StepBlocked(f"[defaults] cache_group = {group!r}: {why}",
+                          "members would get what it guards: set cache_group to a new group "
+                          "name, e.g. hfcache")
+
+
+def _former_cache_group(facts: HostFacts, inventory: Inventory) -> list[Change]:
+    """Members leave the cache group an earlier run used when the inventory names another:
+    a changed cache_group must not leave them in the old one."""
+    old = facts.state.get("cache_group")
+    if not isinstance(old, str) or old == inventory.defaults.cache_group or \
+            old not in facts.groups:
+        return []
+    managed = {m.name for m in inventory.members} | set(former_members(facts, inventory))
+    return [run(NAME, f"{name} leaves {old} (the cache group before "
+                      f"{inventory.defaults.cache_group})",
+                f"gpasswd --delete {name} {old} >/dev/null")
+            for name in sorted(managed & set(facts.groups[old].members))]
+
+
+def notes(facts: HostFacts, inventory: Inventory) -> list[str]:
+    login = kept_login(facts, inventory)
+    if login is None:
+        return []
+    return [f"{login} left the inventory's members but is the login provision connects as: "
+            "she is not offboarded (connect as another admin to offboard her)"]
 
 
 def _offboard(facts: HostFacts, inventory: Inventory, name: str) -> list[Change]:
@@ -193,4 +234,4 @@ def _offboard(facts: HostFacts, inventory: Inventory, name: str) -> list[Change]
     return changes
 
 
-STEP = Step(NAME, plan, paths)
+STEP = Step(NAME, plan, paths, notes=notes)
