@@ -11,6 +11,7 @@ from pathlib import Path
 
 from provision.facts import HostFacts
 from provision.inventory import Inventory, Member
+from provision.marked import set_block
 from provision.render import DEBUG_LAUNCH, member_files, write_files
 from provision.target import Target
 from provision.templating import render
@@ -38,14 +39,7 @@ def merge_ssh_block(config: Path, block: str, member: str, host: str) -> bool:
     """Put `block` between markers in `config`; True when the file changed."""
     begin, end = f"# BEGIN provision {member}@{host}", f"# END provision {member}@{host}"
     text = config.read_text() if config.exists() else ""
-    lines = text.splitlines()
-    managed = [begin, *block.rstrip("\n").splitlines(), end]
-    if begin in lines and end in lines[lines.index(begin):]:
-        start = lines.index(begin)
-        lines[start:lines.index(end, start) + 1] = managed
-    else:
-        lines += ([""] if lines and lines[-1].strip() else []) + managed
-    new = "\n".join(lines) + "\n"
+    new = set_block(text, begin, end, block.rstrip("\n").splitlines())
     if new == text:
         return False
     backup = config.with_name(config.name + ".provision-backup")

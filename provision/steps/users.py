@@ -13,6 +13,7 @@ from provision import privilege
 from provision.changes import Change, WriteFile, as_member, run
 from provision.facts import HostFacts, PathState
 from provision.inventory import Inventory, Member
+from provision.marked import set_block
 from provision.steps import (
     Step,
     StepBlocked,
@@ -47,15 +48,7 @@ def paths(inventory: Inventory) -> tuple[str, ...]:
 
 def managed_keys(current: str | None, keys: tuple[str, ...]) -> str:
     """The authorized_keys text with our block set to `keys`; lines outside it are kept."""
-    lines = (current or "").splitlines()
-    block = [BEGIN, *keys, END]
-    if BEGIN in lines and END in lines[lines.index(BEGIN):]:
-        start = lines.index(BEGIN)
-        end = lines.index(END, start)
-        lines[start:end + 1] = block
-    else:
-        lines.extend(block)
-    return "\n".join(lines) + "\n"
+    return set_block(current, BEGIN, END, list(keys))
 
 
 def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
