@@ -62,7 +62,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "debug")
     p.add_argument("--workspace", type=Path, default=WORKSPACE,
                    help="where inference.py and attention_maps.py are (default: the templates)")
-    p.add_argument("--configs", default="debug,run", help="debug and/or run (default: both)")
+    p.add_argument("--configs", default="debug,run",
+                   help="debug, run and/or eager (the Debug configuration's args without the "
+                        "debugger: what its steps cost without it) (default: debug,run)")
+    p.add_argument("--no-scheduler", action="store_true",
+                   help="no breakpoint in the scheduler's step (as issue 11 measured)")
+    p.add_argument("--exception-filters", default="uncaught",
+                   help="DAP exception filters, comma-separated; '' for none "
+                        "(default: uncaught, VS Code's)")
     p.add_argument("--repeat", type=int, default=1, help="launches of the Debug configuration")
     p.add_argument("--inductor-cache", type=Path,
                    help="TORCHINDUCTOR_CACHE_DIR of the Run configuration (default: a fresh one)")
@@ -155,9 +162,14 @@ def debug_run(config: dict[str, Any], args: argparse.Namespace, work: Path,
             dap.send("attach", justMyCode=config.get("justMyCode", True))
             dap.wait("event", "initialized")
             record["attached_s"] = since()
-            dap.request("setExceptionBreakpoints", filters=["uncaught"])  # VS Code's default
-            for path, line in ((processor, attention_line), (scheduler, step_line),
-                               (script, decode_line)):
+            dap.request("setExceptionBreakpoints",
+                        filters=[f for f in args.exception_filters.split(",") if f])
+            record["exception_filters"] = args.exception_filters
+            wanted = [(processor, attention_line), (scheduler, step_line), (script, decode_line)]
+            if args.no_scheduler:
+                del wanted[1]
+                del record["breakpoints"]["scheduler"]
+            for path, line in wanted:
                 placed = dap.request("setBreakpoints", source={"path": str(path)},
                                      breakpoints=[{"line": line}])["breakpoints"][0]
                 # debugpy says where it put it: a moved breakpoint stops somewhere else.
@@ -181,15 +193,17 @@ def debug_run(config: dict[str, Any], args: argparse.Namespace, work: Path,
             log(f"attention stop at {record['attention_stop_s']} s ({record['attention_frame']})"
                 f"; helper {record['helper']}")
 
-            stop = dap.wait("event", "stopped")["body"]
-            record["scheduler_stop_s"] = since()
-            frame = dap.request("stackTrace", threadId=stop["threadId"])["stackFrames"][0]
-            record["scheduler_frame"] = f"{frame['name']} line {frame['line']}"
-            dap.request("setBreakpoints", source={"path": str(scheduler)}, breakpoints=[])
-            dap.request("continue", threadId=stop["threadId"])
-            held += since() - record["scheduler_stop_s"]
+            if not args.no_scheduler:
+                stop = dap.wait("event", "stopped")["body"]
+                record["scheduler_stop_s"] = since()
+                frame = dap.request("stackTrace", threadId=stop["threadId"])["stackFrames"][0]
+                record["scheduler_frame"] = f"{frame['name']} line {frame['line']}"
+                dap.request("setBreakpoints", source={"path": str(scheduler)}, breakpoints=[])
+                dap.request("continue", threadId=stop["threadId"])
+                held += since() - record["scheduler_stop_s"]
+                log(f"scheduler stop at {record['scheduler_stop_s']} s "
+                    f"({record['scheduler_frame']})")
             record["held_at_stops_s"] = round(held, 2)
-            log(f"scheduler stop at {record['scheduler_stop_s']} s ({record['scheduler_frame']})")
 
             stop = dap.wait("event", "stopped")["body"]
             record["decode_stop_s"] = since()
@@ -213,18 +227,20 @@ def debug_run(config: dict[str, Any], args: argparse.Namespace, work: Path,
     return with_metrics(record, out / f"{name}.json")
 
 
-def plain_run(config: dict[str, Any], args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """The Run configuration as its `noDebug` launch runs it: no debugger, compiled blocks."""
+def plain_run(config: dict[str, Any], args: argparse.Namespace, work: Path,
+              name: str = "run") -> dict[str, Any]:
+    """A configuration without the debugger, as a `noDebug` launch runs it: the Run
+    configuration's compiled blocks, or (`eager`) the Debug configuration's eager steps."""
     out: Path = args.out
     cache = args.inductor_cache or Path(tempfile.mkdtemp(prefix="inductor-"))
     command = [sys.executable, str((args.workspace / "inference.py").resolve()),
-               *config["args"], "--metrics", str(out / "run.json")]
+               *config["args"], "--metrics", str(out / f"{name}.json")]
     record: dict[str, Any] = {"config": config["name"], "args": config["args"],
                               "noDebug": config.get("noDebug", False),
                               "inductor_cache": "given" if args.inductor_cache else "fresh (cold)"}
     log(f"{config['name']}: {' '.join(config['args'])} (Inductor cache {cache})")
     started = time.perf_counter()
-    with (out / "run.log").open("w") as log_file:
+    with (out / f"{name}.log").open("w") as log_file:
         try:
             done = subprocess.run(command, cwd=work, stdout=subprocess.DEVNULL, stderr=log_file,
                                   env=environment(config, TORCHINDUCTOR_CACHE_DIR=str(cache)),
@@ -233,7 +249,7 @@ def plain_run(config: dict[str, Any], args: argparse.Namespace, work: Path) -> d
         except subprocess.TimeoutExpired:
             record["error"] = f"timed out after {args.timeout:.0f} s"
     record["wall_s"] = round(time.perf_counter() - started, 2)
-    return with_metrics(record, out / "run.json")
+    return with_metrics(record, out / f"{name}.json")
 
 
 def with_metrics(record: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -259,8 +275,10 @@ def checks(records: dict[str, Any]) -> list[tuple[str, str, bool]]:
         frames = {(r.get("attention_frame", "").split(" line")[0],
                    r.get("scheduler_frame", "").split(" line")[0],
                    r.get("decode_frame", "").split(" line")[0]) for r in runs}
+        expected = {("__call__", "step" if "scheduler" in r["breakpoints"] else "", "decode")
+                    for r in runs}
         found.append(("every breakpoint stops where set (attention, scheduler step, decode)",
-                      f"frames: {sorted(frames)}", frames == {("__call__", "step", "decode")}))
+                      f"frames: {sorted(frames)}", frames == expected))
         compiled = [r.get("metrics", {}).get("compiled") for r in runs]
         found.append(("not compiled under the debugger", f"compiled: {compiled}",
                       all(c is False for c in compiled)))
@@ -288,7 +306,8 @@ def markdown(records: dict[str, Any], launch: Path) -> str:
         f"text encoders: {first.get('text_encoders')}",
         "- times in seconds from the launch of the process (debugpy's included); `held`: how "
         "long the client kept the program at the attention and scheduler stops (helper call, "
-        "continue)",
+        "continue); exception filters: "
+        f"{runs[0].get('exception_filters') if runs else None}",
         "",
     ]
     if runs:
@@ -326,17 +345,19 @@ def markdown(records: dict[str, Any], launch: Path) -> str:
             *(f"- launch {n} ERROR: {r['error']}" for n, r in enumerate(runs, 1) if "error" in r),
             "",
         ]
-    if run:
-        m = run.get("metrics", {})
+    for label, plain in (("", run), (" without the debugger", records.get("eager"))):
+        if not plain:
+            continue
+        m = plain.get("metrics", {})
         lines += [
-            f"## {run['config']}: `{' '.join(run['args'])}` (noDebug: {run['noDebug']}, "
-            f"Inductor cache {run['inductor_cache']})",
+            f"## {plain['config']}{label}: `{' '.join(plain['args'])}` (noDebug: "
+            f"{plain['noDebug']}, Inductor cache {plain['inductor_cache']})",
             "",
             "| load s | first step s | ms/step | total s | peak GiB | compiled |",
             "|---|---|---|---|---|---|",
             f"| {m.get('load_s')} | {m.get('first_step_s')} | {m.get('step_ms_mean')} "
             f"| {m.get('total_s')} | {m.get('peak_mem_gib')} | {m.get('compiled')} |",
-            *([f"- ERROR: {run['error']}"] if "error" in run else []),
+            *([f"- ERROR: {plain['error']}"] if "error" in plain else []),
             "",
         ]
     lines += ["## Targets (issue 11)", "", "| target | measured | met |", "|---|---|---|"]
@@ -371,6 +392,10 @@ def main(argv: list[str] | None = None) -> int:
                 save()
         if "run" in wanted:
             records["run"] = plain_run(configuration(args.launch, RUN), args, Path(work))
+            save()
+        if "eager" in wanted:
+            records["eager"] = plain_run(configuration(args.launch, DEBUG), args, Path(work),
+                                         "eager")
             save()
     (args.out / "results.md").write_text(markdown(records, args.launch))
     print((args.out / "results.md").read_text(), file=sys.stderr)
