@@ -9,9 +9,16 @@ file or a log, and under NOPASSWD (when `sudo -S` would leave it unread) never t
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import logging
+import os
 import shlex
+import signal
 import socket
 import subprocess
+import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,6 +52,10 @@ _SUDO_ASKPASS = (f"IFS= read -r {PASSWORD_VARIABLE}; export {PASSWORD_VARIABLE};
                  "-H -- sh -s")
 # How much of a failed script's output its one-line error carries (-v shows all of it).
 ERROR_TAIL_LINES = 3
+# What is kept of a connection's paramiko log (its -v detail): the last lines say the cause.
+TRANSPORT_LOG_LINES = 200
+# Each SSH connection's transports log on a channel of their own (see TransportLog).
+_log_channels = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -177,19 +188,37 @@ class LocalConnection(Connection):
 
     def _execute(self, command: str, stdin: str, timeout: float | None,
                  on_line: LineSink) -> Result:
+        # A session of its own: the time limit (or Ctrl-C) ends the command and everything it
+        # started, which may hold its output open (a read stuck on a FIFO, a hung mount).
         process = subprocess.Popen(["sh", "-c", command], stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   start_new_session=True)
         assert process.stdin and process.stdout and process.stderr
-        with ThreadPoolExecutor(2) as pool:
-            pool.submit(_write_and_close, process.stdin, stdin.encode())
-            stderr = pool.submit(process.stderr.read)
-            stdout = _read_lines(process.stdout, on_line)
-            try:
-                exit_code = process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                raise RemoteCommandFailed(f"@local: command ran past {timeout} s") from None
-            return Result(stdout, stderr.result().decode(errors="replace"), exit_code)
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            _end_session(process)
+
+        timer = threading.Timer(timeout, expire) if timeout else None
+        try:
+            if timer:
+                timer.start()
+            with ThreadPoolExecutor(2) as pool:
+                pool.submit(_write_and_close, process.stdin, stdin.encode())
+                stderr = pool.submit(process.stderr.read)
+                stdout = _read_lines(process.stdout, on_line)
+                exit_code = process.wait()
+                result = Result(stdout, stderr.result().decode(errors="replace"), exit_code)
+        except BaseException:
+            _end_session(process)
+            raise
+        finally:
+            if timer:
+                timer.cancel()
+        if expired.is_set():
+            raise RemoteCommandFailed(f"@local: command ran past {timeout} s")
+        return result
 
     def _hold(self, command: str, stdin: str, timeout: float) -> Held:
         process = subprocess.Popen(["sh", "-c", command], stdin=subprocess.PIPE,
@@ -236,6 +265,27 @@ class KnownHostsPolicy(paramiko.MissingHostKeyPolicy):
         client.get_host_keys().add(hostname, key.get_name(), key)
 
 
+class TransportLog(logging.Handler):
+    """What one connection's paramiko transports logged, kept as the detail of its errors.
+
+    paramiko's transport thread logs a handshake the host cut short as an ERROR with a
+    traceback; with no handler anywhere, Python's last-resort handler prints that on stderr
+    above the one-line error. A handler on the connection's own log channel (below
+    `paramiko.transport`) keeps it for -v instead; it does not stop propagation, so logging
+    configured by a caller still sees every record.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: deque[str] = deque(maxlen=TRANSPORT_LOG_LINES)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
 class SSHConnection(Connection):
     """A host reached over SSH, host keys checked, with transport keepalive."""
 
@@ -243,6 +293,7 @@ class SSHConnection(Connection):
                  accept_new_host_key: bool = False) -> None:
         super().__init__(target, sudo_password)
         self.accept_new_host_key = accept_new_host_key
+        self.transport_log = TransportLog()
         self._fabric = self._connection_for(target)
 
     def _connection_for(self, target: Target) -> fabric.Connection:
@@ -268,6 +319,9 @@ class SSHConnection(Connection):
                 conn.client.load_host_keys(path)
         conn.client.set_missing_host_key_policy(KnownHostsPolicy(
             target.known_hosts[0] if target.known_hosts else None, self.accept_new_host_key))
+        channel = f"paramiko.transport.provision-{next(_log_channels)}"
+        logging.getLogger(channel).addHandler(self.transport_log)
+        conn.client.set_log_channel(channel)
         return conn
 
     def open(self) -> SSHConnection:
@@ -291,11 +345,17 @@ class SSHConnection(Connection):
             ) from None
         except (OSError, paramiko.SSHException, EOFError) as exc:
             reason = str(exc) or type(exc).__name__
-            if isinstance(exc, socket.timeout):
+            cause = _handshake_cause(exc, self._fabric.client.get_transport())
+            if isinstance(cause, socket.timeout):
                 reason = f"no answer within {self.target.connect_timeout:g} s"
+            elif isinstance(cause, (EOFError, ConnectionError)):
+                # Before the banner or during key exchange: sshd's MaxStartups, a firewall or
+                # something that is not sshd on that port hung up.
+                reason = "the host closed the connection before the SSH handshake ended"
             raise HostUnreachable(
                 f"{where}: unreachable ({reason})",
                 "check that the host is up, the address and port are right, and sshd runs",
+                detail=self.transport_log.text(),
             ) from None
         transport = self._fabric.transport
         transport.set_keepalive(KEEPALIVE_SECONDS)
@@ -315,16 +375,23 @@ class SSHConnection(Connection):
                 # Feed stdin and drain stderr beside stdout, so no full window can stall us.
                 sent = pool.submit(_send_and_close, channel, stdin.encode())
                 stderr = pool.submit(channel.makefile_stderr("rb").read)
-                stdout = _read_lines(channel.makefile("rb"), on_line)
-                sent.result()
-                exit_code = channel.recv_exit_status()
+                try:
+                    stdout = _read_lines(channel.makefile("rb"), on_line)
+                    sent.result()
+                    exit_code = channel.recv_exit_status()
+                except BaseException:
+                    # Ctrl-C or the time limit: closed, the channel ends the stderr reader, so
+                    # leaving this block never waits on a host that does not answer.
+                    channel.close()
+                    raise
                 return Result(stdout, stderr.result().decode(errors="replace"), exit_code)
         except TimeoutError:
             raise RemoteCommandFailed(f"{self.name}: command ran past {timeout} s",
                                       "check the host's load, or rerun") from None
         except (OSError, paramiko.SSHException, EOFError) as exc:
             raise HostUnreachable(f"{self.name}: connection lost ({exc or type(exc).__name__})",
-                                  "rerun; every step is safe to repeat") from None
+                                  "rerun; every step is safe to repeat",
+                                  detail=self.transport_log.text()) from None
 
     def _hold(self, command: str, stdin: str, timeout: float) -> Held:
         try:
@@ -335,7 +402,7 @@ class SSHConnection(Connection):
             line = channel.makefile("rb").readline().decode(errors="replace").strip()
         except (TimeoutError, OSError, paramiko.SSHException) as exc:
             raise HostUnreachable(f"{self.name}: lost while taking the host lock ({exc})",
-                                  "rerun") from None
+                                  "rerun", detail=self.transport_log.text()) from None
         return Held(line, channel.close)
 
     def tunnel(self, address: str, port: int) -> paramiko.Channel:
@@ -357,6 +424,21 @@ class SSHConnection(Connection):
         self._fabric.close()
 
 
+def _handshake_cause(exc: BaseException, transport: paramiko.Transport | None) -> BaseException:
+    """What ended a handshake, under paramiko's wrapping of it."""
+    if isinstance(exc, paramiko.SSHException) and exc.__context__ is not None:
+        return exc.__context__  # "Error reading SSH protocol banner"
+    died = transport.get_exception() if transport is not None else None
+    if died is not None:
+        return _handshake_cause(died, None)
+    if (isinstance(exc, paramiko.SSHException) and transport is not None
+            and not transport.remote_version):
+        # The caller stopped waiting for the banner a moment before the transport's thread
+        # did (the same timeout), went on to authenticate: "No existing session".
+        return TimeoutError()
+    return exc
+
+
 def _ignore(line: str) -> None:
     """No one is watching the output as it comes."""
 
@@ -368,6 +450,12 @@ def _read_lines(stream: IO[bytes], on_line: LineSink) -> str:
         lines.append(line)
         on_line(line.rstrip("\n"))
     return "".join(lines)
+
+
+def _end_session(process: subprocess.Popen[bytes]) -> None:
+    """Kill a local command's whole session (it was started in one of its own)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 def _write_and_close(stream: IO[bytes], data: bytes) -> None:

@@ -8,19 +8,25 @@ Ubuntu 22.04/24.04 (with and without an H100) and Debian 12.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from provision.connection import Connection
-from provision.errors import FactsUnreadable
+from provision.errors import FactsUnreadable, RemoteCommandFailed
 from provision.inventory import SERVICE_NAME, Inventory
 
 SECTION = "@@@provision:"
 STATE_FILE = "/var/lib/provision/state.json"
 DAEMON_JSON = "/etc/docker/daemon.json"
 DPKG_LOCKS = ("/var/lib/dpkg/lock-frontend", "/var/lib/dpkg/lock", "/var/lib/apt/lists/lock")
+# How long the facts read may go without a word from the host before it fails (the script bounds
+# each read of a member's files far below it; this is for a hung mount, a stuck daemon).
+FACTS_TIMEOUT_SECONDS = 120
+# The line the paths section prints for a batch that ran past its time limit.
+TIMED_OUT = "timed-out"
 
 # POSIX sh: runs on any target, never stops at a failing probe, prints every section.
 FACTS_SCRIPT = r"""
@@ -28,8 +34,23 @@ set +e
 export LC_ALL=C PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH"
 sec() { printf '\n@@@provision:%s\n' "$1"; }
 home_of() { getent passwd "$1" | cut -d: -f6; }
-# "~name/rest" → that account's home + rest; fails for an account that does not exist.
-expand() { case "$1" in "~"*) u=${1%%/*}; h=$(home_of "${u#\~}"); [ -n "$h" ] && echo "$h/${1#*/}";; *) echo "$1";; esac; }
+# Root never looks through a member's link (to the admin's ~/.ssh, to /root) and never opens
+# her FIFO or other special file (it would hold the read forever).
+# True when no component of her path $2 below her home $1 is a symbolic link.
+unlinked() { _p=$1 _r=$2
+  while [ -n "$_r" ]; do
+    _p="$_p/${_r%%/*}"; [ -L "$_p" ] && return 1
+    case $_r in */*) _r=${_r#*/};; *) _r=;; esac
+  done; }
+# Her file $1, when it is a regular one and no link, on the stdin of "$@", read within 5 s (no
+# command: only whether it is); dd never follows a link swapped in since, nor waits on a FIFO.
+regular_in='f=$1; shift; [ -f "$f" ] && [ ! -L "$f" ] && { [ $# -eq 0 ] ||
+  timeout 5 dd if="$f" iflag=nofollow,nonblock status=none 2>/dev/null | "$@"; }'
+# regular_in for her file $3 below her home $2: in this shell where no link of hers is on the
+# way (no process more than the read needs: a team has many members), else as her ($1).
+member_file() { _u=$1 _f="$2/$3"
+  if unlinked "$2" "$3"; then shift 3; set -- "$_f" "$@"; eval "$regular_in"
+  else shift 3; (cd / && timeout 5 runuser -u "$_u" -- sh -c "$regular_in" sh "$_f" "$@"); fi; }
 # Members a previous run managed stay of interest after they leave the inventory (offboarding).
 PROVISION_ACCOUNTS=$(printf '%s\n' $PROVISION_ACCOUNTS $(sed -n 's/.*"members": *\[\([^]]*\)\].*/\1/p' /var/lib/provision/state.json 2>/dev/null | tr -d '",') | sort -u)
 sec os-release; cat /etc/os-release 2>/dev/null
@@ -41,13 +62,27 @@ sec group; getent group
 sec account-status
 today=$(( $(date +%s) / 86400 ))
 for u in $PROVISION_ACCOUNTS; do
-  k=$(grep -cE '^[^#[:space:]]' "$(home_of "$u")/.ssh/authorized_keys" 2>/dev/null)
+  k=$(member_file "$u" "$(home_of "$u")" .ssh/authorized_keys grep -cE '^[^#[:space:]]')
   getent shadow "$u" | awk -F: -v t="$today" -v k="${k:-0}" '{print $1, ($8 != "" && $8 <= t) ? "expired" : "active", k}'
 done
 sec sudoers-d; ls -1 /etc/sudoers.d 2>/dev/null
 sec sshd-test; sshd -t 2>&1; echo "exit=$?"
 sec sshd-effective; sshd -T 2>/dev/null | grep -iE '^(clientalive|port |permitrootlogin|passwordauthentication|authorizedkeysfile)'
 sec sshd-include; grep -iE '^[[:space:]]*Include' /etc/ssh/sshd_config 2>/dev/null
+sec listening
+# TCP listeners and who holds them (process names, uid): ss, else (no iproute2) the kernel's
+# tables joined to each process's sockets, as "proc ADDRESS:PORT UID NAME,…" (kernel hex).
+if command -v ss >/dev/null; then ss -ltnpe 2>/dev/null | grep '^LISTEN'; else
+  { awk '$4 == "0A" { print "L", $10, $2, $8 }' /proc/net/tcp /proc/net/tcp6 2>/dev/null
+    find /proc/[0-9]*/fd -lname 'socket:*' -printf 'S %l %h\n' 2>/dev/null; } | awk '
+    $1 == "L" { addr[$2] = $3; uid[$2] = $4; next }
+    { ino = $2; gsub(/[^0-9]/, "", ino); if (!(ino in addr)) next
+      pid = $3; sub(/^\/proc\//, "", pid); sub(/\/fd$/, "", pid)
+      f = "/proc/" pid "/comm"; name = ""; getline name < f; close(f)
+      if (name != "" && index("," names[ino] ",", "," name ",") == 0)
+        names[ino] = names[ino] (names[ino] == "" ? "" : ",") name }
+    END { for (i in addr) print "proc", addr[i], uid[i], names[i] }'
+fi
 sec cache-dir; stat -c '%F|%U|%G|%a' "$PROVISION_CACHE_DIR" 2>/dev/null
 sec cache-acl; getfacl -cp "$PROVISION_CACHE_DIR" 2>/dev/null
 sec cache-tokens; find "$PROVISION_CACHE_DIR" -maxdepth 2 -name token -type f 2>/dev/null
@@ -58,32 +93,54 @@ df -P -B1 "$p" 2>/dev/null | tail -n 1
 sec member-caches
 for u in $PROVISION_ACCOUNTS; do
   h=$(home_of "$u"); [ -n "$h" ] || continue; l="$h/.cache/huggingface"
-  if [ -L "$l" ]; then echo "$u|symlink|$(readlink "$l")"
-  elif [ -d "$l" ]; then echo "$u|dir|$(du -sb "$l" 2>/dev/null | cut -f1)"
+  # Her ~/.cache a link: where it leads is said, never looked into.
+  if ! unlinked "$h" .cache; then echo "$u|symlink|$(readlink "$h/.cache")/huggingface"
+  elif [ -L "$l" ]; then echo "$u|symlink|$(readlink "$l")"
+  elif [ -d "$l" ]; then echo "$u|dir|$(timeout 30 du -sb "$l" 2>/dev/null | cut -f1)"
   elif [ -e "$l" ]; then echo "$u|file|"
   else echo "$u|missing|"; fi
 done
 sec paths
 # Every asked path in a handful of processes (a team asks for hundreds): awk expands "~name/…"
-# through the passwd database, one stat and one sha256sum serve them all. "sha256:PATH" asks
-# for a file's digest instead of its content.
-t=$(mktemp -d)
+# through the passwd database; one stat, one sha256sum and one reader serve them all.
+# "sha256:PATH" asks for a file's digest instead of its content. Only regular files are read,
+# never through a last link nor waiting on a FIFO (dd). A path below a link in a member's home
+# (or through "..") is looked at as her, with her rights: root never reads through her link.
+# Each batch is bounded in time; one that ran out says so, and the read fails rather than take
+# the files it did not see for missing.
+t=$(mktemp -d); : > "$t/dirs"; : > "$t/her"; : > "$t/late"; limit=30
+bounded() { _l=$1; shift; timeout $limit "$@"; [ $? -ne 124 ] || echo "timed-out|$_l|$limit" >> "$t/late"; }
 getent passwd > "$t/passwd"
-printf '%s\n' "$PROVISION_PATHS" | awk -F: -v OFS='\t' '
-  NR == FNR { home[$1] = $6; next }
+# asked: request, path (and for one in a home: its account, the home); dirs: every directory
+# between a home and an asked path.
+printf '%s\n' "$PROVISION_PATHS" | awk -F: -v OFS='\t' -v dirs="$t/dirs" '
+  FILENAME == ARGV[1] { home[$1] = $6; next }
   $0 == "" { next }
   { p = $0; sub(/^sha256:/, "", p)
-    if (p ~ /^~/) { u = substr(p, 2); sub(/\/.*/, "", u); rest = p; sub(/^~[^\/]*\//, "", rest)
-      if (!(u in home)) { print $0, ""; next }
-      p = home[u] "/" rest }
-    print $0, p }' "$t/passwd" - > "$t/asked"
-cut -f2 "$t/asked" | grep -v '^$' | xargs -d '\n' -r stat -c '%n	%F|%U|%G|%a' > "$t/stat" 2>/dev/null
-awk -F'\t' '$1 ~ /^sha256:/ && $2 != "" { print $2 }' "$t/asked" | xargs -d '\n' -r sha256sum 2>/dev/null > "$t/sums"
-awk -F'\t' 'NR == FNR { kind[$1] = $2; next }
-  $1 !~ /^sha256:/ && kind[$2] ~ /^regular/ { print $2 }' "$t/stat" "$t/asked" | while IFS= read -r f; do
-  printf '%s\t%s\n' "$f" "$(head -c 262144 "$f" | base64 -w0)"; done > "$t/content"
-awk -F'\t' '$2 ~ /^symbolic link/ { print $1 }' "$t/stat" | while IFS= read -r f; do
-  printf '%s\t%s\n' "$f" "$(readlink "$f")"; done > "$t/links"
+    if (p !~ /^~/) { print $0, p; next }
+    u = substr(p, 2); sub(/\/.*/, "", u); rest = p; sub(/^~[^\/]*\//, "", rest)
+    if (!(u in home)) { print $0, ""; next }
+    d = home[u]; n = split(rest, c, "/")
+    for (i = 1; i < n; i++) { d = d "/" c[i]; if (!(d in seen)) { seen[d]; print d > dirs } }
+    print $0, home[u] "/" rest, u, home[u] }' "$t/passwd" - > "$t/asked"
+bounded stat xargs -d '\n' -r stat -c '%n	%F' < "$t/dirs" > "$t/dirkinds" 2>/dev/null
+# root: what root looks at itself; her: account, request, path of what is looked at as her.
+awk -F'\t' -v OFS='\t' -v her="$t/her" '
+  FILENAME == ARGV[1] { kind[$1] = $2; next }
+  $3 != "" { d = $4; n = split(substr($2, length($4) + 2), c, "/"); behind = 0
+    for (i = 1; i <= n; i++) {
+      if (c[i] == "..") behind = 1
+      if (i < n) { d = d "/" c[i]; if (kind[d] == "symbolic link") behind = 1 } }
+    if (behind) { print $3, $1, $2 > her; next } }
+  { print $1, $2 }' "$t/dirkinds" "$t/asked" > "$t/root"
+cut -f2 "$t/root" | grep -v '^$' | bounded stat xargs -d '\n' -r stat -c '%n	%F|%U|%G|%a' > "$t/stat" 2>/dev/null
+awk -F'\t' 'FILENAME == ARGV[1] { kind[$1] = $2; next }
+  kind[$2] ~ /^regular/ { print ($1 ~ /^sha256:/ ? "sum" : "read") "\t" $2 }' "$t/stat" "$t/root" > "$t/regular"
+sed -n 's/^sum\t//p' "$t/regular" | bounded sha256sum xargs -d '\n' -r sha256sum > "$t/sums" 2>/dev/null
+sed -n 's/^read\t//p' "$t/regular" | bounded read xargs -d '\n' -r sh -c 'for f; do printf "%s\t" "$f"
+  dd if="$f" bs=262144 count=1 iflag=nofollow,nonblock,fullblock status=none 2>/dev/null | base64 -w0; echo; done' sh > "$t/content"
+awk -F'\t' '$2 ~ /^symbolic link/ { print $1 }' "$t/stat" | bounded readlink xargs -d '\n' -r sh -c 'for f; do
+  printf "%s\t%s\n" "$f" "$(readlink -- "$f")"; done' sh > "$t/links"
 awk -F'\t' '
   FILENAME ~ /stat$/ { stat[$1] = $2; next }
   FILENAME ~ /sums$/ { h = $0; sub(/ .*/, "", h); f = $0; sub(/^[^ ]*  /, "", f); sum[f] = h; next }
@@ -96,7 +153,28 @@ awk -F'\t' '
     else if (kind == "symbolic link") { kind = "link"; extra = link[$2] }
     else { kind = "other" }
     print $1 "|" kind "|" s[2] "|" s[3] "|" s[4] "|" extra }' \
-  "$t/stat" "$t/sums" "$t/content" "$t/links" "$t/asked"
+  "$t/stat" "$t/sums" "$t/content" "$t/links" "$t/root"
+# As her, one path at a time (a member's links are few), printed as above.
+as_her='tab=$(printf "\t")
+while IFS=$tab read -r q f; do
+  s=$(stat -c "%F|%U|%G|%a" -- "$f" 2>/dev/null) || { echo "$q|missing"; continue; }
+  k=other x=
+  case $s in
+    regular*) k=file
+      case $q in
+        sha256:*) x=sha256:$(dd if="$f" iflag=nofollow,nonblock status=none 2>/dev/null | sha256sum | cut -d" " -f1);;
+        *) x=$(dd if="$f" bs=262144 count=1 iflag=nofollow,nonblock,fullblock status=none 2>/dev/null | base64 -w0);;
+      esac;;
+    "directory|"*) k=directory;;
+    "symbolic link|"*) k=link x=$(readlink -- "$f");;
+  esac
+  echo "$q|$k|${s#*|}|$x"
+done'
+cut -f1 "$t/her" | sort -u | while IFS= read -r u; do
+  awk -F'\t' -v u="$u" -v OFS='\t' '$1 == u { print $2, $3 }' "$t/her" |
+    (cd / && bounded "as $u" runuser -u "$u" -- sh -c "$as_her")
+done
+cat "$t/late"
 rm -rf "$t"
 sec tools; for c in setfacl visudo flock sshd systemctl apt-get; do command -v "$c" >/dev/null && echo "$c"; done
 sec docker
@@ -118,9 +196,9 @@ sec rootless
 for u in $PROVISION_ACCOUNTS $PROVISION_SERVICE_ACCOUNT; do
   id=$(id -u "$u" 2>/dev/null) || continue; h=$(home_of "$u")
   linger=no; [ -e "/var/lib/systemd/linger/$u" ] && linger=yes
-  unit=no; [ -f "$h/.config/systemd/user/docker.service" ] && [ ! -L "$h/.config/systemd/user/docker.service" ] && unit=yes
+  unit=no; member_file "$u" "$h" .config/systemd/user/docker.service && unit=yes
   sock=no; [ -S "/run/user/$id/docker.sock" ] && sock=yes
-  ctx=$(sed -n 's/.*"currentContext": *"\([^"]*\)".*/\1/p' "$h/.docker/config.json" 2>/dev/null | head -n 1)
+  ctx=$(member_file "$u" "$h" .docker/config.json sed -n 's/.*"currentContext": *"\([^"]*\)".*/\1/p' | head -n 1)
   images=
   if [ "$u" = "$PROVISION_SERVICE_ACCOUNT" ] && [ "$sock" = yes ]; then
     images=$(cd / && timeout 30 runuser -u "$u" -- env -i HOME="$h" PATH="$PATH" XDG_RUNTIME_DIR="/run/user/$id" docker -H "unix:///run/user/$id/docker.sock" image ls --format '{{.Repository}}:{{.Tag}}' 2>/dev/null | grep '^provision/' | paste -sd, -)
@@ -185,7 +263,11 @@ class Group:
 
 @dataclass(frozen=True)
 class PathState:
-    """A path on the host: its kind, owner, group, mode, a link's target, a file's text."""
+    """A path on the host: its kind, owner, group, mode, a link's target, a file's text.
+
+    Below a link in a member's home, the path as she sees it (root never looks through her
+    link): what she cannot reach reads as missing.
+    """
 
     path: str
     kind: str  # file | directory | link | other | missing
@@ -206,6 +288,7 @@ class Sshd:
     test_error: str
     effective: dict[str, str]
     includes_dropins: bool
+    ports: tuple[int, ...] = ()  # every `port` of `sshd -T` (effective keeps only the last)
 
     @property
     def client_alive_interval(self) -> int | None:
@@ -216,6 +299,25 @@ class Sshd:
     def client_alive_count_max(self) -> int | None:
         value = self.effective.get("clientalivecountmax")
         return int(value) if value and value.isdigit() else None
+
+
+@dataclass(frozen=True)
+class Listener:
+    """A TCP socket listening on the host and who holds it (`ss -ltnpe`)."""
+
+    address: str  # "0.0.0.0", "::" or "*" for every address of the host
+    port: int
+    processes: tuple[str, ...]  # process names; none when the kernel could not say
+    uid: int = 0  # the account that opened it
+
+    def overlaps(self, address: str) -> bool:
+        """Whether binding `address` on this port would collide with this socket: the same
+        address, or either one standing for every address."""
+        return bool({self.address, address} & WILDCARDS) or self.address == address
+
+
+# What ss and the kernel print for "every address" (an IPv6 wildcard takes IPv4 too).
+WILDCARDS = frozenset({"0.0.0.0", "::", "*"})
 
 
 @dataclass(frozen=True)
@@ -330,6 +432,7 @@ class HostFacts:
     images: tuple[str, ...] = ()  # provision's images (repository:tag) in the host's Docker
     units: dict[str, Unit] = field(default_factory=dict)  # the units provision manages
     member_daemons: dict[str, MemberDaemon] = field(default_factory=dict)
+    listeners: tuple[Listener, ...] = ()  # TCP ports in use on the host
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -376,8 +479,24 @@ def gather_facts(conn: Connection, inventory: Inventory, paths: tuple[str, ...] 
 
 
 def read_transcript(conn: Connection, inventory: Inventory, paths: tuple[str, ...] = ()) -> str:
-    """What the facts script prints, unparsed: what recorded fixtures and bug reports hold."""
-    return conn.run(FACTS_SCRIPT, env=facts_request(inventory, paths), what="facts").stdout
+    """What the facts script prints, unparsed: what recorded fixtures and bug reports hold.
+
+    Bounded in time, so nothing on the host (a member's special file, a hung mount) can hold
+    a plan or a converge: past the limit the read fails with one line.
+    """
+    try:
+        result = conn.run(FACTS_SCRIPT, env=facts_request(inventory, paths), what="facts",
+                          timeout=FACTS_TIMEOUT_SECONDS, check=False)
+    except RemoteCommandFailed:  # unchecked, a run raises it only when out of time
+        raise FactsUnreadable(f"{conn.name}: the facts read got no answer for "
+                              f"{FACTS_TIMEOUT_SECONDS} s",
+                              "check the host's mounts and load (a hung NFS or FUSE mount, a "
+                              "stuck nvidia-smi or Docker daemon), then rerun") from None
+    if not result.ok:
+        raise FactsUnreadable(f"{conn.name}: the facts script failed with exit code "
+                              f"{result.exit_code}: {result.tail()}",
+                              "rerun with -v for the full output", detail=result.output())
+    return result.stdout
 
 
 def split_sections(transcript: str) -> dict[str, list[str]]:
@@ -439,6 +558,7 @@ def _parse_sections(s: dict[str, list[str]], cache_dir: str) -> HostFacts:
                              for ln in s.get("docker", []) if ln.startswith("unit="))
                if len(parts) >= 2},
         member_daemons=_member_daemons(s.get("rootless", [])),
+        listeners=tuple(_listener(ln) for ln in s.get("listening", [])),
     )
 
 
@@ -491,9 +611,35 @@ def _sshd(s: dict[str, list[str]]) -> Sshd:
         key, _, value = line.partition(" ")
         effective[key.lower()] = value.strip()
     includes = any("sshd_config.d" in ln for ln in s.get("sshd-include", []))
+    ports = tuple(int(value) for key, _, value in (ln.strip().partition(" ")
+                                                   for ln in s.get("sshd-effective", []))
+                  if key.lower() == "port" and value.isdigit())
     return Sshd(test_ok=exit_line == "exit=0",
                 test_error="\n".join(ln for ln in test if not ln.startswith("exit=")),
-                effective=effective, includes_dropins=includes)
+                effective=effective, includes_dropins=includes, ports=ports)
+
+
+def _listener(line: str) -> Listener:
+    """One line of `ss -ltnpe` ("LISTEN 0 4096 127.0.0.1:8000 0.0.0.0:* users:(("docker-proxy",
+    pid=9,fd=4)) uid:999 ino:…"), or of the facts script's fallback without ss ("proc
+    0100007F:1F40 999 docker-proxy", the kernel's hex of /proc/net/tcp)."""
+    if line.startswith("proc "):
+        _, local, uid, *names = line.split(maxsplit=3)
+        address_hex, port_hex = local.split(":")
+        raw = bytes.fromhex(address_hex)
+        # The kernel prints each 32-bit word of the address in host (little-endian) order.
+        address = ipaddress.ip_address(b"".join(raw[i:i + 4][::-1]
+                                                for i in range(0, len(raw), 4)))
+        # A dual-stack socket bound to one IPv4 address shows it IPv4-mapped.
+        address = getattr(address, "ipv4_mapped", None) or address
+        return Listener(str(address), int(port_hex, 16),
+                        tuple(names[0].split(",")) if names else (), int(uid))
+    local = line.split()[3]
+    address, _, port = local.rpartition(":")
+    uid = re.search(r"\buid:(\d+)", line)
+    return Listener(address.strip("[]").partition("%")[0], int(port),
+                    tuple(dict.fromkeys(re.findall(r'\("([^"]*)",pid=', line))),
+                    int(uid.group(1)) if uid else 0)
 
 
 def _cache(path: str, s: dict[str, list[str]]) -> CacheDir:
@@ -538,6 +684,12 @@ def _paths(lines: list[str]) -> dict[str, PathState]:
     paths = {}
     for line in lines:
         parts = line.split("|")
+        if parts[0] == TIMED_OUT:
+            # What the batch did not see would read as missing, and be planned as new files.
+            what, seconds = ([*parts[1:], "", ""])[:2]
+            raise FactsUnreadable(f"reading the asked paths ({what}) ran past {seconds} s "
+                                  "on the host", "a member's special file or a hung mount may "
+                                  "hold it: rerun, and with -v see what the host printed")
         if len(parts) == 6:
             name, kind, owner, group, mode, extra = parts
             content = (extra if extra.startswith("sha256:") else

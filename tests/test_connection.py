@@ -4,6 +4,7 @@ and the one-round-trip facts. Each failure must be one line, its own exit code, 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -217,3 +218,20 @@ def test_a_sudo_password_for_a_nopasswd_admin_reaches_no_shell_and_no_output(own
     assert "keepalive" in logs  # the apply log is there to search
     for seen in (result.stdout, result.stderr, logs, *snapshots):
         assert canary not in seen
+
+
+def test_a_local_command_past_its_time_limit_ends_with_all_it_started(tmp_path) -> None:
+    """@local: a child that keeps the output open (a read stuck on a FIFO) cannot hold the run
+    past its limit; the limit ends the whole session and says so in one line."""
+    from provision.connection import LocalConnection
+    from provision.errors import RemoteCommandFailed
+    from provision.target import LOCAL, Target
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    conn = LocalConnection(Target(alias=LOCAL, user="me"))
+    started = time.monotonic()
+    with pytest.raises(RemoteCommandFailed, match="ran past 2 s"):
+        conn.run(f"(cat {fifo}) & wait", root=False, timeout=2)
+    assert time.monotonic() - started < 10
+    assert conn.run("echo fine", root=False, timeout=2).stdout == "fine\n"

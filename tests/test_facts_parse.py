@@ -485,6 +485,10 @@ def test_lent_h200_facts_json_is_its_parsed_transcript() -> None:
     assert {key: parsed.pop(key) for key in ("images", "units")} == {"images": [], "units": {}}
     # Recorded before the facts had member daemons (issue 12); none of its accounts existed.
     recorded.setdefault("member_daemons", {})
+    # Recorded before the facts had TCP listeners and sshd's ports (issue 23): no sshd there,
+    # and its transcript's listening section was inserted empty.
+    recorded.setdefault("listeners", [])
+    recorded["sshd"].setdefault("ports", [])
     assert recorded == parsed
 
 
