@@ -23,6 +23,7 @@ import tomlkit
 
 from provision import sandbox as sandboxes
 from provision.errors import DockerUnavailable
+from provision.facts import HostFacts, parse_facts
 from provision.sandbox import new_key_pair
 
 REPO = Path(__file__).resolve().parent.parent
@@ -213,3 +214,62 @@ def shared_host(make_host) -> Host:
     """One sandbox for tests that only read."""
     return make_host()
 
+
+
+# Helpers the test modules share (one home each, not imported from one test module by another).
+
+# Everything a converge may touch, as a root `find` prints it (path, owner, mode, size, link);
+# /var/lib/provision (the tool's own lock and state) is checked on its own where it matters.
+SNAPSHOT = ("getent passwd; getent group; getent shadow | cut -d: -f1,8; "
+            "find /etc/ssh /etc/sudoers.d /etc/profile.d /home /data "
+            "-printf '%p %u %g %m %s %l\\n' 2>/dev/null | sort; md5sum /etc/ssh/sshd_config")
+
+
+def converge(host: Host, *args: str) -> dict:
+    """`provision host NAME --json ARGS`: its report, exit code and stderr."""
+    result = host.cli("host", host.name, "--json", *args)
+    assert result.stdout, result.stderr
+    return {"exit": result.exit_code, "stderr": result.stderr, **json.loads(result.stdout)}
+
+
+def changes_of(report: dict) -> list[str]:
+    return [c["summary"] for step in report["hosts"][0]["steps"] for c in step["changes"]]
+
+
+def step_of(report: dict, name: str) -> dict:
+    return next(s for s in report["hosts"][0]["steps"] if s["step"] == name)
+
+
+def plant(host: Host, name: str, script: str) -> None:
+    """Her account made by hand (as a host has it before provision), then `script` run in her
+    home as root (root can make a hard link to /etc/shadow where she cannot: the worst case)."""
+    code, output = host.exec(f"useradd --create-home --shell /bin/bash --user-group {name} && "
+                             f"cd /home/{name} && {script}")
+    assert code == 0, output
+
+
+def doctor(host: Host, *args: str) -> tuple[int, dict[str, dict]]:
+    """`provision doctor NAME --json`: its exit code and its checks by name."""
+    result = host.cli("doctor", host.name, "--json", "--min-free-gb", "1", *args)
+    assert result.stdout, result.stderr
+    checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+    return result.exit_code, checks
+
+
+def facts_of(host: str) -> HostFacts:
+    """A facts fixture (tests/fixtures/facts/HOST.txt: recorded, or synthesized as its name and
+    header say), parsed."""
+    return parse_facts((FIXTURES / "facts" / f"{host}.txt").read_text(),
+                       "/data/cache/huggingface")
+
+
+def summaries(changes) -> list[str]:
+    return [c.summary for c in changes]
+
+
+def synthesized_h100_transcript(driver: str) -> str:
+    """SYNTHESIZED: ubuntu-24.04-h100's transcript with nvidia-smi reporting `driver`."""
+    text = (FIXTURES / "facts" / "ubuntu-24.04-h100.synthesized.txt").read_text()
+    recorded = "0, NVIDIA H100 80GB HBM3, 560.35.03, 9.0, 81559, "
+    assert recorded in text
+    return text.replace(recorded, f"0, NVIDIA H100 80GB HBM3, {driver}, 9.0, 81559, ")

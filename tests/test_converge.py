@@ -17,29 +17,12 @@ from provision.connection import connect
 from provision.engine import LOCK_EXCLUSIVE
 from provision.inventory import load_inventory
 from provision.target import resolve_target
-from tests.conftest import Host
+from tests.conftest import SNAPSHOT, Host, changes_of, converge
 
 pytestmark = pytest.mark.sandbox
 
 TEAM = [f"m{i:02d}" for i in range(10)]
 CACHE = "/data/cache/huggingface"
-# Everything a converge may touch, as a root `find` prints it (path, owner, mode, size, link);
-# /var/lib/provision (the tool's own lock and state) is checked on its own where it matters.
-SNAPSHOT = ("getent passwd; getent group; getent shadow | cut -d: -f1,8; "
-            "find /etc/ssh /etc/sudoers.d /etc/profile.d /home /data "
-            "-printf '%p %u %g %m %s %l\\n' 2>/dev/null | sort; md5sum /etc/ssh/sshd_config")
-
-
-def converge(host: Host, *args: str) -> dict:
-    result = host.cli("host", host.name, "--json", *args)
-    assert result.stdout, result.stderr
-    return {"exit": result.exit_code, "stderr": result.stderr, **json.loads(result.stdout)}
-
-
-def changes_of(report: dict) -> list[str]:
-    return [c["summary"] for step in report["hosts"][0]["steps"] for c in step["changes"]]
-
-
 @pytest.fixture(scope="module")
 def team_host(make_host) -> tuple[Host, dict]:
     """A sandbox converged once for a 10-member team (shared by the read-mostly tests)."""

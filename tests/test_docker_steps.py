@@ -8,8 +8,7 @@ import pytest
 import tomlkit
 
 from provision.sandbox import BASE_IMPORTED
-from tests.conftest import Host
-from tests.test_converge import changes_of, converge
+from tests.conftest import Host, changes_of, converge
 
 pytestmark = pytest.mark.sandbox
 

@@ -14,8 +14,7 @@ from provision.inventory import Inventory, parse_inventory
 from provision.sandbox import new_key_pair
 from provision.steps import all_steps
 from provision.target import Target
-from tests.conftest import FIXTURES
-from tests.test_plans import synthesized_h100_transcript
+from tests.conftest import FIXTURES, synthesized_h100_transcript
 
 
 class ScriptedHost(Connection):

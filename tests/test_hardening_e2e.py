@@ -13,8 +13,7 @@ import pytest
 import tomlkit
 
 from provision.sandbox import new_key_pair
-from tests.conftest import Host
-from tests.test_converge import SNAPSHOT, changes_of, converge
+from tests.conftest import SNAPSHOT, Host, changes_of, converge
 
 pytestmark = pytest.mark.sandbox
 

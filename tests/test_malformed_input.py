@@ -18,7 +18,7 @@ from provision.facts import PathState
 from provision.inventory import Inventory, Member
 from provision.steps import workspace
 from provision.verify import read_runs
-from tests.test_facts_parse import NOBLE_H100, facts
+from tests.conftest import facts_of
 
 RUN_OUTPUT = """
 @@@provision:run-storage
@@ -54,7 +54,7 @@ def test_a_garbled_workspace_record_makes_edits_drift_not_a_crash(tmp_path: Path
     so a file that differs is left alone as drift (never overwritten)."""
     member = Member("alice", ("ssh-ed25519 AAAA alice",), gpus="0")
     inventory = Inventory(path=tmp_path / "provision.toml", members=(member,))
-    seen = facts(NOBLE_H100)
+    seen = facts_of("ubuntu-24.04-h100.synthesized")
     base = f"~alice/{inventory.defaults.workspace_dir}"
     paths = {**seen.paths, workspace.record_path("alice"): PathState(
         workspace.record_path("alice"), "file", "root", "root", "600", "", '{"inference.py": "sha')}

@@ -24,9 +24,7 @@ from provision.errors import FactsUnreadable
 from provision.facts import parse_facts
 from provision.inventory import load_inventory
 from provision.target import resolve_target
-from tests.conftest import Host
-from tests.test_converge import converge
-from tests.test_planted_links_e2e import plant, step_of
+from tests.conftest import Host, converge, plant, step_of
 
 # Half the facts read's own limit (FACTS_TIMEOUT_SECONDS): a run that ends within it was never
 # held by her FIFO, not merely cut off.

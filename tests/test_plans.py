@@ -32,14 +32,9 @@ from provision.steps import (
     users,
     workspace,
 )
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, facts_of, summaries, synthesized_h100_transcript
 
 HOSTS = sorted(p.stem for p in (FIXTURES / "facts").glob("*.txt"))
-
-
-def facts_of(host: str) -> HostFacts:
-    return parse_facts((FIXTURES / "facts" / f"{host}.txt").read_text(),
-                       "/data/cache/huggingface")
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +45,6 @@ def team(tmp_path_factory) -> Inventory:
     data = {"members": [{"name": "alice", "keys": [key], "sudo": ["/usr/bin/nvidia-smi"]},
                         {"name": "dave", "keys": [key]}]}
     return parse_inventory(data, base / "provision.toml")
-
-
-def summaries(changes) -> list[str]:
-    return [c.summary for c in changes]
 
 
 def test_users_on_a_provisioned_host_adds_dave_and_offboards_carol(team: Inventory) -> None:
@@ -274,10 +265,13 @@ def test_every_step_plans_nothing_on_the_host_it_just_converged() -> None:
     with pytest.raises(NoGpu):
         nvidia.plan(facts, inventory)
     # Templates change after a recording: then workspace files provision wrote are brought up
-    # to date, files new since are seeded, and none of them is mistaken for a member's edit.
+    # to date, files and directories new since are made, and none is mistaken for a member's
+    # edit.
     changes = workspace.plan(facts, inventory)
     assert changes and not any(c.needs_force for c in changes)
-    assert {c.summary.split()[0] for c in changes} <= {"update", "seed", "remember"}
+    kinds = {"mkdir" if c.summary.endswith("workspace directories") else c.summary.split()[0]
+             for c in changes}
+    assert kinds <= {"update", "seed", "remember", "mkdir"}
 
 
 # --------------------------------------------------------------------------- the host's image
@@ -291,14 +285,6 @@ SYNTHESIZED_DRIVERS = {
     "570.133.20": ("cu128", "nvidia/cuda:12.8.1-base-ubuntu24.04", "3.12"),
     "580.95.05": ("cu130", "nvidia/cuda:13.0.0-base-ubuntu24.04", "3.12"),
 }
-
-
-def synthesized_h100_transcript(driver: str) -> str:
-    """SYNTHESIZED: ubuntu-24.04-h100's transcript with nvidia-smi reporting `driver`."""
-    text = (FIXTURES / "facts" / "ubuntu-24.04-h100.synthesized.txt").read_text()
-    recorded = "0, NVIDIA H100 80GB HBM3, 560.35.03, 9.0, 81559, "
-    assert recorded in text
-    return text.replace(recorded, f"0, NVIDIA H100 80GB HBM3, {driver}, 9.0, 81559, ")
 
 
 def synthesized_h100(driver: str) -> HostFacts:

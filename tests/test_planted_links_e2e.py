@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import Host
-from tests.test_converge import converge
+from tests.conftest import Host, converge, plant, step_of
 
 pytestmark = pytest.mark.sandbox
 
@@ -20,18 +19,6 @@ OUTSIDE = ("stat -c '%U %G %a %h' /etc/shadow; md5sum /etc/shadow; "
            "find /root -printf '%p %u %g %m %s\\n' | sort")
 # What dave's workspace would put in /etc if root wrote through his link.
 WORKSPACE_IN_ETC = "ls -d /etc/.devcontainer /etc/.vscode /etc/inference.py /etc/README.md"
-
-
-def plant(host: Host, name: str, script: str) -> None:
-    """Her account made by hand (as a host has it before provision), then the links, as root
-    (root can make a hard link to /etc/shadow where she cannot: the worst case)."""
-    code, output = host.exec(f"useradd --create-home --shell /bin/bash --user-group {name} && "
-                             f"cd /home/{name} && {script}")
-    assert code == 0, output
-
-
-def step_of(report: dict, name: str) -> dict:
-    return next(s for s in report["hosts"][0]["steps"] if s["step"] == name)
 
 
 def test_planted_links_are_never_followed(make_host) -> None:

@@ -11,22 +11,13 @@ import pytest
 
 from provision import privilege, safe
 from provision.errors import InventoryError
-from provision.facts import Group, HostFacts, parse_facts
+from provision.facts import Group
 from provision.inventory import Inventory, parse_inventory
 from provision.sandbox import new_key_pair
 from provision.steps import StepBlocked, hf_cache, users
-from tests.conftest import FIXTURES
+from tests.conftest import facts_of, summaries
 
 H100 = "ubuntu-24.04-h100.synthesized"
-
-
-def facts_of(host: str) -> HostFacts:
-    return parse_facts((FIXTURES / "facts" / f"{host}.txt").read_text(),
-                       "/data/cache/huggingface")
-
-
-def summaries(changes) -> list[str]:
-    return [c.summary for c in changes]
 
 
 @pytest.fixture(scope="module")

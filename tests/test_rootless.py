@@ -23,8 +23,7 @@ from provision.sandbox import new_inventory
 from provision.steps import hf_cache, nvidia, rootless, users
 from provision.steps.rootless import IdRange, allocate, read_ranges
 from provision.templating import render
-from tests.conftest import FIXTURES
-from tests.test_plans import facts_of, summaries
+from tests.conftest import FIXTURES, facts_of, summaries
 
 ROOTLESS = "debian-12-sandbox-rootless"
 ROOTFUL = "debian-12-sandbox-converged"

@@ -17,9 +17,7 @@ import pytest
 import tomlkit
 
 from provision.sandbox import BASE_IMPORTED
-from tests.conftest import Host
-from tests.test_converge import changes_of, converge
-from tests.test_team_e2e import doctor
+from tests.conftest import Host, changes_of, converge, doctor
 
 pytestmark = pytest.mark.sandbox
 

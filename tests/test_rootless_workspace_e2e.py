@@ -10,8 +10,7 @@ import json
 import pytest
 
 from provision.sandbox import DEMO_MEMBER
-from tests.conftest import Host
-from tests.test_converge import converge
+from tests.conftest import Host, converge
 
 pytestmark = pytest.mark.sandbox
 

@@ -9,8 +9,7 @@ import subprocess
 import pytest
 
 from provision.sandbox import BASE_IMPORTED
-from tests.conftest import Host
-from tests.test_converge import converge
+from tests.conftest import Host, converge, doctor
 
 pytestmark = pytest.mark.sandbox
 
@@ -25,13 +24,6 @@ def team_host(make_host) -> tuple[Host, dict]:
     assert converge(host)["exit"] == 0
     host.load_image(BASE_IMPORTED)
     return host, keys
-
-
-def doctor(host: Host, *args: str) -> tuple[int, dict[str, dict]]:
-    result = host.cli("doctor", host.name, "--json", "--min-free-gb", "1", *args)
-    assert result.stdout, result.stderr
-    checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
-    return result.exit_code, checks
 
 
 def test_onboarding_then_offboarding_a_teammate(team_host, tmp_path) -> None:

@@ -15,9 +15,8 @@ from PIL import Image
 
 from provision.render import DEBUG_LAUNCH
 from provision.sandbox import DEMO_MEMBER
-from tests.conftest import Host
+from tests.conftest import Host, converge
 from tests.dap import ATTENTION_HELPER_CHECK, DapClient, first_statement_line
-from tests.test_converge import converge
 
 pytestmark = pytest.mark.sandbox
 
