@@ -6,11 +6,13 @@ a traceback only with -v.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -35,6 +37,7 @@ from provision.errors import (
 )
 from provision.facts import HostFacts, gather_facts, parse_facts, read_transcript
 from provision.files import atomic_write
+from provision.gpus import DEFAULT_IDLE_AFTER, GpuReport, parse_duration, read_usage
 from provision.inventory import Inventory, inventory_path, load_inventory
 from provision.models import debug_model
 from provision.onboard import bundle, merge_ssh_block
@@ -247,6 +250,51 @@ def doctor(
     if failed:
         raise ChecksFailed(f"{host}: {len(failed)} check(s) failed: "
                            + "; ".join(c.name for c in failed), "see the remedies above")
+
+
+@app.command()
+def gpus(
+    ctx: typer.Context,
+    hosts: Annotated[list[str], typer.Argument(help="Host aliases (inventory or ~/.ssh/config)")],
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="One JSON document (with --watch: one a line, each refresh)")] = False,
+    watch: Annotated[float | None, typer.Option(
+        help="Refresh every SECONDS until Ctrl-C", min=1, metavar="SECONDS")] = None,
+    idle_after: Annotated[str, typer.Option(
+        help="Call a process idle after this long at 0 % (30m, 2h, 1d)", metavar="DURATION")
+    ] = DEFAULT_IDLE_AFTER,
+) -> None:
+    """Who uses which GPU on HOSTs: each GPU's processes, whose they are, their container,
+    each member's assignment against her use, and what sits idle (nothing is stopped)."""
+    settings: Settings = ctx.obj
+    inventory = settings.load(missing_ok=True)
+    idle_after_s = parse_duration(idle_after)
+    with contextlib.ExitStack() as opened:
+        conns = {host: opened.enter_context(settings.connect(host, inventory)) for host in hosts}
+
+        def show() -> None:
+            reports = [read_usage(conn, inventory, host, idle_after_s)
+                       for host, conn in conns.items()]
+            _show_gpus(reports, as_json, indent=None if watch else 2)
+
+        if watch is None:
+            show()
+            return
+        try:
+            while True:
+                show()
+                time.sleep(watch)
+        except Interrupted:
+            return  # Ctrl-C is how a watch ends: no error
+
+
+def _show_gpus(reports: list[GpuReport], as_json: bool, indent: int | None) -> None:
+    if as_json:
+        print(json.dumps({"hosts": [r.to_json() for r in reports]}, indent=indent), flush=True)
+        return
+    out.clear()  # a terminal shows the latest refresh alone; a pipe gets each in turn
+    for report in reports:
+        out.print(views.gpus_view(report))
 
 
 def _facts(settings: Settings, host: str, inventory: Inventory) -> HostFacts:

@@ -2,7 +2,8 @@
 
 Two round trips: the facts, and one probe script that acts as each member (`runuser`, so her
 groups are read from /etc/group as a fresh login reads them) and looks inside the team image.
-The verdicts are a pure function of both, tested on their own.
+The verdicts are a pure function of both, tested on their own. Where nvidia-smi reads a GPU, a
+third, `provision gpus`'s, warns of GPUs used outside an assignment or held by outsiders.
 """
 
 from __future__ import annotations
@@ -15,6 +16,14 @@ from provision.connection import Connection
 from provision.errors import InventoryError
 from provision.facts import HostFacts, gather_facts, split_sections
 from provision.gpu_access import CDI_SPEC, gpu_run_args, host_gpu_path
+from provision.gpus import (
+    DEFAULT_IDLE_AFTER,
+    NO_GPU,
+    GpuReport,
+    parse_duration,
+    read_usage,
+    unowned,
+)
 from provision.image import image_tag
 from provision.inventory import SERVICE_NAME, Inventory, Member
 from provision.render import render_workspace
@@ -428,4 +437,30 @@ def run_doctor(conn: Connection, inventory: Inventory, members: tuple[Member, ..
     probe = conn.run(probe_script(inventory, members, image, gpu_args),
                      what="doctor probe", check=False)
     settings = {name: facts.text(path) for name, path in settings_paths.items()}
-    return checks(facts, probe.stdout, inventory, members, min_free_gb, settings)
+    found = checks(facts, probe.stdout, inventory, members, min_free_gb, settings)
+    # Only where nvidia-smi answers: a GPU it cannot read is the GPU checks' failure.
+    usage = read_usage(conn, inventory, conn.name, parse_duration(DEFAULT_IDLE_AFTER)
+                       ) if facts.nvidia.gpus else None
+    return [*found, *gpu_use_checks(usage, members)]
+
+
+def gpu_use_checks(usage: GpuReport | None, members: tuple[Member, ...]) -> list[Check]:
+    """Warnings, not failures: a member on GPUs outside her `gpus`, and GPU memory held by a
+    process neither a member's nor the service's (`provision gpus` names them all)."""
+    if usage is None or usage.no_gpu:
+        return [Check(name, "skip", f"{NO_GPU} that nvidia-smi reads") for name in
+                ("GPUs within assignments", "GPU memory held by the team")]
+    names = {m.name for m in members}
+    outside = [a.line for a in usage.assignments if a.member in names and a.outside]
+    strays = [f"GPU {p.gpu}: pid {p.pid} ({p.comm}) of {p.owner}, {p.memory_mib} MiB"
+              for p in unowned(usage)]
+    return [
+        Check("GPUs within assignments", "warn" if outside else "pass",
+              "; ".join(outside) or "every member on her own GPUs",
+              "ask her to move to her GPUs (CUDA_VISIBLE_DEVICES), or change her gpus in the "
+              "inventory and converge" if outside else ""),
+        Check("GPU memory held by the team", "warn" if strays else "pass",
+              "; ".join(strays) or "every GPU process is a member's or the service's",
+              "see provision gpus HOST; stop it, or add its owner to the team" if strays
+              else ""),
+    ]

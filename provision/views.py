@@ -9,6 +9,7 @@ from rich.text import Text
 from provision.doctor import Check
 from provision.engine import HostReport
 from provision.facts import HostFacts
+from provision.gpus import NO_GPU, GpuProcess, GpuReport
 from provision.inventory import Member
 from provision.verify import ServiceReport, VerifyReport
 
@@ -177,3 +178,58 @@ def service_table(report: ServiceReport) -> Table:
             ("PNG", report.png)):
         table.add_row(label, str(value))
     return table
+
+
+def gpus_view(report: GpuReport) -> Group | Text:
+    """Per GPU its processes and whose they are, the unused GPUs, each member's assignment
+    against her use, and what is idle (the JSON carries the same)."""
+    if report.no_gpu:
+        return Text(f"{report.host}: {NO_GPU}")
+    table = Table(title=f"gpus: {report.host}")
+    for column in ("gpu", "memory", "util", "pid", "whose", "container", "its memory",
+                   "running", "idle"):
+        table.add_column(column)
+    for gpu in report.gpus:
+        head = [f"{gpu.index}: {gpu.name}",
+                f"{_mib(gpu.memory_used_mib)} / {_mib(gpu.memory_total_mib)}",
+                "?" if gpu.utilisation is None else f"{gpu.utilisation} %"]
+        if not gpu.processes:
+            table.add_row(*head, "-", Text("unused", style="dim"), "", "", "", "")
+        for n, process in enumerate(gpu.processes):
+            table.add_row(*(head if n == 0 else ["", "", ""]), *_process_cells(process))
+    idle_after = _duration(report.idle_after_s)
+    parts: list[Table | Text] = [table]
+    if report.unused:
+        parts.append(Text("unused: " + ", ".join(f"GPU {i}" for i in report.unused)))
+    parts.extend(Text(a.line, style="yellow" if a.outside else "") for a in report.assignments)
+    parts.append(Text(f"idle: GPU memory held while its GPU was at 0 % in every refresh for "
+                      f"{idle_after} or more, measured from the last refresh that saw it busy "
+                      "(else the first that saw the process); nothing is stopped", style="dim"))
+    return Group(*parts)
+
+
+def _process_cells(process: GpuProcess) -> list[str | Text]:
+    container = process.container
+    where = "-" if container is None else (
+        f"{container.name} ({container.image}), {container.daemon}" if container.name
+        else f"{container.id[:12]}, {container.daemon}")
+    idle = Text(f"idle {_duration(process.idle_s)}", style="bold yellow") if process.idle \
+        else ""
+    return [str(process.pid), f"{process.owner} ({process.comm})", where,
+            _mib(process.memory_mib),
+            "?" if process.running_s is None else _duration(process.running_s), idle]
+
+
+def _mib(value: int | None) -> str:
+    return "?" if value is None else f"{value} MiB"
+
+
+def _duration(seconds: int) -> str:
+    """2d 3h, 2h, 5m 2s, 40s: the two largest units, a zero second one left out."""
+    for unit, size, smaller, smaller_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60),
+                                              ("m", 60, "s", 1)):
+        if seconds >= size:
+            big, rest = divmod(seconds, size)
+            small = rest // smaller_size
+            return f"{big}{unit} {small}{smaller}" if small else f"{big}{unit}"
+    return f"{seconds}s"
