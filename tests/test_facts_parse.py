@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 from functools import cache
 from pathlib import Path
 
@@ -27,6 +29,8 @@ from provision.facts import (
     HostFacts,
     parse_facts,
 )
+from provision.templating import templates_dir
+from tests.conftest import require
 
 FIXTURES = Path(__file__).parent / "fixtures" / "facts"
 CACHE_DIR = "/data/cache/huggingface"
@@ -554,3 +558,13 @@ def test_garbled_output_is_one_clear_error(section: str, garbled: str) -> None:
     with pytest.raises(FactsUnreadable, match="could not be read") as caught:
         parse_facts(text, CACHE_DIR)
     assert caught.value.detail == text  # -v shows what the host printed
+
+
+def test_the_facts_script_passes_shellcheck() -> None:
+    """Shell is code (issue 24): the facts script is a file of its own, linted as sh."""
+    shellcheck = shutil.which("shellcheck")
+    require(shellcheck, "shellcheck (apt install shellcheck)")
+    assert shellcheck
+    done = subprocess.run([shellcheck, "-s", "sh", str(templates_dir() / "host" / "facts.sh")],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout
