@@ -61,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--launch", type=Path, required=True, help="a rendered .vscode/launch.json")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "debug")
     p.add_argument("--workspace", type=Path, default=WORKSPACE,
-                   help="where inference.py and attention_maps.py are (default: the templates)")
+                   help="where inference.py, sd35/ and attention_maps.py are "
+                        "(default: the templates)")
     p.add_argument("--configs", default="debug,run",
                    help="debug, run and/or eager (the Debug configuration's args without the "
                         "debugger: what its steps cost without it) (default: debug,run)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import shlex
+from pathlib import PurePosixPath
 
 from provision.render import WHEELHOUSE
 from provision.versions import ImageSpec
@@ -26,7 +27,8 @@ def image_tag(files: dict[str, str]) -> str:
 
 def upload_script(files: dict[str, str], directory: str) -> str:
     """Shell that writes `files` under `directory` (contents travel base64 in the script)."""
-    lines = [f"rm -rf {directory}", f"mkdir -p {directory}/.devcontainer"]
+    folders = sorted({str(PurePosixPath(directory, path).parent) for path in files})
+    lines = [f"rm -rf {directory}", f"mkdir -p {' '.join(folders)}"]
     for path, content in files.items():
         data = base64.b64encode(content.encode()).decode()
         lines.append(f"printf %s {data} | base64 -d > {directory}/{path}")

@@ -45,7 +45,7 @@ from provision.inventory import Inventory, Member
 from provision.models import debug_model
 from provision.steps.hf_cache import CACHE_LINK, TOKEN_DIR
 from provision.target import Target
-from provision.templating import raw, render
+from provision.templating import raw, render, templates_dir
 from provision.versions import PYPI_INDEX, PYTORCH_INDEX, ImageSpec, host_image, resolve_image
 
 LAUNCH_JSON = ".vscode/launch.json"
@@ -61,7 +61,13 @@ RENDERED = (
 )
 INFERENCE = "inference.py"
 ATTENTION_MAPS = "attention_maps.py"  # inference.py --attention-maps, and the debug console's
-COPIED = (INFERENCE, ATTENTION_MAPS)
+# inference.py's machinery (FP8, compiling, debugger, pipelines, metrics): a package beside it,
+# every module of `templates/workspace/sd35/`, so a module added there travels too.
+GENERATION_PACKAGE = "sd35"
+MACHINERY = tuple(sorted(f"{GENERATION_PACKAGE}/{module.name}" for module in
+                         (templates_dir() / "workspace" / GENERATION_PACKAGE).glob("*.py")))
+GENERATION = (INFERENCE, *MACHINERY)  # what running inference.py needs (verify, the service)
+COPIED = (INFERENCE, ATTENTION_MAPS, *MACHINERY)
 DEBUG_LAUNCH, RUN_LAUNCH = "Debug SD3.5 FP8", "Run SD3.5 FP8 (compiled)"
 VENV = "/opt/venv"  # the image's environment, root-owned: its pins change through a rebuild
 OUTPUTS = "outputs"  # inference.py's default output directory

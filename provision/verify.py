@@ -31,7 +31,7 @@ from provision.gpu_access import gpu_run_args, host_gpu_path
 from provision.image import ROOT, build_script, image_tag, upload_script
 from provision.inventory import Inventory, Member
 from provision.models import cached_weights, debug_model
-from provision.render import INFERENCE, SHM_SIZE, render_for_host
+from provision.render import GENERATION, INFERENCE, SHM_SIZE, render_for_host
 from provision.versions import host_image, resolve_image
 
 GPU_DEFAULTS = {"height": 1024, "width": 1024, "steps": 28}
@@ -119,8 +119,8 @@ def run_script(inventory: Inventory, member: Member, facts: HostFacts, files: di
     args = (f"--model {shlex.quote(size['model'])} --height {size['height']} "
             f"--width {size['width']} --steps {size['steps']} --seed 0")
     script = (f"mkdir -p {work}/.cache\nrm -f {work}/*.png {work}/*.json\n"
-              + upload_script({INFERENCE: files[INFERENCE]}, f"{work}.src")
-              + f"cp {work}.src/{INFERENCE} {work}/{INFERENCE}\nrm -rf {work}.src\n"
+              + upload_script({path: files[path] for path in GENERATION}, f"{work}.src")
+              + f"cp -R {work}.src/. {work}/\nrm -rf {work}.src\n"
               + ("" if place.member else f"chown -R {account.uid}:{account.gid} {work}\n"))
     for mode in dict.fromkeys((fp8, "off")):
         # The FP8 run compiles (what dq, the Run configuration and the service do), on a CPU

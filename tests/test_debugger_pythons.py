@@ -6,15 +6,15 @@ a breakpoint on the first statement of diffusers' `FlowMatchEulerDiscreteSchedul
 never stopped on the lent H200's 3.12 while every one stopped on 3.11. The cause was where
 the breakpoint went: on a multi-line `if (` line, which holds no code from 3.12, so debugpy
 moved it up to the method's signature, run once at import (tests/dap.py,
-`first_statement_line`). This runs what F5 runs, without torch (debugpy needs none):
-inference.py's own `untraced_by_debugpy` around the imports of a stand-in library written
-in diffusers' shape, then a pipeline calling `self.scheduler.step(...)`, under `python -m
-debugpy --listen ... --wait-for-client` with a DAP client attached as VS Code attaches.
+`first_statement_line`). This runs what F5 runs, without torch (debugpy needs none): the
+workspace's own `untraced_by_debugpy` (its `sd35/` package, imported as inference.py imports
+it) around the imports of a stand-in library written in diffusers' shape, then a pipeline
+calling `self.scheduler.step(...)`, under `python -m debugpy --listen ... --wait-for-client`
+with a DAP client attached as VS Code attaches.
 """
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import glob
 import os
@@ -32,7 +32,7 @@ from provision.versions import DEFAULT_IMAGE
 from tests.conftest import require
 from tests.dap import DapClient, first_statement_line
 
-INFERENCE = Path(__file__).resolve().parents[1] / "templates" / "workspace" / "inference.py"
+MACHINERY = Path(__file__).resolve().parents[1] / "templates" / "workspace" / "sd35"
 
 # The stand-in for diffusers' scheduling_flow_match_euler_discrete.py: annotations and defaults
 # in the signature (evaluated in the class body, at import), a docstring, and a first statement
@@ -72,23 +72,8 @@ class StableDiffusion3Pipeline:
         return sample
 '''
 STEPS = 2
-
-
-def untraced_by_debugpy_source() -> str:
-    """inference.py's own helper (the file imports torch at its top, so it is lifted out)."""
-    source = INFERENCE.read_text()
-    node = next(n for n in ast.parse(source).body
-                if isinstance(n, ast.FunctionDef) and n.name == "untraced_by_debugpy")
-    return "\n".join(source.splitlines()[node.decorator_list[0].lineno - 1:node.end_lineno])
-
-
 PROGRAM = """
-import contextlib
-import sys
-from collections.abc import Iterator
-
-{helper}
-
+from sd35.debugger import untraced_by_debugpy
 
 with untraced_by_debugpy():
     import pipeline
@@ -131,8 +116,8 @@ def free_port() -> int:
 def test_breakpoints_in_libraries_imported_untraced_stop_on_every_python(python, tmp_path):
     (tmp_path / "scheduling.py").write_text(SCHEDULER)
     (tmp_path / "pipeline.py").write_text(PIPELINE)
-    (tmp_path / "prog.py").write_text(PROGRAM.format(helper=untraced_by_debugpy_source(),
-                                                     steps=STEPS))
+    shutil.copytree(MACHINERY, tmp_path / "sd35", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "prog.py").write_text(PROGRAM.format(steps=STEPS))
     step_line = first_statement_line(SCHEDULER, "FlowMatchEulerDiscreteScheduler", "step")
     call_line = next(n for n, text in enumerate(PIPELINE.splitlines(), 1)
                      if "self.scheduler.step(" in text)

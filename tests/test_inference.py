@@ -1,4 +1,5 @@
-"""CPU tests of `templates/workspace/inference.py` with the tiny random-weight SD3.5 model.
+"""CPU tests of `templates/workspace/inference.py` and its `sd35/` machinery with the tiny
+random-weight SD3.5 model.
 
 Why: every member runs this script and `provision verify` parses its output, so these pin its
 contract without a GPU or a download: one JSON line on stdout, a PNG of the requested size,
@@ -11,7 +12,7 @@ against the processor's own queries and keys, one PNG per prompt token). Tiny mo
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
@@ -42,8 +43,9 @@ MARKER = "# BREAKPOINT: latents before VAE decode"
 # Runs inference.py under a line tracer that records `latents.shape` each time the marked
 # line is about to run: what a debugger stopped on that line would show.
 TRACE_DRIVER = """
-import json, runpy, sys
+import json, os, runpy, sys
 script, line, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+sys.path.insert(0, os.path.dirname(script))  # as `python script` does: sd35/ is beside it
 seen = []
 def on_line(frame, event, arg):
     if event == "line" and frame.f_lineno == line:
@@ -65,8 +67,9 @@ with open(out, "w") as f:
 # really compiled), optionally under a trace function as a debugger sets one; writes the
 # names of the compile calls it saw.
 COMPILE_DRIVER = """
-import json, runpy, sys, torch
+import json, os, runpy, sys, torch
 script, out, traced = sys.argv[1], sys.argv[2], sys.argv[3] == "traced"
+sys.path.insert(0, os.path.dirname(script))  # as `python script` does: sd35/ is beside it
 calls = []
 torch.nn.Module.compile = lambda self, *a, **k: calls.append(type(self).__name__)
 torch.compile = lambda *a, **k: calls.append("torch.compile")
@@ -229,25 +232,22 @@ def test_library_imports_run_untraced_only_under_a_connected_debugpy_and_tracing
 ) -> None:
     """Under F5 the libraries import untraced (seconds off the first breakpoint), and tracing
     is back on after the block, even when it raised: the model code must stay debuggable."""
-    inference = load_workspace_module("inference")
+    debugger = workspace_module("sd35.debugger")
     debugpy = DebugpyStandIn(connected)
     monkeypatch.setitem(sys.modules, "debugpy", debugpy)
-    with inference.untraced_by_debugpy():
+    with debugger.untraced_by_debugpy():
         assert debugpy.calls == ([False] if connected else [])
-    with pytest.raises(ImportError), inference.untraced_by_debugpy():
+    with pytest.raises(ImportError), debugger.untraced_by_debugpy():
         raise ImportError("a library that does not import")
     assert debugpy.calls == ([False, True] * 2 if connected else [])
 
 
-def load_workspace_module(name: str) -> ModuleType:
-    """A workspace file imported as the debug console imports it (its folder on sys.path)."""
+def workspace_module(name: str) -> ModuleType:
+    """A workspace module (`sd35.fp8`, `attention_maps`) imported as inference.py and the debug
+    console import it: the workspace's folder on sys.path."""
     sys.path.insert(0, str(SCRIPT.parent))
     try:
-        spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
-        assert spec and spec.loader
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(SCRIPT.parent))
 
@@ -259,8 +259,8 @@ def test_attention_helper_is_the_processors_own_attention_and_rows_sum_to_1(
     softmax of those very queries (text) and keys (image), for the prompt half of the batch."""
     import torch
 
-    inference, maps = load_workspace_module("inference"), load_workspace_module("attention_maps")
-    transformer = inference.random_pipeline("tiny", torch.device("cpu"), seed=0).transformer
+    pipelines, maps = workspace_module("sd35.pipelines"), workspace_module("attention_maps")
+    transformer = pipelines.random_pipeline("tiny", torch.device("cpu"), seed=0).transformer
     seen: dict[str, object] = {}
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
@@ -324,9 +324,9 @@ def test_a_saved_pipeline_loads_through_the_device_map(tmp_path: Path) -> None:
     pipeline: the same image as the random-weight run that saved it."""
     import torch
 
-    inference = load_workspace_module("inference")
+    pipelines = workspace_module("sd35.pipelines")
     saved = tmp_path / "tiny-pipeline"
-    inference.random_pipeline("tiny", torch.device("cpu"), seed=0).save_pretrained(saved)
+    pipelines.random_pipeline("tiny", torch.device("cpu"), seed=0).save_pretrained(saved)
     args = ["--fp8", "off", "--steps", "2", "--height", str(HEIGHT), "--width", str(WIDTH)]
     loaded = metrics_of(run_python(tmp_path, str(SCRIPT), *args, "--model", str(saved),
                                    "--output", str(tmp_path / "loaded.png")))
@@ -367,8 +367,8 @@ def test_gpu_steps_are_timed_by_events_without_stalling_between_steps(
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device: f"stream of {device}")
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waits.append("device"))
-    inference = load_workspace_module("inference")
-    timer = inference.StepTimer(torch.device("cuda:1"))
+    metrics = workspace_module("sd35.metrics")
+    timer = metrics.StepTimer(torch.device("cuda:1"))
     timer.on_transformer_call(None, ())
     timer.on_transformer_call(None, ())  # a second transformer call in step 1 marks nothing
     for step in range(3):
@@ -390,8 +390,8 @@ def test_dq_quantizes_without_torchaos_inductor_tuning(monkeypatch: pytest.Monke
 
     given: list[object] = []
     monkeypatch.setattr(torchao.quantization, "quantize_", lambda _model, cfg: given.append(cfg))
-    inference = load_workspace_module("inference")
-    inference.apply_fp8(SD3Transformer2DModel(**inference.SD35_TINY), "dq")
+    fp8, configs = workspace_module("sd35.fp8"), workspace_module("sd35.configs")
+    fp8.apply_fp8(SD3Transformer2DModel(**configs.SD35_TINY), "dq")
     [config] = given
     assert isinstance(config, torchao.quantization.Float8DynamicActivationFloat8WeightConfig)
     assert config.set_inductor_config is False
@@ -405,9 +405,9 @@ def test_sigmoid_form_gelu_leaves_the_transformers_output_unchanged() -> None:
     import torch
     from diffusers import SD3Transformer2DModel
 
-    inference = load_workspace_module("inference")
+    compiling, configs = workspace_module("sd35.compiling"), workspace_module("sd35.configs")
     torch.manual_seed(0)
-    model = SD3Transformer2DModel(**inference.SD35_TINY).eval()
+    model = SD3Transformer2DModel(**configs.SD35_TINY).eval()
     generator = torch.Generator().manual_seed(1)
     inputs = {
         "hidden_states": torch.randn(1, 16, 8, 8, generator=generator),
@@ -421,7 +421,7 @@ def test_sigmoid_form_gelu_leaves_the_transformers_output_unchanged() -> None:
     }
     with torch.no_grad():
         before = model(**inputs)[0]
-        swapped = inference.use_sigmoid_gelu_(model)
+        swapped = compiling.use_sigmoid_gelu_(model)
         after = model(**inputs)[0]
     assert swapped == 2 * model.config.num_layers - 1  # the last block has no context MLP
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
@@ -447,11 +447,11 @@ def test_rows_up_to_the_limit_are_reduced_in_one_pass(
     from torch._inductor.runtime.hints import ReductionHint
     from torch._inductor.virtualized import V
 
-    inference = load_workspace_module("inference")
+    compiling = workspace_module("sd35.compiling")
     default = "Inductor's own decision"
     monkeypatch.setattr(inductor_choices.InductorChoices, "should_use_persistent_reduction",
                         staticmethod(lambda features, cooperative: default))
-    assert inference.keep_rows_in_registers() is True
+    assert compiling.keep_rows_in_registers() is True
 
     class Reduction:
         def __init__(self, numel: int, hint: ReductionHint = ReductionHint.INNER) -> None:
@@ -463,7 +463,7 @@ def test_rows_up_to_the_limit_are_reduced_in_one_pass(
 
     decide = V.choices.should_use_persistent_reduction
     assert decide(Reduction(2432), False) is True
-    assert decide(Reduction(inference.PERSISTENT_ROW_LIMIT), False) is True
+    assert decide(Reduction(compiling.PERSISTENT_ROW_LIMIT), False) is True
     assert decide(Reduction(9728), False) == default
     assert decide(Reduction(2432, ReductionHint.OUTER), False) == default
     assert decide(Reduction(2432), True) == default
@@ -476,11 +476,11 @@ def test_a_torch_whose_heuristic_takes_other_arguments_keeps_its_defaults(
     compilation, so it is not installed."""
     from torch._inductor.virtualized import V
 
-    inference = load_workspace_module("inference")
+    compiling = workspace_module("sd35.compiling")
     monkeypatch.setattr(inductor_choices.InductorChoices, "should_use_persistent_reduction",
                         staticmethod(lambda features, cooperative, hints: False))  # fmt: skip
     before = V.choices
-    assert inference.keep_rows_in_registers() is False
+    assert compiling.keep_rows_in_registers() is False
     assert V.choices is before
 
 
@@ -494,15 +494,15 @@ def test_compiling_the_blocks_brings_both_kernel_changes(
     from diffusers.models.activations import GELU
     from torch._inductor.virtualized import V
 
-    inference = load_workspace_module("inference")
+    compiling, configs = workspace_module("sd35.compiling"), workspace_module("sd35.configs")
     compiled: list[str] = []
     monkeypatch.setattr(
         torch.nn.Module, "compile", lambda self: compiled.append(type(self).__name__)
     )
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    model = SD3Transformer2DModel(**inference.SD35_TINY)
-    assert inference.compile_blocks(model) == str(tmp_path)
+    model = SD3Transformer2DModel(**configs.SD35_TINY)
+    assert compiling.compile_blocks(model) == str(tmp_path)
     assert compiled == ["JointTransformerBlock"] * model.config.num_layers
     gelus = [m for m in model.modules() if isinstance(m, GELU)]
-    assert gelus and all(m.gelu is inference.sigmoid_form_gelu for m in gelus)
+    assert gelus and all(m.gelu is compiling.sigmoid_form_gelu for m in gelus)
     assert type(V.choices).__name__ == "RowsInRegisters"

@@ -55,7 +55,7 @@ def test_the_wheel_runs_in_a_bare_venv(installed: Path, tmp_path: Path) -> None:
     rendered = cli(installed, "render", "--out", "out", cwd=tmp_path)
     assert rendered.returncode == 0, rendered.stderr
     for name in (".devcontainer/devcontainer.json", ".devcontainer/Dockerfile",
-                 ".vscode/launch.json", "inference.py"):
+                 ".vscode/launch.json", "inference.py", "sd35/__init__.py", "sd35/fp8.py"):
         assert (tmp_path / "out" / "alice" / name).is_file(), name
 
 

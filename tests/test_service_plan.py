@@ -15,18 +15,14 @@ from provision.changes import Run, WriteFile
 from provision.engine import apply_script
 from provision.facts import HostFacts, MemberDaemon, PathState, Unit, parse_facts
 from provision.inventory import Inventory, Service, load_inventory, parse_inventory
+from provision.render import MACHINERY
 from provision.steps import StepBlocked, service
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, facts_of
 
 SANDBOX = "debian-12-sandbox-converged"  # RECORDED: a converged sandbox, no GPU, docker.io
 # RECORDED: a sandbox converged rootless (members dev, alice, bob, each her own daemon)
 ROOTLESS = "debian-12-sandbox-rootless"
 H200 = "ubuntu-24.04-h200"  # RECORDED: the lent H200 (no Docker there)
-
-
-def facts_of(host: str) -> HostFacts:
-    return parse_facts((FIXTURES / "facts" / f"{host}.txt").read_text(),
-                       "/data/cache/huggingface")
 
 
 def inventory(tmp_path: Path, **table: object) -> Inventory:
@@ -65,9 +61,12 @@ def test_a_host_gets_the_account_the_files_the_image_and_a_started_unit(tmp_path
     assert uid < 1000 and uid not in {a.uid for a in facts.accounts.values()}
     assert summaries[1] == "/var/lib/sd35-api: the service's home and compile cache"
     written = {a.path: a for c in changes for a in c.actions if isinstance(a, WriteFile)}
+    # inference.py with every module of its sd35/ package: what the API imports.
     assert set(written) == {"/opt/sd35-api/sd35_api.py", "/opt/sd35-api/healthcheck.py",
                             "/opt/sd35-api/inference.py", "/etc/sd35-api/env",
-                            "/etc/systemd/system/sd35-api.service"}
+                            "/etc/systemd/system/sd35-api.service",
+                            *(f"/opt/sd35-api/{path}" for path in MACHINERY)}
+    assert "/opt/sd35-api/sd35/fp8.py" in written
     env = written["/etc/sd35-api/env"].content
     assert "SD35_MODEL=tiny\nSD35_FP8=dq\nSD35_MAX_QUEUE=2\n" in env
     assert "HF_HUB_OFFLINE=1" in env

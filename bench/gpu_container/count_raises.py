@@ -12,6 +12,7 @@ with two step counts: the difference over the extra steps is the per-step number
 from __future__ import annotations
 
 import json
+import os
 import runpy
 import sys
 
@@ -32,6 +33,8 @@ def main() -> None:
     monitoring.register_callback(TOOL, monitoring.events.PY_UNWIND, _count("unwind"))
     monitoring.set_events(TOOL, monitoring.events.RAISE | monitoring.events.PY_UNWIND)
     sys.argv = sys.argv[1:]
+    # As `python FILE` does (run_path does not): inference.py imports sd35/ from beside it.
+    sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))
     try:
         runpy.run_path(sys.argv[0], run_name="__main__")
     finally:

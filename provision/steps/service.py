@@ -2,8 +2,9 @@
 
 With a `[service]` table in the inventory each host gets:
 - a system account `sd35-api` (not a member: no login, home /var/lib/sd35-api, its state);
-- the API (`templates/service/sd35_api.py`, with the workspace's `inference.py` beside it:
-  one pipeline code) in /opt/sd35-api, mounted read-only into the container;
+- the API (`templates/service/sd35_api.py`, with the workspace's `inference.py` and its
+  `sd35/` package beside it: one pipeline code) in /opt/sd35-api, mounted read-only into the
+  container;
 - the team image, built on the host as `verify` builds it (same Dockerfile and pins, rendered
   for the service account; tagged by their hash, so it is built once);
 - an environment file and a systemd unit with `Restart=always`: the container runs in the
@@ -35,7 +36,10 @@ A switch of docker_mode is such a change: the unit is stopped, the container lef
 other daemon removed, and the unit started in the new one; the image and compile cache of the
 old mode stay where they were (rootless to rootful also stops the account's daemon, keeping
 its data). The port is published on `bind` (loopback unless the inventory says otherwise):
-members reach it through their SSH connection.
+members reach it through their SSH connection. Before anything, the port is checked against
+the host: sshd's port, or one something else listens on, blocks the step (a unit that cannot
+publish its port restarts for ever); any other bind is open to the network, and the API has no
+authentication: the plan warns.
 
 A `[service]` table removed from the inventory stops and disables the unit and removes it; the
 account, its state (the compile cache) and the image stay.
@@ -43,15 +47,17 @@ account, its state (the compile cache) and the image stay.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import shlex
 
 from provision.changes import Change, Run, WriteFile, as_member, run
-from provision.facts import HostFacts
+from provision.facts import HostFacts, Listener
 from provision.gpu_access import gpu_run_args, host_gpu_path
 from provision.image import build_script, image_tag
 from provision.inventory import SERVICE_HOME, SERVICE_NAME, Inventory, Member, Service
 from provision.models import debug_model
-from provision.render import INFERENCE, SHM_SIZE, render_workspace
+from provision.render import GENERATION, SHM_SIZE, render_workspace
 from provision.steps import Proof, Step, StepBlocked, nvidia, rootless
 from provision.templating import raw, render
 from provision.versions import host_image
@@ -70,21 +76,92 @@ DAEMON_JSON = f"~{SERVICE_NAME}/{nvidia.MEMBER_DAEMON_JSON}"
 CONTAINER_PORT = 8000
 # The API and what it imports, as they go to APP_DIR (template path → file name there).
 APP_FILES = {"service/sd35_api.py": "sd35_api.py", "service/healthcheck.py": "healthcheck.py",
-             f"workspace/{INFERENCE}": INFERENCE}
+             **{f"workspace/{path}": path for path in GENERATION}}
 # The first system id (counting down, as useradd --system does) free as both uid and gid.
 SYSTEM_IDS = range(999, 99, -1)
 # Up to 30 minutes for the first health: a cold FP8 compile takes minutes, real weights more.
-# Prints only the last state seen ("healthy", or what it was); safe under `sh -e`.
-HEALTH_POLL = f"""health=
-for _ in $(seq 360); do
+# A unit that cannot run (a port taken since the plan, a broken image) never gets there:
+# Restart=always starts it again every RestartSec, for ever, so the wait ends once systemd has
+# restarted it CRASH_RESTARTS times, or when it failed or was stopped.
+HEALTH_POLLS, HEALTH_POLL_SECONDS = 360, 5
+CRASH_RESTARTS = 3
+# Prints one line, the last state seen ("healthy", or why not); safe under `sh -e`.
+HEALTH_POLL = f"""restarts() {{
+  n=$(systemctl show --property NRestarts --value {UNIT} 2>/dev/null) || n=; echo "${{n:-0}}"
+}}
+base=$(restarts) health= state= restarted=0 started=$(date +%s)
+for _ in $(seq {HEALTH_POLLS}); do
   health=$(docker inspect --format '{{{{.State.Health.Status}}}}' {SERVICE_NAME} 2>/dev/null) \
     || health=
   [ "$health" = healthy ] && break
-  systemctl is-failed --quiet {UNIT} && break
-  sleep 5
+  state=$(systemctl is-active {UNIT} 2>/dev/null) || true
+  restarted=$(( $(restarts) - base ))
+  [ "$restarted" -ge {CRASH_RESTARTS} ] && break
+  case $state in failed|inactive) break;; esac
+  sleep {HEALTH_POLL_SECONDS}
 done
-if [ "$health" = healthy ]; then echo healthy; else echo "health: ${{health:-no container}}"; fi
+if [ "$health" = healthy ]; then echo healthy
+elif [ "$restarted" -ge {CRASH_RESTARTS} ]; then
+  echo "{UNIT} is crash-looping: systemd restarted it $restarted times in" \
+    "$(( $(date +%s) - started )) s and it never answered /health"
+elif [ "$state" = failed ] || [ "$state" = inactive ]; then echo "{UNIT} is $state"
+else echo "health: ${{health:-no container}} after {HEALTH_POLLS * HEALTH_POLL_SECONDS // 60} min"
+fi
 """
+
+
+# The system daemon's userland proxy, which holds a rootful container's published port.
+SYSTEM_PUBLISHERS = frozenset({"docker-proxy"})
+
+
+def port_conflict(facts: HostFacts, service: Service) -> str | None:
+    """Why the service cannot publish its port on this host (sshd's, or held by something
+    else), or None. The service's own socket is no conflict: a re-converge or a docker_mode
+    switch frees it before it starts again."""
+    if service.port in facts.sshd.ports:
+        return "sshd listens there (its Port): the service could never start"
+    for listener in facts.listeners:
+        if (listener.port == service.port and listener.overlaps(service.bind)
+                and not _ours(facts, listener)):
+            return f"{listener.address}:{listener.port} is in use by {_holder(facts, listener)}"
+    return None
+
+
+def _ours(facts: HostFacts, listener: Listener) -> bool:
+    """Whether the unit the host runs now publishes this socket: rootless, any socket of the
+    account (its daemon's rootlesskit, which runs nothing else); rootful, the system daemon's
+    proxy while the unit runs (no other container can hold the port it published)."""
+    unit = facts.text(UNIT_FILE)
+    if unit is None or not re.search(rf"--publish \S+:{listener.port}:{CONTAINER_PORT}\b", unit):
+        return False
+    if runs_rootless(unit):
+        account = facts.accounts.get(SERVICE_NAME)
+        return account is not None and listener.uid == account.uid
+    state = facts.units.get(UNIT)
+    return (state is not None and state.active == "active" and bool(listener.processes)
+            and set(listener.processes) <= SYSTEM_PUBLISHERS)
+
+
+def _holder(facts: HostFacts, listener: Listener) -> str:
+    """Who holds a socket, in words: its processes and, when not root, their account."""
+    names = ", ".join(listener.processes) or "a process the host did not name"
+    if listener.uid == 0:
+        return names
+    account = next((a.name for a in facts.accounts.values() if a.uid == listener.uid),
+                   f"uid {listener.uid}")
+    return f"{names} (of {account})"
+
+
+def exposure(service: Service) -> str | None:
+    """The plan's warning for a bind other than loopback, None for loopback."""
+    address = ipaddress.ip_address(service.bind)
+    if address.is_loopback:
+        return None
+    where = "every address of the host" if address.is_unspecified else service.bind
+    return (f"[service] bind = {service.bind}: the API has no authentication and is open to "
+            f"the network on {where}, port {service.port}: anyone who reaches it generates "
+            "with this host's GPUs; keep the loopback default (members reach it through "
+            "SSH) or firewall the port")
 
 
 def docker_script(inventory: Inventory, script: str) -> str:
@@ -184,6 +261,9 @@ def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
     service = inventory.service
     if service is None:
         return _removal(facts)
+    if conflict := port_conflict(facts, service):
+        raise StepBlocked(f"[service] port = {service.port}: {conflict}",
+                          "set [service] port to one nothing listens on")
     if not facts.docker.installed:
         raise StepBlocked("Docker is not installed", "the docker step installs it")
     mode_rootless = inventory.defaults.rootless
@@ -214,6 +294,7 @@ def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
     changes += definition
     state = facts.units.get(UNIT)
     where = f"{service.bind}:{service.port}"
+    warning = exposure(service)  # on the change that opens the port
     current_unit = facts.text(UNIT_FILE)
     switched = current_unit is not None and runs_rootless(current_unit) != mode_rootless
     if definition:
@@ -224,11 +305,11 @@ def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
                      if switched else ""),
             "systemctl daemon-reload", f"systemctl enable --quiet {UNIT}",
             *(_leave_other_daemon(facts, mode_rootless) if switched else
-              (f"systemctl restart {UNIT}",))))
+              (f"systemctl restart {UNIT}",)), warning=warning))
     elif state is None or state.active != "active" or state.enabled != "enabled":
         changes.append(run(NAME, f"start {UNIT} on {where} (it was "
                                  f"{state.active if state else 'unknown'})",
-                           f"systemctl enable --quiet --now {UNIT}"))
+                           f"systemctl enable --quiet --now {UNIT}", warning=warning))
     if not mode_rootless and (stop := rootless.stop_daemon(facts, SERVICE_NAME, NAME)):
         changes.append(stop)  # after the restart: its container has left that daemon
     return changes

@@ -53,7 +53,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # inference.py lies beside this file
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # inference.py and sd35/ lie beside
 import inference
 
 MAX_STEPS = 100

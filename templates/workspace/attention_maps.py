@@ -22,8 +22,9 @@ From the debug console, stopped on the first line of `JointAttnProcessor2_0.__ca
 or stopped in `JointTransformerBlock.forward` after its norms:
 `text_to_image(self.attn, norm_hidden_states, norm_encoder_hidden_states)`.
 
-`inference.py --attention-maps DIR` uses `Recorder` and `save_maps` to write one heatmap PNG per
-prompt token plus an overlay on the final image; nothing here is imported without that flag.
+`inference.py --attention-maps DIR` (through `sd35/attention.py`) uses `record` and `save_maps`
+to write one heatmap PNG per prompt token plus an overlay on the final image; nothing here is
+imported without that flag.
 """
 
 from __future__ import annotations
