@@ -228,6 +228,39 @@ decode() {
     "cd /tmp && for n in 4 12; do python3 $here/count_raises.py $ws/inference.py --model large --fp8 dq --steps \$n --output /tmp/n.png 2>&1 | tail -n 1; done"
 }
 
+# Issue 26 on a real GPU: the service's container holds the H200 (and a container of the team
+# image that dev started in the system daemon): `provision gpus` names each; its raw round trip
+# kept as a recorded fixture. Then the service's PNG (issue 22's missing file).
+gpus() {
+  { echo "gpu container harness, gpus, $(date -u +%Y-%m-%dT%H:%M:%SZ)"; } >"$t"
+  step "engine still up from prepare" docker info --format 'Docker {{.ServerVersion}}' || return 1
+  grep -q '^\[service\]' "$work/provision.toml" || printf '\n[service]\ngpus = "0"\n' >>"$work/provision.toml"
+  step "service: host --only service (systemctl stood in for)" \
+    python3 -m provision host @local --only service --yes
+  step "verify --service (health, one 1024² generation)" \
+    sh -c "python3 -m provision verify @local --service --json --out $out/service > $out/service.json"
+  step "service: images per minute (4 sequential requests), one PNG kept" service_rate
+  local image
+  image=$(docker image ls --format '{{.Repository}}:{{.Tag}}' | grep '^provision/sd35-fp8:' | head -n 1)
+  # shellcheck disable=SC2046 # the GPU flags, one per word
+  step "dev starts a container of the team image on GPU 0 (system daemon)" \
+    runuser -u dev -- docker run -d --name dev-holder $(python3 -c 'from provision.gpu_access import gpu_run_args; print(*gpu_run_args("0", "cdi"))') \
+    "$image" python -c 'import time, torch; x = torch.empty(6 << 30, dtype=torch.uint8, device="cuda"); time.sleep(300)'
+  sleep 20
+  step "nvidia-smi (the host's view)" nvidia-smi
+  step "provision gpus @local" python3 -m provision gpus @local
+  step "provision gpus @local --json" sh -c "python3 -m provision gpus @local --json | tee $out/gpus.json"
+  step "provision gpus @local --idle-after 0s" python3 -m provision gpus @local --idle-after 0s
+  step "the round trip's raw output (recorded fixture)" sh -c "python3 -c '
+from pathlib import Path
+from provision.gpus import usage_script
+from provision.inventory import load_inventory
+print(usage_script(load_inventory(Path(\"$work/provision.toml\"))))' | sh > $out/gpus-h200-rootful.recorded.txt; wc -l $out/gpus-h200-rootful.recorded.txt"
+  step "doctor @local (GPU checks)" python3 -m provision doctor @local
+  docker rm -f dev-holder >/dev/null 2>&1
+  step "service log" sh -c 'tail -n 30 /run/gpu-lab/sd35-api.service.log'
+}
+
 gpu_paths() {
   python3 - <<'EOF'
 import subprocess
@@ -253,6 +286,9 @@ for i in range(4):
     with urllib.request.urlopen(req, timeout=300) as r:
         png = r.read()
         print(i, r.status, len(png), "bytes", r.headers.get("X-Metrics", "")[:200])
+    if i == 0:
+        import os
+        open(os.path.join(os.environ.get("OUT", "/tmp/gpu-out"), "service-astronaut.png"), "wb").write(png)
 elapsed = time.perf_counter() - start
 print(f"4 images in {elapsed:.1f} s: {4 * 60 / elapsed:.2f} images/min (one client, sequential)")
 EOF
