@@ -56,6 +56,9 @@ class Container:
     name: str | None  # None: no daemon we may ask has a record of it
     image: str | None
     daemon: str  # "system", or "rootless: NAME" (whose own daemon)
+    # A dev container in the system daemon: whose workspace folder it was made for (the Dev
+    # Containers CLI's devcontainer.local_folder label), whatever user it runs as.
+    made_for: str | None = None
 
 
 @dataclass(frozen=True)
@@ -229,12 +232,13 @@ def _cgroups(lines: list[str]) -> dict[str, str]:
     return paths
 
 
-def _system_containers(lines: list[str]) -> dict[str, tuple[str, str]]:
+def _system_containers(lines: list[str]) -> dict[str, tuple[str, str, str | None]]:
+    """id → (name, image, the owner of its dev container folder or None)."""
     found = {}
     for line in lines:
         parts = line.split()
-        if len(parts) == 3:
-            found[parts[0]] = (parts[1], parts[2])
+        if len(parts) in (3, 4):
+            found[parts[0]] = (parts[1], parts[2], parts[3] if len(parts) == 4 else None)
     return found
 
 
@@ -276,7 +280,7 @@ class _Context:
     accounts: dict[int, str]
     ranges: list[IdRange]
     init: dict[str, str]
-    system: dict[str, tuple[str, str]]
+    system: dict[str, tuple[str, str, str | None]]
     rootless: dict[tuple[str, str], tuple[str | None, str | None]]
     activity: dict[tuple[str, str, str], tuple[int, int]]
     now: int
@@ -332,13 +336,15 @@ class _Context:
                 name = self.account(int(owner[1]))
                 record = self.rootless.get((name, cid), (None, None))
                 return Container(cid, *record, daemon=f"rootless: {name}"), name
-            named = self.system.get(cid)
-            return Container(cid, *(named or (None, None)), daemon="system"), None
+            named = self.system.get(cid) or (None, None, None)
+            return Container(cid, named[0], named[1], daemon="system", made_for=named[2]), None
         return None, None
 
     def owner(self, account: str, container: Container | None) -> tuple[str, str | None]:
         if account in self.members:
             return f"member {account}", account
+        if container and container.made_for in self.members:
+            return f"member {container.made_for}", container.made_for
         if account == SERVICE_NAME or (container and container.daemon == "system"
                                        and container.name == SERVICE_NAME):
             return "service", None

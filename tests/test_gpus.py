@@ -191,3 +191,27 @@ def test_the_script_passes_shellcheck() -> None:
     done = subprocess.run([shellcheck, "-s", "sh", "-"], input=script, capture_output=True,
                           text=True, check=False)
     assert done.returncode == 0, done.stdout
+
+
+def test_the_h200_recorded_names_the_service_and_the_container_it_cannot_tie_to_dev() -> None:
+    """Recorded on the lent H200 (rootful): the service's container is the service; a plain
+    `docker run` by dev in the system daemon carries nothing of hers (it runs as the image's
+    uid), so it is said as the host account it runs as, with its container."""
+    report = read("h200-rootful.recorded.txt", team(dev="0"))
+    found = {p.pid: p for g in report.gpus for p in g.processes}
+    assert found[8571].owner == "service" and found[8571].container.name == "sd35-api"
+    assert found[9326].owner == "other: ubuntu"
+    assert (found[9326].container.name, found[9326].container.daemon) == ("dev-holder", "system")
+
+
+def test_a_dev_container_in_the_system_daemon_is_hers_by_its_folder() -> None:
+    """The recorded H200 transcript with one line changed by hand: dev-holder given the fourth
+    field the script now prints for a dev container (the owner of its devcontainer.local_folder
+    label): whatever uid it runs as, it is dev's, and counts against her assignment."""
+    text = (FIXTURES / "h200-rootful.recorded.txt").read_text().replace(
+        " dev-holder provision/sd35-fp8:f1d6b2ed0556\n",
+        " dev-holder provision/sd35-fp8:f1d6b2ed0556 dev\n")
+    report = parse_usage(text, team(dev="0"), "@local", TWO_HOURS)
+    (holder,) = [p for g in report.gpus for p in g.processes if p.pid == 9326]
+    assert (holder.owner, holder.container.made_for) == ("member dev", "dev")
+    assert [a.line for a in report.assignments] == ["dev: assigned 0, using 0"]
