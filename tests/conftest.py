@@ -6,6 +6,7 @@ removed at its end, by name, whatever the tests did to it.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import itertools
 import json
@@ -13,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +24,10 @@ import pytest
 import tomlkit
 
 from provision import sandbox as sandboxes
+from provision.changes import WriteFile
 from provision.errors import DockerUnavailable
-from provision.facts import HostFacts, parse_facts
+from provision.facts import Account, HostFacts, PathState, Unit, parse_facts
+from provision.inventory import Inventory
 from provision.sandbox import new_key_pair
 
 REPO = Path(__file__).resolve().parent.parent
@@ -128,6 +132,17 @@ class Host:
         subprocess.run(["docker", "exec", "-i", self.sandbox.container, "docker", "load"],
                        stdin=save.stdout, check=True, capture_output=True)
         assert save.wait() == 0
+
+    def copy_image_file(self, tag: str, remote: str) -> None:
+        """A local image saved into the sandbox as a tar file anyone may `docker load` there
+        (a member's own daemon cannot reach this machine's images, nor a registry)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            saved = Path(tmp) / "image.tar"
+            subprocess.run(["docker", "save", "-o", str(saved), tag], check=True)
+            self.exec(f"mkdir -p {Path(remote).parent}")
+            subprocess.run(["docker", "cp", str(saved), f"{self.sandbox.container}:{remote}"],
+                           check=True, capture_output=True)
+        self.exec(f"chmod 0644 {remote}")
 
     def copy_in(self, local: Path, remote: str) -> None:
         """A local file or folder into the sandbox (docker cp), as root."""
@@ -273,3 +288,26 @@ def synthesized_h100_transcript(driver: str) -> str:
     recorded = "0, NVIDIA H100 80GB HBM3, 560.35.03, 9.0, 81559, "
     assert recorded in text
     return text.replace(recorded, f"0, NVIDIA H100 80GB HBM3, {driver}, 9.0, 81559, ")
+
+
+def service_converged(facts: HostFacts, inv: Inventory, active: str = "active") -> HostFacts:
+    """The facts once the service plan's files, account and image are there and its unit is
+    `active`: what a re-read after applying it shows (SYNTHESIZED from the plan over recorded
+    facts)."""
+    from provision.steps import service  # the step under test, imported where it is used
+
+    paths = dict(facts.paths)
+    images = list(facts.images)
+    for change in service.plan(facts, inv):
+        for action in change.actions:
+            if isinstance(action, WriteFile):
+                paths[action.path] = PathState(action.path, "file", content=action.content)
+            elif "docker build -t " in action.command:
+                images.append(action.command.split("docker build -t ")[1].split()[0])
+    uid, gid = service.service_ids(facts)
+    account = Account(service.SERVICE_NAME, uid, gid, service.STATE_DIR, "/usr/sbin/nologin")
+    paths[service.STATE_DIR] = PathState(service.STATE_DIR, "directory")
+    return dataclasses.replace(
+        facts, paths=paths, images=tuple(images),
+        accounts={**facts.accounts, service.SERVICE_NAME: account},
+        units={service.UNIT: Unit(active, "enabled")})

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -54,13 +53,7 @@ def gpu_host(make_host) -> tuple[Host, dict[str, int]]:
     assert report["exit"] == 0, report["stderr"]
 
     # No registry in reach: her daemon gets the sandbox's base image from a file.
-    with tempfile.TemporaryDirectory() as tmp:
-        saved = Path(tmp) / "base.tar"
-        subprocess.run(["docker", "save", "-o", str(saved), BASE_IMPORTED], check=True)
-        host.exec(f"mkdir -p {Path(IMAGE_TAR).parent}")
-        subprocess.run(["docker", "cp", str(saved), f"{host.sandbox.container}:{IMAGE_TAR}"],
-                       check=True, capture_output=True)
-    host.exec(f"chmod 0644 {IMAGE_TAR}")
+    host.copy_image_file(BASE_IMPORTED, IMAGE_TAR)
     code, output = host.ssh("alice", keys["alice"],
                             f"docker load -i {IMAGE_TAR} >/dev/null && docker run -d --name "
                             f"napper {BASE_IMPORTED} sleep 3600 >/dev/null && "

@@ -9,8 +9,6 @@ her reach.
 
 from __future__ import annotations
 
-import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -48,13 +46,7 @@ def rootless_host(make_host) -> tuple[Host, dict[str, Path]]:
     assert any(s.startswith("alice: her own Docker daemon") for s in summaries)
 
     # No registry in reach: her daemon gets the sandbox's base image from a file.
-    with tempfile.TemporaryDirectory() as tmp:
-        saved = Path(tmp) / "base.tar"
-        subprocess.run(["docker", "save", "-o", str(saved), BASE_IMPORTED], check=True)
-        host.exec(f"mkdir -p {Path(IMAGE_TAR).parent}")
-        subprocess.run(["docker", "cp", str(saved), f"{host.sandbox.container}:{IMAGE_TAR}"],
-                       check=True, capture_output=True)
-    host.exec(f"chmod 0644 {IMAGE_TAR}")
+    host.copy_image_file(BASE_IMPORTED, IMAGE_TAR)
     code, output = host.ssh("alice", keys["alice"], f"docker load -i {IMAGE_TAR}", timeout=300)
     assert code == 0, output
     return host, keys

@@ -17,7 +17,7 @@ from provision.facts import HostFacts, MemberDaemon, PathState, Unit, parse_fact
 from provision.inventory import Inventory, Service, load_inventory, parse_inventory
 from provision.render import MACHINERY
 from provision.steps import StepBlocked, service
-from tests.conftest import FIXTURES, facts_of
+from tests.conftest import FIXTURES, facts_of, service_converged
 
 SANDBOX = "debian-12-sandbox-converged"  # RECORDED: a converged sandbox, no GPU, docker.io
 # RECORDED: a sandbox converged rootless (members dev, alice, bob, each her own daemon)
@@ -27,28 +27,6 @@ H200 = "ubuntu-24.04-h200"  # RECORDED: the lent H200 (no Docker there)
 
 def inventory(tmp_path: Path, **table: object) -> Inventory:
     return parse_inventory({"service": table}, tmp_path / "provision.toml")
-
-
-def converged(facts: HostFacts, inv: Inventory) -> HostFacts:
-    """The facts once the plan's files, account, image and running unit are there: what a
-    re-read after applying it shows (SYNTHESIZED from the plan over recorded facts)."""
-    paths = dict(facts.paths)
-    images = list(facts.images)
-    for change in service.plan(facts, inv):
-        for action in change.actions:
-            if isinstance(action, WriteFile):
-                paths[action.path] = PathState(action.path, "file", content=action.content)
-            elif "docker build -t " in action.command:
-                images.append(action.command.split("docker build -t ")[1].split()[0])
-    uid, gid = service.service_ids(facts)
-    account = dataclasses.replace(next(iter(facts.accounts.values())),
-                                  name=service.SERVICE_NAME, uid=uid, gid=gid,
-                                  home=service.STATE_DIR, shell="/usr/sbin/nologin")
-    paths[service.STATE_DIR] = PathState(service.STATE_DIR, "directory")
-    return dataclasses.replace(
-        facts, paths=paths, images=tuple(images),
-        accounts={**facts.accounts, service.SERVICE_NAME: account},
-        units={service.UNIT: Unit("active", "enabled")})
 
 
 def test_a_host_gets_the_account_the_files_the_image_and_a_started_unit(tmp_path: Path) -> None:
@@ -93,7 +71,7 @@ def test_a_host_gets_the_account_the_files_the_image_and_a_started_unit(tmp_path
 def test_every_service_script_parses_as_posix_sh(tmp_path: Path) -> None:
     facts = facts_of(SANDBOX)
     for changes in (service.plan(facts, inventory(tmp_path)),
-                    service.plan(converged(facts, inventory(tmp_path)),
+                    service.plan(service_converged(facts, inventory(tmp_path)),
                                  parse_inventory({}, tmp_path / "provision.toml"))):
         script = tmp_path / "apply.sh"
         script.write_text(apply_script("service", changes))
@@ -105,7 +83,7 @@ def test_a_converged_service_plans_nothing_and_restarts_only_on_a_changed_defini
         tmp_path: Path) -> None:
     facts = facts_of(SANDBOX)
     inv = inventory(tmp_path, model="tiny", max_queue=4)
-    done = converged(facts, inv)
+    done = service_converged(facts, inv)
     assert service.plan(done, inv) == []
     changed = service.plan(done, inventory(tmp_path, model="tiny", max_queue=8))
     assert [c.summary for c in changed] == [
@@ -120,7 +98,7 @@ def test_a_converged_service_plans_nothing_and_restarts_only_on_a_changed_defini
 def test_removing_the_service_table_stops_and_removes_the_unit(tmp_path: Path) -> None:
     facts = facts_of(SANDBOX)
     assert service.plan(facts, parse_inventory({}, tmp_path / "provision.toml")) == []
-    done = converged(facts, inventory(tmp_path))
+    done = service_converged(facts, inventory(tmp_path))
     (change,) = service.plan(done, parse_inventory({}, tmp_path / "provision.toml"))
     assert change.summary.startswith("no [service] in the inventory: stop, disable and remove")
     assert [a.command for a in change.actions if isinstance(a, Run)] == [
@@ -224,7 +202,7 @@ def converged_rootless(facts: HostFacts, inv: Inventory) -> HostFacts:
     """What a re-read shows once the rootless plan applied: the account with its ranges, its
     daemon (lingering, unit, socket, context) holding the image, the files written
     (SYNTHESIZED from the plan over the recorded rootless facts)."""
-    done = converged(facts, as_rootful(inv))  # account, files, unit state
+    done = service_converged(facts, as_rootful(inv))  # account, files, unit state
     changes = service.plan(facts, inv)
     paths = dict(done.paths)
     for change in changes:
@@ -306,7 +284,7 @@ def test_rootless_converged_plans_nothing_and_images_come_from_its_daemon() -> N
 def test_switching_rootful_to_rootless_moves_the_container_between_daemons() -> None:
     facts = facts_of(ROOTLESS)
     inv = rootless_inventory(model="tiny")
-    rootful = converged(facts, as_rootful(inv))
+    rootful = service_converged(facts, as_rootful(inv))
     assert not service.runs_rootless(rootful.text(service.UNIT_FILE))
     changes = service.plan(rootful, inv)
     restart = changes[-1]
@@ -341,8 +319,8 @@ def test_rootless_scripts_parse_as_posix_sh(tmp_path: Path) -> None:
     facts = facts_of(ROOTLESS)
     inv = rootless_inventory(model="tiny")
     done = converged_rootless(facts, inv)
-    for changes in (service.plan(facts, inv), service.plan(converged(facts, as_rootful(inv)),
-                                                           inv),
+    switched = service_converged(facts, as_rootful(inv))
+    for changes in (service.plan(facts, inv), service.plan(switched, inv),
                     service.plan(done, as_rootful(inv))):
         script = tmp_path / "apply.sh"
         script.write_text(apply_script("service", changes))

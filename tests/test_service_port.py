@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from provision.changes import WriteFile
-from provision.facts import Account, HostFacts, Listener, PathState, Unit, parse_facts
+from provision.facts import HostFacts, Listener, parse_facts
 from provision.inventory import Inventory, parse_inventory
 from provision.steps import StepBlocked, service
-from tests.conftest import FIXTURES, facts_of
+from tests.conftest import FIXTURES, facts_of, service_converged
 
 SANDBOX = "debian-12-sandbox-converged"  # RECORDED: a converged sandbox (Docker, no service)
 
@@ -45,20 +44,7 @@ def running(facts: HostFacts, inv: Inventory, *listeners: Listener,
             active: str = "active") -> HostFacts:
     """The host once the plan's account, files and image are there, its unit `active`, with
     these sockets (SYNTHESIZED from the plan over recorded facts)."""
-    paths = {**facts.paths, service.STATE_DIR: PathState(service.STATE_DIR, "directory")}
-    images = list(facts.images)
-    for change in service.plan(facts, inv):
-        for action in change.actions:
-            if isinstance(action, WriteFile):
-                paths[action.path] = PathState(action.path, "file", content=action.content)
-            elif "docker build -t " in action.command:
-                images.append(action.command.split("docker build -t ")[1].split()[0])
-    uid, gid = service.service_ids(facts)
-    account = Account(service.SERVICE_NAME, uid, gid, service.STATE_DIR, "/usr/sbin/nologin")
-    return dataclasses.replace(
-        facts, accounts={**facts.accounts, service.SERVICE_NAME: account}, paths=paths,
-        images=tuple(images), units={service.UNIT: Unit(active, "enabled")},
-        listeners=listeners)
+    return dataclasses.replace(service_converged(facts, inv, active), listeners=listeners)
 
 
 # --------------------------------------------------------------------------- the facts
