@@ -36,15 +36,16 @@ FIRST_REGULAR_ID = 1000
 # from GTFOBins' "sudo" functions, narrowed to what a GPU server may carry.
 ROOT_EQUIVALENT_PROGRAMS = frozenset(
     """sh bash dash zsh ksh mksh csh tcsh fish ash busybox su sudo doas runuser setsid env nice
-    ionice timeout stdbuf taskset chroot nsenter unshare setarch strace ltrace gdb script
-    xargs find flock watch run-parts start-stop-daemon python python2 python3 perl ruby node
-    nodejs php lua luajit tclsh wish expect irb julia R Rscript awk gawk mawk nawk sed ed vi
-    vim nvim view rvim vimdiff nano pico emacs joe mg less more most pg man journalctl
-    systemctl tar zip unzip rsync scp sftp ssh git make cp mv install ln chmod chown chgrp dd
-    tee mount docker podman ctr nerdctl kubectl crontab at passwd chpasswd useradd usermod
-    gpasswd visudo vipw vigr apt apt-get aptitude dpkg snap pip pip3 npm gem cargo openssl
-    socat nc ncat curl wget tcpdump gcc cc ld.so dmesg""".split()
+    ionice timeout stdbuf taskset chroot nsenter unshare setarch strace ltrace gdb script xargs
+    find flock watch run-parts start-stop-daemon node nodejs tclsh wish expect irb julia R
+    Rscript awk gawk mawk nawk sed ed vi vim nvim view rvim vimdiff nano pico emacs joe mg less
+    more most pg man journalctl systemctl tar zip unzip rsync scp sftp ssh git make cp mv
+    install ln chmod chown chgrp dd tee mount docker podman ctr nerdctl kubectl crontab at
+    passwd chpasswd useradd usermod gpasswd visudo vipw vigr apt apt-get aptitude dpkg snap npm
+    gem cargo openssl socat nc ncat curl wget tcpdump gcc cc ld.so dmesg""".split()
 )
+# Interpreters and package installers in every version a host may carry (python3.12, pip3, ...).
+INTERPRETERS = ("python", "perl", "ruby", "php", "lua", "pip")
 # Entries whose program may be a file a member can write, or that sudo matches as a pattern.
 MEMBER_WRITABLE_TREES = (HOMES, *SCRATCH_TREES, PurePosixPath("/run/user"))
 SUDO_WILDCARDS = "*?[]"
@@ -109,8 +110,7 @@ def sudo_problem(entry: str) -> str | None:
     program = PurePosixPath(entry.split()[0])
     if any(c in entry for c in SUDO_WILDCARDS):
         return "a wildcard lets her choose the program or its arguments"
-    if program.name in ROOT_EQUIVALENT_PROGRAMS or program.name.startswith(
-            ("python", "perl", "ruby", "php", "lua", "pip")):
+    if program.name in ROOT_EQUIVALENT_PROGRAMS or program.name.startswith(INTERPRETERS):
         return f"{program.name} can start a root shell or write any file"
     if tree := _within(program, MEMBER_WRITABLE_TREES):
         return f"{program} is in {tree}, where a member may replace it"
