@@ -20,6 +20,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -252,6 +253,23 @@ def workspace_module(name: str) -> ModuleType:
         sys.path.remove(str(SCRIPT.parent))
 
 
+def tiny_transformer_inputs(config: Any, dtype: Any, *, batch: int = 1, tokens: int = 7,
+                            height: int = 64, width: int = 64) -> dict[str, Any]:
+    """Seeded inputs of one transformer call: latents of a height x width image, `tokens`
+    prompt tokens, pooled projections and a mid-schedule timestep, `batch` of each."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    return {
+        "hidden_states": torch.randn(batch, 16, height // 8, width // 8, generator=g).to(dtype),
+        "encoder_hidden_states": torch.randn(batch, tokens, config.joint_attention_dim,
+                                             generator=g).to(dtype),
+        "pooled_projections": torch.randn(batch, config.pooled_projection_dim,
+                                          generator=g).to(dtype),
+        "timestep": torch.full((batch,), 500.0),
+    }
+
+
 def test_attention_helper_is_the_processors_own_attention_and_rows_sum_to_1(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -276,17 +294,10 @@ def test_attention_helper_is_the_processors_own_attention_and_rows_sum_to_1(
     processor = attn.processor
     attn.processor = spy_processor
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy_sdpa)
-    g = torch.Generator().manual_seed(0)
     config = transformer.config
     with torch.inference_mode():
-        transformer(
-            hidden_states=torch.randn(2, 16, HEIGHT // 8, WIDTH // 8, generator=g).bfloat16(),
-            encoder_hidden_states=torch.randn(2, 9, config.joint_attention_dim, generator=g)
-            .bfloat16(),
-            pooled_projections=torch.randn(2, config.pooled_projection_dim, generator=g)
-            .bfloat16(),
-            timestep=torch.tensor([500.0, 500.0]),
-        )
+        transformer(**tiny_transformer_inputs(config, torch.bfloat16, batch=2, tokens=9,
+                                              height=HEIGHT, width=WIDTH))
         m = maps.text_to_image(*seen["inputs"])
         heads = maps.text_to_image(*seen["inputs"], per_head=True)
     image_tokens = (HEIGHT // 16) * (WIDTH // 16)
@@ -391,11 +402,51 @@ def test_dq_quantizes_without_torchaos_inductor_tuning(monkeypatch: pytest.Monke
     given: list[object] = []
     monkeypatch.setattr(torchao.quantization, "quantize_", lambda _model, cfg: given.append(cfg))
     fp8, configs = workspace_module("sd35.fp8"), workspace_module("sd35.configs")
-    fp8.apply_fp8(SD3Transformer2DModel(**configs.SD35_TINY), "dq")
+    fp8.apply_fp8(SD3Transformer2DModel(**configs.SD35_TINY), "dq", compiled=True)
     [config] = given
     assert isinstance(config, torchao.quantization.Float8DynamicActivationFloat8WeightConfig)
     assert config.set_inductor_config is False
     assert all(isinstance(g, torchao.quantization.PerRow) for g in config.granularity)
+
+
+def test_eager_dq_linears_skip_torchaos_dispatch_and_keep_its_bits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Eager dq (under a debugger nothing compiles) ran every Linear through torchao's tensor
+    subclass dispatch, host-bound: twice bf16's step time on an H200 and past the decode
+    breakpoint's 20 s. Eager, dq now sends each rowwise FP8 Linear through plain torch ops that
+    never enter that dispatch, and the transformer's output keeps torchao's bits. torchao
+    refuses float8 quantization without a GPU of compute capability >= 8.9: its hardware check
+    is lifted here (only that; torch._scaled_mm runs on the CPU)."""
+    require_modules("torchao")
+    import torch
+    import torchao.quantization.quant_api as quant_api
+    from diffusers import SD3Transformer2DModel
+    from torchao.quantization import Float8Tensor
+
+    monkeypatch.setattr(quant_api, "_check_hardware_support", lambda *_a, **_k: None)
+    fp8, configs = workspace_module("sd35.fp8"), workspace_module("sd35.configs")
+    torch.manual_seed(0)
+    reference = SD3Transformer2DModel(**configs.SD35_TINY).to(torch.bfloat16).eval()
+    eager = SD3Transformer2DModel(**configs.SD35_TINY).to(torch.bfloat16).eval()
+    eager.load_state_dict(reference.state_dict())
+    fp8.apply_fp8(reference, "dq", compiled=True)  # torchao's own path, as compiled blocks trace
+    fp8.apply_fp8(eager, "dq", compiled=False)
+    linears = [m for m in eager.modules() if isinstance(getattr(m, "weight", None), Float8Tensor)]
+    assert linears and all(m.forward.__func__ is fp8._rowwise_fp8_forward for m in linears)
+
+    dispatched: list[object] = []
+    torchaos = Float8Tensor.__torch_function__.__func__
+    monkeypatch.setattr(Float8Tensor, "__torch_function__", classmethod(
+        lambda cls, *a, **k: dispatched.append(a[0]) or torchaos(cls, *a, **k)))
+    inputs = tiny_transformer_inputs(eager.config, torch.bfloat16, batch=2)
+    with torch.inference_mode():
+        expected = reference(**inputs, return_dict=False)[0]
+        assert dispatched, "the reference did not go through torchao's dispatch"
+        dispatched.clear()
+        got = eager(**inputs, return_dict=False)[0]
+    assert dispatched == []
+    assert torch.equal(got, expected)
 
 
 def test_sigmoid_form_gelu_leaves_the_transformers_output_unchanged() -> None:
@@ -408,21 +459,11 @@ def test_sigmoid_form_gelu_leaves_the_transformers_output_unchanged() -> None:
     compiling, configs = workspace_module("sd35.compiling"), workspace_module("sd35.configs")
     torch.manual_seed(0)
     model = SD3Transformer2DModel(**configs.SD35_TINY).eval()
-    generator = torch.Generator().manual_seed(1)
-    inputs = {
-        "hidden_states": torch.randn(1, 16, 8, 8, generator=generator),
-        "encoder_hidden_states": torch.randn(
-            1, 7, model.config.joint_attention_dim, generator=generator
-        ),
-        "pooled_projections": torch.randn(1, model.config.pooled_projection_dim,
-                                          generator=generator),
-        "timestep": torch.tensor([500.0]),
-        "return_dict": False,
-    }
+    inputs = tiny_transformer_inputs(model.config, torch.float32)
     with torch.no_grad():
-        before = model(**inputs)[0]
+        before = model(**inputs, return_dict=False)[0]
         swapped = compiling.use_sigmoid_gelu_(model)
-        after = model(**inputs)[0]
+        after = model(**inputs, return_dict=False)[0]
     assert swapped == 2 * model.config.num_layers - 1  # the last block has no context MLP
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
 

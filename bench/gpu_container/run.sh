@@ -6,6 +6,9 @@
 #             `provision host @local --only users,workspace,nvidia` (the nvidia step's commands
 #             and its GPU proof container) and `provision verify @local --member dev` (the team
 #             image built as rendered, FP8 generation compiled in it).
+#   eager     (same warm machine) an eager dq transformer call natively, torchao's linears vs
+#             sd35.fp8.rowwise_fp8_linear (bench/gpu_container/eager_step.py)
+#   decode    (same warm machine, call2 carried) the debug path in the member's dev container
 #   prove     (same warm machine) bench/fp8_generation.py natively for the in-container vs
 #             native ms/step; the member's dev container brought up by the Dev Containers CLI
 #             and bench/debug_path.py run inside it (attention, scheduler step, decode); the
@@ -192,10 +195,16 @@ python3 -m provision host @local --only service --yes"
   step "service log" sh -c 'tail -n 30 /run/gpu-lab/sd35-api.service.log'
 }
 
-# Issue 22's open question: why the decode stop in the container (22.98 s) missed 20 s when
-# the native run (19.37 s, no scheduler breakpoint) met it. Same call, same machine: the dev
-# container with and without the scheduler breakpoint, its eager steps without the debugger,
-# the same natively, and the exceptions a step raises (the "uncaught" filter's cost).
+# Issue 22's open question, the decode breakpoint under VS Code's default "uncaught" filter:
+# first (native, same warm machine as prepare) an eager dq transformer call through torchao's
+# Float8Tensor against sd35.fp8.rowwise_fp8_linear, then in the member's dev container the
+# debug path with the scheduler breakpoint, with that filter and without it.
+eager() {
+  { echo "gpu container harness, eager, $(date -u +%Y-%m-%dT%H:%M:%SZ)"; } >"$t"
+  step "native: eager dq transformer calls, torchao's linears vs rowwise_fp8_linear" \
+    python3 "$here/eager_step.py" --workspace "$repo/templates/workspace" --out "$out/eager-step.json"
+}
+
 decode() {
   { echo "gpu container harness, decode, $(date -u +%Y-%m-%dT%H:%M:%SZ)"; } >"$t"
   step "engine still up from prepare" docker info --format 'Docker {{.ServerVersion}}' || return 1
@@ -203,29 +212,19 @@ decode() {
   local ws=/home/dev/sd35-fp8 as_dev=(runuser -u dev -- env HOME=/home/dev "PATH=$PATH")
   local in_dev=("${as_dev[@]}" devcontainer exec --workspace-folder "$ws")
   mkdir -p "$ws/.harness/bench" "$ws/.harness/tests"
-  cp "$repo/bench/debug_path.py" "$here/count_raises.py" "$ws/.harness/bench/"
+  cp "$repo/bench/debug_path.py" "$ws/.harness/bench/"
   cp "$repo/tests/__init__.py" "$repo/tests/dap.py" "$ws/.harness/tests/"
   chown -R dev:dev "$ws/.harness"
   step "devcontainer up (as dev, her rendered workspace)" "${as_dev[@]}" devcontainer up --workspace-folder "$ws"
   step "container: debug path, attention + scheduler step + decode (3 launches)" \
     "${in_dev[@]}" python .harness/bench/debug_path.py --launch .vscode/launch.json \
-    --workspace . --configs debug,eager --repeat 3 --out .harness/with-scheduler
-  step "container: debug path, attention + decode, as issue 11 measured (3 launches)" \
-    "${in_dev[@]}" python .harness/bench/debug_path.py --launch .vscode/launch.json \
-    --workspace . --configs debug --repeat 3 --no-scheduler --out .harness/no-scheduler
+    --workspace . --configs debug --repeat 3 --out .harness/with-scheduler
   step "container: debug path, scheduler too, no exception filter (2 launches)" \
     "${in_dev[@]}" python .harness/bench/debug_path.py --launch .vscode/launch.json \
     --workspace . --configs debug --repeat 2 --exception-filters '' --out .harness/no-filter
-  for d in with-scheduler no-scheduler no-filter; do
+  for d in with-scheduler no-filter; do
     mkdir -p "$out/container-$d" && cp "$ws/.harness/$d"/results.* "$out/container-$d/" 2>/dev/null
   done
-  step "container: exceptions raised by 4 and by 12 eager steps" "${in_dev[@]}" sh -c \
-    'for n in 4 12; do python .harness/bench/count_raises.py inference.py --model large --fp8 dq --steps $n --output /tmp/c.png 2>&1 | tail -n 1; done'
-  step "native: debug path, attention + scheduler step + decode (2 launches), eager steps" \
-    python3 "$repo/bench/debug_path.py" --launch "$ws/.vscode/launch.json" --workspace "$ws" \
-    --configs debug,eager --repeat 2 --out "$out/native-with-scheduler"
-  step "native: exceptions raised by 4 and by 12 eager steps" sh -c \
-    "cd /tmp && for n in 4 12; do python3 $here/count_raises.py $ws/inference.py --model large --fp8 dq --steps \$n --output /tmp/n.png 2>&1 | tail -n 1; done"
 }
 
 # Issue 26 on a real GPU: the service's container holds the H200 (and a container of the team

@@ -130,7 +130,7 @@ def load_pipeline(args: argparse.Namespace) -> Loaded:
         pipe = pretrained_pipeline(args.model, device)
         weights = "pretrained"
     watch.lap("build" if random_size else "load")
-    apply_fp8(pipe.transformer, fp8_applied)
+    apply_fp8(pipe.transformer, fp8_applied, compiled=compiled)
     watch.lap("fp8")
     cache_dir = compile_blocks(pipe.transformer) if compiled else None
     if device.type == "cuda":

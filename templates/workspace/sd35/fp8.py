@@ -10,11 +10,15 @@ The modes trade different things:
            a minute the first time on an H200), with the Inductor cache in
            TORCHINDUCTOR_CACHE_DIR so later runs start their first step in seconds.
            Where it cannot run it falls back to `storage` with a warning (`--strict`: exit 2).
+           Eager (under a debugger) its Linear layers run `rowwise_fp8_linear`: the same ops
+           and result as torchao's, without its per-call dispatch on the host.
 """
 
 from __future__ import annotations
 
 import sys
+import types
+from typing import Any
 
 import torch
 
@@ -80,8 +84,9 @@ def resolve_fp8(requested: str, device: torch.device, strict: bool) -> tuple[str
     return "storage", reason
 
 
-def apply_fp8(transformer: torch.nn.Module, mode: str) -> None:
-    """Convert the transformer (only: it holds ~all FLOPs) to the resolved FP8 mode."""
+def apply_fp8(transformer: torch.nn.Module, mode: str, *, compiled: bool) -> None:
+    """Convert the transformer (only: it holds ~all FLOPs) to the resolved FP8 mode; an eager
+    dq transformer's Linear layers run `rowwise_fp8_linear`."""
     if mode == "storage":
         if not hasattr(transformer, "enable_layerwise_casting"):
             raise InferenceError(
@@ -105,8 +110,63 @@ def apply_fp8(transformer: torch.nn.Module, mode: str) -> None:
             granularity=PerRow(), set_inductor_config=False
         )
         quantize_(transformer, config)
+        if not compiled:
+            eager_fp8_linears(transformer)
 
 
 def is_fp8_weight(w: torch.Tensor) -> bool:
     """Whether a Linear weight is stored as FP8 (layerwise casting) or an FP8 subclass (torchao)."""
     return w.dtype in FP8_DTYPES or hasattr(w, "__tensor_flatten__")
+
+
+def eager_fp8_linears(transformer: torch.nn.Module) -> int:
+    """Send each torchao rowwise-FP8 Linear of an eager transformer through `rowwise_fp8_linear`.
+
+    Why: eager, as under a debugger where nothing compiles, a torchao Float8Tensor linear spends
+    its time on the host, in the tensor subclass's layers of dispatch and in checks it repeats
+    on every call (`importlib.util.find_spec("mslk")` twice, the GPU's capability); SD3.5-Large
+    calls 536 of them a step, so eager dq steps were host-bound, twice bf16's. Compiled, Inductor
+    traces torchao's code once and none of this runs. Only eager transformers take this; the
+    weights stay torchao's. Returns how many layers were sent.
+    """
+    try:
+        from torchao.quantization import Float8Tensor, PerRow
+    except ImportError:  # torchao < 0.13 quantizes into other tensor types: its path stays
+        return 0
+    sent = 0
+    for module in transformer.modules():
+        weight = getattr(module, "weight", None)
+        if not (isinstance(module, torch.nn.Linear) and isinstance(weight, Float8Tensor)):
+            continue
+        act = weight.act_quant_kwargs
+        if (act is None or not isinstance(act.granularity, PerRow)
+                or act.hp_value_lb is not None or act.hp_value_ub is not None
+                or tuple(weight.scale.shape) != (weight.shape[0], 1)):
+            continue  # another torchao recipe: its own code path stays right
+        module.forward = types.MethodType(_rowwise_fp8_forward, module)
+        sent += 1
+    return sent
+
+
+def _rowwise_fp8_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return rowwise_fp8_linear(x, self.weight, self.bias)
+
+
+def rowwise_fp8_linear(x: torch.Tensor, weight: Any, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias as torchao computes it for rowwise FP8: step in here to see the FP8.
+
+    Each row of x gets the scale max|row| / FP8 max (in x's dtype, then float32), is divided by
+    it in float32, clamped and cast to FP8; `torch._scaled_mm` multiplies by the weight's FP8
+    data and both scales. The same torch ops as torchao 0.17's Float8Tensor path, so the same
+    bits (tests/test_inference.py compares them).
+    """
+    act = weight.act_quant_kwargs
+    fp8_max = torch.finfo(act.float8_dtype).max
+    rows = x.reshape(-1, x.shape[-1])
+    scale = (rows.abs().amax(dim=-1, keepdim=True) / fp8_max).to(torch.float32)
+    quantized = (rows.to(torch.float32) / scale).clamp(-fp8_max, fp8_max).to(act.float8_dtype)
+    out = torch._scaled_mm(
+        quantized, weight.qdata.t(), scale_a=scale, scale_b=weight.scale.t(), bias=bias,
+        out_dtype=x.dtype, use_fast_accum=weight.mm_config.use_fast_accum,
+    )
+    return out.reshape(*x.shape[:-1], out.shape[-1])
