@@ -17,7 +17,7 @@ import subprocess
 import tarfile
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import docker
@@ -49,6 +49,16 @@ HOST_CONFIG = {
     "tmpfs": {"/run": "", "/run/lock": ""},
 }
 UNMASKED_PATHS = {"MaskedPaths": [], "ReadonlyPaths": []}
+# Named volumes, by the path they hold in the sandbox. /var/lib/docker: the system daemon's
+# overlay2 cannot sit on the container's own overlay root. /home: nor can a member's rootless
+# daemon's (~/.local/share/docker); there it fell back to fuse-overlayfs, and building the team
+# image in her daemon took most of the newcomer's first run (issue 25).
+VOLUMES = {"docker": "/var/lib/docker", "home": "/home"}
+
+
+def volume_names(name: str) -> dict[str, str]:
+    """The sandbox's named volumes, each to the path it is mounted at."""
+    return {f"{container_name(name)}-{suffix}": path for suffix, path in VOLUMES.items()}
 # Copied into the host image beside its Dockerfile (templates/sandbox/).
 SANDBOX_FILES = ("provision-hostkeys.service", "provision-devices.service", "provision-devices")
 
@@ -57,7 +67,6 @@ SANDBOX_FILES = ("provision-hostkeys.service", "provision-devices.service", "pro
 class Sandbox:
     name: str
     container: str
-    volume: str
     port: int
     image: str
     state_dir: str
@@ -195,12 +204,13 @@ def up(name: str, inventory: Path, log=print, *, try_it: bool = False) -> Sandbo
     except BaseException:
         # Leave nothing half made: no container, no host table, no key files.
         _remove_container(client, container_name(name))
+        _remove_volumes(client, name)
         created_text = state_dir / "inventory-as-created.toml"
         unregister(inventory, name, created_text.read_text() if created_text.exists() else None)
         shutil.rmtree(state_dir, ignore_errors=True)
         raise
-    sandbox = Sandbox(name, container_name(name), f"{container_name(name)}-docker", port, image,
-                      str(state_dir), str(inventory.resolve()), created)
+    sandbox = Sandbox(name, container_name(name), port, image, str(state_dir),
+                      str(inventory.resolve()), created)
     (state_dir / "sandbox.json").write_text(json.dumps(asdict(sandbox), indent=2) + "\n")
     log(f"sandbox {name!r} is up: ssh {ADMIN_USER}@127.0.0.1 -p {port}")
     return sandbox
@@ -210,10 +220,10 @@ def start_container(client: docker.DockerClient, name: str, image: str, public_k
                     inventory: Path) -> str:
     """Create, put the admin key in place, start: sshd accepts the key from its first breath."""
     cname = container_name(name)
+    binds = {volume: {"bind": path, "mode": "rw"} for volume, path in volume_names(name).items()}
     host_config = client.api.create_host_config(
         port_bindings={22: ("127.0.0.1", None)},
-        binds={f"{cname}-docker": {"bind": "/var/lib/docker", "mode": "rw"},
-               "/sys/fs/cgroup": {"bind": "/sys/fs/cgroup", "mode": "rw"}},
+        binds={**binds, "/sys/fs/cgroup": {"bind": "/sys/fs/cgroup", "mode": "rw"}},
         **HOST_CONFIG,
     )
     host_config.update(UNMASKED_PATHS)
@@ -386,7 +396,9 @@ def find(name: str, inventory: Path) -> Sandbox | None:
     record = state_dir_for(inventory, name) / "sandbox.json"
     if not record.is_file():
         return None
-    return Sandbox(**json.loads(record.read_text()))
+    recorded = json.loads(record.read_text())
+    # A record from an older provision may hold fields this one no longer keeps ("volume").
+    return Sandbox(**{f.name: recorded[f.name] for f in fields(Sandbox) if f.name in recorded})
 
 
 def status(name: str, inventory: Path) -> dict[str, object]:
@@ -403,12 +415,11 @@ def status(name: str, inventory: Path) -> dict[str, object]:
 
 
 def down(name: str, inventory: Path, log=print) -> bool:
-    """Remove the container, its Docker volume, its key files and its inventory entry."""
+    """Remove the container, its Docker volumes, its key files and its inventory entry."""
     sandbox = find(name, inventory)
     client = docker_client()
     removed = _remove_container(client, container_name(name))
-    with contextlib.suppress(docker.errors.NotFound):
-        client.volumes.get(f"{container_name(name)}-docker").remove(force=True)
+    _remove_volumes(client, name)
     if sandbox is None:
         return removed
     as_created = Path(sandbox.state_dir) / "inventory-as-created.toml"
@@ -435,6 +446,12 @@ def unregister(inventory: Path, name: str, as_created: str | None) -> None:
         inventory.unlink()
     else:
         inventory.write_text(text)
+
+
+def _remove_volumes(client: docker.DockerClient, name: str) -> None:
+    for volume in volume_names(name):
+        with contextlib.suppress(docker.errors.NotFound):
+            client.volumes.get(volume).remove(force=True)
 
 
 def _remove_container(client: docker.DockerClient, cname: str) -> bool:

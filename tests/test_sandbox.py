@@ -33,3 +33,20 @@ def test_the_base_archive_is_named_as_the_inventory_names_it(make_host) -> None:
     code, manifest = host.exec(f"tar -xOf {sandboxes.BASE_ARCHIVE} manifest.json")
     assert code == 0, manifest
     assert json.loads(manifest)[0]["RepoTags"] == [wanted]
+
+
+def test_homes_and_the_engine_lie_on_volumes_that_down_removes(own_host) -> None:
+    """A member's rootless daemon keeps its layers in her home (~/.local/share/docker); on the
+    sandbox container's own overlay root it fell back to fuse-overlayfs, and building the team
+    image there took most of the newcomer's first run (issue 25). /home, like /var/lib/docker
+    for the system daemon, is a named volume, so overlay2 works in both; `sandbox down` leaves
+    neither behind."""
+    for path in ("/home", "/var/lib/docker"):
+        code, fstype = own_host.exec(f"findmnt -n -o FSTYPE --target {path}")
+        assert code == 0, fstype
+        assert fstype.strip() not in ("overlay", "fuse.fuse-overlayfs"), (path, fstype)
+    volumes = set(sandboxes.volume_names(own_host.name))
+    client = sandboxes.docker_client()
+    assert volumes <= {v.name for v in client.volumes.list()}
+    assert sandboxes.down(own_host.name, own_host.inventory, log=lambda _: None)
+    assert not volumes & {v.name for v in client.volumes.list()}
