@@ -35,8 +35,9 @@ from provision.errors import (
     SudoPasswordRequired,
     UnexpectedError,
 )
-from provision.facts import HostFacts, gather_facts, parse_facts, read_transcript
+from provision.facts import HostFacts, parse_facts
 from provision.files import atomic_write
+from provision.gather import gather_facts, read_transcript
 from provision.gpus import DEFAULT_IDLE_AFTER, GpuReport, parse_duration, read_usage
 from provision.inventory import Inventory, inventory_path, load_inventory
 from provision.models import debug_model

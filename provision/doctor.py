@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass
 
 from provision.connection import Connection
 from provision.errors import InventoryError
-from provision.facts import HostFacts, gather_facts, split_sections
+from provision.facts import HostFacts, split_sections
+from provision.gather import gather_facts
 from provision.gpu_access import CDI_SPEC, gpu_run_args, host_gpu_path
 from provision.gpus import (
     DEFAULT_IDLE_AFTER,

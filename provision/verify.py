@@ -26,7 +26,8 @@ from typing import Any
 from provision.changes import as_member
 from provision.connection import Connection
 from provision.errors import InventoryError, ProvisionError, RemoteCommandFailed
-from provision.facts import HostFacts, gather_facts, split_sections
+from provision.facts import HostFacts, split_sections
+from provision.gather import gather_facts
 from provision.gpu_access import gpu_run_args, host_gpu_path
 from provision.image import ROOT, build_script, image_tag, upload_script
 from provision.inventory import Inventory, Member

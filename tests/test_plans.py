@@ -16,7 +16,8 @@ import pytest
 from provision.changes import Run, WriteFile
 from provision.engine import apply_script
 from provision.errors import InventoryError
-from provision.facts import Account, HostFacts, PathState, facts_request, parse_facts
+from provision.facts import Account, HostFacts, PathState, parse_facts
+from provision.gather import facts_request
 from provision.inventory import AptKey, Inventory, Mirrors, load_inventory, parse_inventory
 from provision.sandbox import new_key_pair
 from provision.steps import (
