@@ -13,6 +13,7 @@ import shlex
 from dataclasses import asdict, dataclass
 
 from provision.connection import Connection
+from provision.contract import CONTAINER_PORT, SERVICE_UNIT, in_service_daemon, wanted_acl
 from provision.errors import InventoryError
 from provision.facts import HostFacts, split_sections
 from provision.gather import gather_facts
@@ -28,7 +29,6 @@ from provision.gpus import (
 from provision.image import image_tag
 from provision.inventory import SERVICE_NAME, Inventory, Member
 from provision.render import render_workspace
-from provision.steps.hf_cache import wanted_acl
 from provision.steps.nvidia import (
     FP8_TENSOR_CORES,
     PROOF_IMAGE,
@@ -37,7 +37,6 @@ from provision.steps.nvidia import (
 )
 from provision.steps.rootless import SUBGID, SUBUID, read_ranges
 from provision.steps.rootless import paths as rootless_paths
-from provision.steps.service import CONTAINER_PORT, UNIT, docker_script
 from provision.versions import host_image
 
 WATCHED = ("**/.git/objects/**",)
@@ -140,14 +139,14 @@ def probe_script(inventory: Inventory, members: tuple[Member, ...], image: str |
                   f"{shlex.quote(IMAGE_PROBE)} 2>&1 | tail -n 1; else echo missing; fi"]
     if inventory.service is not None:
         # In the daemon its container runs in: the account's own one when rootless.
-        health = docker_script(inventory, f"docker exec {SERVICE_NAME} python -c "
+        health = in_service_daemon(inventory, f"docker exec {SERVICE_NAME} python -c "
                                           f"{shlex.quote(SERVICE_HEALTH)} {CONTAINER_PORT}")
         lines += [
-            "sec service-unit", f"systemctl is-active {UNIT}",
+            "sec service-unit", f"systemctl is-active {SERVICE_UNIT}",
             "sec service-health", f"{{ {health.rstrip()}\n}} 2>&1 | tail -n 1",
             # systemd logs each restart it schedules under the unit.
             "sec service-restarts",
-            f"journalctl --unit {UNIT} --since {RESTARTS_SINCE} --output cat "
+            f"journalctl --unit {SERVICE_UNIT} --since {RESTARTS_SINCE} --output cat "
             "--no-pager 2>/dev/null | grep -c 'Scheduled restart job'",
         ]
     lines.append("sec end")
@@ -241,7 +240,7 @@ def _service_checks(sections: dict[str, list[str]]) -> list[Check]:
     logs = f"journalctl -u {SERVICE_NAME}"
     state = " ".join(sections.get("service-unit", [])) or "unknown"
     active = state == "active"
-    found = [Check("service unit", "pass" if active else "fail", f"{UNIT}: {state}",
+    found = [Check("service unit", "pass" if active else "fail", f"{SERVICE_UNIT}: {state}",
                    "" if active else f"see {logs}; provision host HOST --only service")]
     text = " ".join(sections.get("service-health", []))
     try:

@@ -8,6 +8,7 @@ or the inventory that asks for it.
 from __future__ import annotations
 
 from provision.connection import Connection
+from provision.contract import SERVICE_UNIT
 from provision.errors import FactsUnreadable, RemoteCommandFailed
 from provision.facts import DAEMON_JSON, STATE_FILE, HostFacts, parse_facts
 from provision.inventory import SERVICE_NAME, Inventory
@@ -28,7 +29,7 @@ def facts_request(inventory: Inventory, paths: tuple[str, ...] = ()) -> dict[str
         "PROVISION_ACCOUNTS": " ".join(sorted(m.name for m in inventory.members)),
         "PROVISION_CACHE_DIR": inventory.defaults.cache_dir,
         # Probed with or without [service]: a service removed from the inventory is stopped.
-        "PROVISION_UNITS": f"{SERVICE_NAME}.service",
+        "PROVISION_UNITS": SERVICE_UNIT,
         # Its own daemon (rootless mode) is looked at like a member's, its images listed too.
         "PROVISION_SERVICE_ACCOUNT": SERVICE_NAME,
         "PROVISION_PATHS": "\n".join((STATE_FILE, DAEMON_JSON, *paths)),

@@ -12,7 +12,7 @@ import hashlib
 import shlex
 from pathlib import PurePosixPath
 
-from provision.render import WHEELHOUSE
+from provision.contract import WHEELHOUSE
 from provision.versions import ImageSpec
 
 ROOT = "/var/lib/provision"

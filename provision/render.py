@@ -37,13 +37,20 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from provision.contract import (
+    CACHE_LINK,
+    INDUCTOR_CACHE,
+    SHM_SIZE,
+    TOKEN_DIR,
+    WHEELHOUSE,
+    reach_address,
+)
 from provision.errors import InventoryError
 from provision.facts import HostFacts
 from provision.files import atomic_write
 from provision.gpu_access import container_cuda_devices, gpu_run_args, host_gpu_path
 from provision.inventory import Inventory, Member
 from provision.models import debug_model
-from provision.steps.hf_cache import CACHE_LINK, TOKEN_DIR
 from provision.target import Target
 from provision.templating import raw, render, templates_dir
 from provision.versions import PYPI_INDEX, PYTORCH_INDEX, ImageSpec, host_image, resolve_image
@@ -71,9 +78,6 @@ COPIED = (INFERENCE, ATTENTION_MAPS, *MACHINERY)
 DEBUG_LAUNCH, RUN_LAUNCH = "Debug SD3.5 FP8", "Run SD3.5 FP8 (compiled)"
 VENV = "/opt/venv"  # the image's environment, root-owned: its pins change through a rebuild
 OUTPUTS = "outputs"  # inference.py's default output directory
-INDUCTOR_CACHE = ".cache/torchinductor"  # relative to the workspace
-WHEELHOUSE = ".devcontainer/wheelhouse"  # where the build context holds [image] wheelhouse
-SHM_SIZE = "16g"  # Docker's 64 MB /dev/shm breaks DataLoader workers and NCCL
 DEBUGPY_PORT = 5678
 # Workspace directories of generated or bulky files: the file watcher (which otherwise exhausts
 # inotify watches and CPU on the remote host), search and git leave them alone.
@@ -207,7 +211,7 @@ def service_forward(inventory: Inventory) -> str:
     service = inventory.service
     if service is None:
         return ""
-    address = "127.0.0.1" if service.bind in ("0.0.0.0", "::") else service.bind
+    address = reach_address(service.bind)
     return f"{service.port} {f'[{address}]' if ':' in address else address}:{service.port}"
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from provision.changes import as_member
 from provision.connection import Connection
+from provision.contract import HF_MOUNT, INDUCTOR_CACHE, SHM_SIZE, account_args, reach_address
 from provision.errors import InventoryError, ProvisionError, RemoteCommandFailed
 from provision.facts import HostFacts, split_sections
 from provision.gather import gather_facts
@@ -32,7 +33,7 @@ from provision.gpu_access import gpu_run_args, host_gpu_path
 from provision.image import ROOT, build_script, image_tag, upload_script
 from provision.inventory import Inventory, Member
 from provision.models import cached_weights, debug_model
-from provision.render import GENERATION, INFERENCE, SHM_SIZE, render_for_host
+from provision.render import GENERATION, INFERENCE, render_for_host
 from provision.versions import host_image, resolve_image
 
 GPU_DEFAULTS = {"height": 1024, "width": 1024, "steps": 28}
@@ -97,26 +98,22 @@ def place_of(facts: HostFacts, inventory: Inventory, member: Member) -> Place:
 def run_script(inventory: Inventory, member: Member, facts: HostFacts, files: dict[str, str],
                tag: str, fp8: str, size: dict[str, Any], on_gpu: bool,
                place: Place) -> str:
-    """Both generations (FP8 as asked, then bf16) in the image, then their comparison.
-
-    Rootful: the container runs as her uid with the cache group. Rootless: as the container's
-    root, which is her on the host (a rootless container drops supplementary groups: the
-    cache's ACLs name her instead)."""
+    """Both generations (FP8 as asked, then bf16) in the image, then their comparison, the
+    container run as her (`contract.account_args`)."""
     account = facts.accounts[member.name]
     work = f"{place.root}/verify/{member.name}"
     cache = shlex.quote(inventory.defaults.cache_dir)
     cache_gid = facts.groups[inventory.defaults.cache_group].gid
     gpus = " ".join(shlex.quote(a) for a in gpu_run_args(
         member.gpus, host_gpu_path(facts, rootless=bool(place.member)))) if on_gpu else ""
+    user = account_args(account.uid, account.gid, cache_gid, rootless=bool(place.member))
     # Her uid has no passwd entry in the image: USER answers getpass.getuser(), which
     # compiling on the GPU calls (KeyError 'getpwuid(): uid not found' on the lent H200).
-    user = ("--user 0:0 " if place.member else
-            f"--user {account.uid}:{account.gid} --group-add {cache_gid} "
-            f"-e USER={member.name} ")
-    docker = (f"docker run --rm {gpus} --shm-size={SHM_SIZE} {user}"
+    user += [] if place.member else ["-e", f"USER={member.name}"]
+    docker = (f"docker run --rm {gpus} --shm-size={SHM_SIZE} {' '.join(user)} "
               f"-e HOME=/work -e HF_HUB_OFFLINE=1 "
-              f"-e HF_HOME=/hf -e TORCHINDUCTOR_CACHE_DIR=/work/.cache/torchinductor "
-              f"-v {cache}:/hf -v {work}:/work -w /work {tag}")
+              f"-e HF_HOME={HF_MOUNT} -e TORCHINDUCTOR_CACHE_DIR=/work/{INDUCTOR_CACHE} "
+              f"-v {cache}:{HF_MOUNT} -v {work}:/work -w /work {tag}")
     args = (f"--model {shlex.quote(size['model'])} --height {size['height']} "
             f"--width {size['width']} --steps {size['steps']} --seed 0")
     script = (f"mkdir -p {work}/.cache\nrm -f {work}/*.png {work}/*.json\n"
@@ -274,8 +271,7 @@ def verify_service(conn: Connection, inventory: Inventory, *, out: Path,
     if service is None:
         raise InventoryError(f"{inventory.path}: no [service] table",
                              "add one and run 'provision host HOST' first")
-    # A service bound to every address also answers on the host's loopback.
-    address = "127.0.0.1" if service.bind in ("0.0.0.0", "::") else service.bind
+    address = reach_address(service.bind)
     where = f"{address}:{service.port}"
     deadline = time.monotonic() + SERVICE_LOAD_WAIT
     while True:

@@ -20,6 +20,7 @@ import pytest
 
 from provision import render as workspace
 from provision import sandbox
+from provision.contract import INDUCTOR_CACHE
 from provision.errors import DockerUnavailable
 from tests.conftest import require
 from tests.test_render import HOSTS, INVENTORY, MEMBERS, REPO
@@ -56,7 +57,7 @@ def test_read_configuration_accepts_the_rendered_workspace(member: str, tmp_path
     sources = {m["target"]: m["source"] for m in config["mounts"]}
     assert sources[f"/home/{member}/.config/huggingface"] == f"{tmp_path}/.config/huggingface"
     assert config["containerEnv"]["TORCHINDUCTOR_CACHE_DIR"] == (
-        f"/workspaces/sd35-fp8/{workspace.INDUCTOR_CACHE}")
+        f"/workspaces/sd35-fp8/{INDUCTOR_CACHE}")
 
 
 def test_read_configuration_accepts_this_repository(tmp_path: Path) -> None:
