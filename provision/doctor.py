@@ -17,7 +17,7 @@ from provision.contract import CONTAINER_PORT, SERVICE_UNIT, in_service_daemon, 
 from provision.errors import InventoryError
 from provision.facts import HostFacts, split_sections
 from provision.gather import gather_facts
-from provision.gpu_access import CDI_SPEC, gpu_run_args, host_gpu_path
+from provision.gpu_access import CDI_SPEC, gpu_proof, host_gpu_args, without_fp8_tensor_cores
 from provision.gpus import (
     DEFAULT_IDLE_AFTER,
     NO_GPU,
@@ -29,12 +29,7 @@ from provision.gpus import (
 from provision.image import image_tag
 from provision.inventory import SERVICE_NAME, Inventory, Member
 from provision.render import render_workspace
-from provision.steps.nvidia import (
-    FP8_TENSOR_CORES,
-    PROOF_IMAGE,
-    ROOTLESS_GPU_REMEDY,
-    rootless_gpu_blocker,
-)
+from provision.steps.nvidia import ROOTLESS_GPU_REMEDY, rootless_gpu_blocker
 from provision.steps.rootless import SUBGID, SUBUID, read_ranges
 from provision.steps.rootless import paths as rootless_paths
 from provision.versions import host_image
@@ -130,8 +125,7 @@ def probe_script(inventory: Inventory, members: tuple[Member, ...], image: str |
               and members else "docker")
     if gpu_args:
         lines += ["sec gpu-container",
-                  f"{docker} run --rm {gpus}{PROOF_IMAGE} nvidia-smi -L 2>&1; "
-                  "echo \"exit=$?\""]
+                  f"{gpu_proof(gpu_args, '-L', docker)} 2>&1; echo \"exit=$?\""]
     if image:
         lines += ["sec image",
                   f"if {docker} image inspect {shlex.quote(image)} >/dev/null 2>&1; then "
@@ -376,8 +370,7 @@ def _gpu_checks(facts: HostFacts, sections: dict[str, list[str]]) -> list[Check]
                 ("nvidia runtime", "GPU inside a container", "compute capability vs FP8")]
     registered = "nvidia" in facts.docker.runtimes
     ok, seen = _exit_ok(sections.get("gpu-container", []))
-    slow = [g for g in facts.nvidia.gpus
-            if tuple(int(x) for x in g.compute_capability.split(".")[:2]) < FP8_TENSOR_CORES]
+    slow = without_fp8_tensor_cores(facts.nvidia.gpus)
     return [
         Check("nvidia runtime", "pass" if registered else "fail",
               f"docker info runtimes: {', '.join(facts.docker.runtimes) or 'none'}",
@@ -432,8 +425,7 @@ def run_doctor(conn: Connection, inventory: Inventory, members: tuple[Member, ..
     facts = gather_facts(conn, inventory, (*settings_paths.values(), *rootless_paths(inventory)))
     if image is None and members:
         image = verify_image(facts, inventory, members[0])
-    gpu_args = gpu_run_args("all", host_gpu_path(facts, rootless=inventory.defaults.rootless)
-                            ) if facts.nvidia.gpus else []
+    gpu_args = host_gpu_args(facts, "all", rootless=inventory.defaults.rootless)
     probe = conn.run(probe_script(inventory, members, image, gpu_args),
                      what="doctor probe", check=False)
     settings = {name: facts.text(path) for name, path in settings_paths.items()}

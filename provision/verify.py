@@ -29,7 +29,7 @@ from provision.contract import HF_MOUNT, INDUCTOR_CACHE, SHM_SIZE, account_args,
 from provision.errors import InventoryError, ProvisionError, RemoteCommandFailed
 from provision.facts import HostFacts, split_sections
 from provision.gather import gather_facts
-from provision.gpu_access import gpu_run_args, host_gpu_path
+from provision.gpu_access import host_gpu_args, runs_on_gpu
 from provision.image import ROOT, build_script, image_tag, upload_script
 from provision.inventory import Inventory, Member
 from provision.models import cached_weights, debug_model
@@ -96,16 +96,15 @@ def place_of(facts: HostFacts, inventory: Inventory, member: Member) -> Place:
 
 
 def run_script(inventory: Inventory, member: Member, facts: HostFacts, files: dict[str, str],
-               tag: str, fp8: str, size: dict[str, Any], on_gpu: bool,
-               place: Place) -> str:
+               tag: str, fp8: str, size: dict[str, Any], place: Place) -> str:
     """Both generations (FP8 as asked, then bf16) in the image, then their comparison, the
     container run as her (`contract.account_args`)."""
     account = facts.accounts[member.name]
     work = f"{place.root}/verify/{member.name}"
     cache = shlex.quote(inventory.defaults.cache_dir)
     cache_gid = facts.groups[inventory.defaults.cache_group].gid
-    gpus = " ".join(shlex.quote(a) for a in gpu_run_args(
-        member.gpus, host_gpu_path(facts, rootless=bool(place.member)))) if on_gpu else ""
+    gpus = " ".join(shlex.quote(a) for a in host_gpu_args(facts, member.gpus,
+                                                           rootless=bool(place.member)))
     user = account_args(account.uid, account.gid, cache_gid, rootless=bool(place.member))
     # Her uid has no passwd entry in the image: USER answers getpass.getuser(), which
     # compiling on the GPU calls (KeyError 'getpwuid(): uid not found' on the lent H200).
@@ -145,7 +144,7 @@ def verify(conn: Connection, inventory: Inventory, member: Member, *, model: str
     if member.name not in facts.accounts:
         raise InventoryError(f"{conn.name}: {member.name} has no account there yet",
                              f"run 'provision host {conn.name}' first")
-    on_gpu = bool(facts.nvidia.gpus) and member.gpus != "none"
+    on_gpu = runs_on_gpu(facts, member.gpus)
     size = dict(GPU_DEFAULTS if on_gpu else CPU_DEFAULTS)
     size["model"] = choose_model(facts, member, model, on_gpu)
     note = (f"GPU: {', '.join(g.name for g in facts.nvidia.gpus)}" if on_gpu else
@@ -166,7 +165,7 @@ def verify(conn: Connection, inventory: Inventory, member: Member, *, model: str
                           image.choice)
     progress(f"generating ({size['model']}, --fp8 {fp8}, then bf16 to compare)")
     result = conn.run(place.script(run_script(inventory, member, facts, files, tag, fp8, size,
-                                              on_gpu, place)),
+                                              place)),
                       what="generation", timeout=3600, check=False)
     logs = f"see {place.root}/verify/{member.name}/*.log on the host"
     if not result.ok:

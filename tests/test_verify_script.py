@@ -26,7 +26,7 @@ def test_each_generation_runs_as_her_with_a_user_name_and_the_fp8_run_compiles()
     alice = inventory.member("alice")
     files = render_for_host(inventory, alice, facts, host_alias="sandbox", target=None)
     script = run_script(inventory, alice, facts, files, "img", "storage", dict(CPU_DEFAULTS),
-                        False, Place("/var/lib/provision"))
+                        Place("/var/lib/provision"))
     runs = [line for line in script.splitlines() if line.startswith("docker run")]
     account = facts.accounts["alice"]
     assert len(runs) == 3  # FP8, bf16, then the comparison of their images

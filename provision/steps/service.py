@@ -61,7 +61,7 @@ from provision.contract import (
     in_service_daemon,
 )
 from provision.facts import HostFacts, Listener
-from provision.gpu_access import gpu_run_args, host_gpu_path
+from provision.gpu_access import host_gpu_args, runs_on_gpu
 from provision.image import build_script, image_tag
 from provision.inventory import SERVICE_HOME, SERVICE_NAME, Inventory, Member, Service
 from provision.models import debug_model
@@ -226,10 +226,6 @@ def runs_rootless(unit: str | None) -> bool:
     return unit is not None and "DOCKER_HOST=" in unit
 
 
-def on_gpu(facts: HostFacts, service: Service) -> bool:
-    return bool(facts.nvidia.gpus) and service.gpus != "none"
-
-
 def unit_text(facts: HostFacts, inventory: Inventory, service: Service, tag: str) -> str:
     uid, gid = service_ids(facts)
     group = facts.groups.get(inventory.defaults.cache_group)
@@ -237,8 +233,7 @@ def unit_text(facts: HostFacts, inventory: Inventory, service: Service, tag: str
         raise StepBlocked(f"the cache group {inventory.defaults.cache_group} does not exist",
                           "the users step creates it: converge without --skip users")
     mode_rootless = inventory.defaults.rootless
-    gpu_args = gpu_run_args(service.gpus, host_gpu_path(facts, rootless=mode_rootless)
-                            ) if on_gpu(facts, service) else []
+    gpu_args = host_gpu_args(facts, service.gpus, rootless=mode_rootless)
     user = " ".join(account_args(uid, gid, group.gid, rootless=mode_rootless))
     return render("host/sd35-api.service.j2", name=SERVICE_NAME, image=tag, uid=uid,
                   user=user, rootless=mode_rootless, env_file=ENV_FILE,
@@ -341,7 +336,7 @@ def _own_daemon(facts: HostFacts, inventory: Inventory, service: Service) -> lis
         changes.append(run(NAME, f"{ROOTLESS_STATE}: the container's /state (its compile "
                                  "cache), made as the account",
                            as_member(SERVICE_NAME, f"mkdir -p -m 0700 {ROOTLESS_STATE}")))
-    if on_gpu(facts, service):
+    if runs_on_gpu(facts, service.gpus):
         blocker = nvidia.rootless_gpu_blocker(facts, inventory)
         if blocker is not None:
             raise StepBlocked(f"the service's GPUs in its own daemon: {blocker}",
