@@ -39,6 +39,7 @@ from provision.facts import HostFacts, parse_facts
 from provision.files import atomic_write
 from provision.gather import gather_facts, read_transcript
 from provision.gpus import DEFAULT_IDLE_AFTER, GpuReport, parse_duration, read_usage
+from provision.image import host_image
 from provision.inventory import Inventory, inventory_path, load_inventory
 from provision.models import debug_model
 from provision.onboard import bundle, merge_ssh_block
@@ -47,7 +48,6 @@ from provision.steps import paths_of, select_steps
 from provision.target import resolve_target
 from provision.templating import render
 from provision.verify import verify, verify_service
-from provision.versions import host_image
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="Provision GPU servers for Stable Diffusion 3.5 FP8 team work, over SSH.")

@@ -26,13 +26,12 @@ from provision.gpus import (
     read_usage,
     unowned,
 )
-from provision.image import image_tag
+from provision.image import host_image, image_tag
 from provision.inventory import SERVICE_NAME, Inventory, Member
 from provision.render import render_workspace
 from provision.steps.nvidia import ROOTLESS_GPU_REMEDY, rootless_gpu_blocker
 from provision.steps.rootless import SUBGID, SUBUID, read_ranges
 from provision.steps.rootless import paths as rootless_paths
-from provision.versions import host_image
 
 WATCHED = ("**/.git/objects/**",)
 SYSTEM_SOCKET = "/var/run/docker.sock"

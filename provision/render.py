@@ -49,11 +49,12 @@ from provision.errors import InventoryError
 from provision.facts import HostFacts
 from provision.files import atomic_write
 from provision.gpu_access import container_cuda_devices, gpu_run_args, host_gpu_path
+from provision.image import host_image
 from provision.inventory import Inventory, Member
 from provision.models import debug_model
 from provision.target import Target
 from provision.templating import raw, render, templates_dir
-from provision.versions import PYPI_INDEX, PYTORCH_INDEX, ImageSpec, host_image, resolve_image
+from provision.versions import PYPI_INDEX, PYTORCH_INDEX, ImageSpec, resolve_image
 
 LAUNCH_JSON = ".vscode/launch.json"
 # Rendered from `templates/workspace/<path>.j2`, in this order; COPIED as they are.
@@ -218,7 +219,7 @@ def service_forward(inventory: Inventory) -> str:
 def render_for_host(inventory: Inventory, member: Member, facts: HostFacts, *,
                     host_alias: str | None, target: Target | None) -> dict[str, str]:
     """Every workspace file for a host that was read: its facts give the cache group's gid,
-    the image its driver runs (`versions.host_image`) and her launch.json's model."""
+    the image its driver runs (`image.host_image`) and her launch.json's model."""
     group = facts.groups.get(inventory.defaults.cache_group)
     return render_workspace(inventory, member, host_alias=host_alias, target=target,
                             cache_gid=group.gid if group else None,
@@ -231,7 +232,7 @@ def member_files(inventory: Inventory, member: Member, *, host_alias: str | None
     """Her workspace files and, when the host is known, her `ssh_config` block beside them.
 
     `facts`, when the host was read, give the cache group's gid, the image its driver runs
-    (`versions.host_image`) and her launch.json's model.
+    (`image.host_image`) and her launch.json's model.
     """
     files = (render_for_host(inventory, member, facts, host_alias=host_alias, target=target)
              if facts else render_workspace(inventory, member, host_alias=host_alias,

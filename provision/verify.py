@@ -30,11 +30,11 @@ from provision.errors import InventoryError, ProvisionError, RemoteCommandFailed
 from provision.facts import HostFacts, split_sections
 from provision.gather import gather_facts
 from provision.gpu_access import host_gpu_args, runs_on_gpu
-from provision.image import ROOT, build_script, image_tag, upload_script
+from provision.image import ROOT, build_script, host_image, image_tag, upload_script
 from provision.inventory import Inventory, Member
 from provision.models import cached_weights, debug_model
 from provision.render import GENERATION, INFERENCE, render_for_host
-from provision.versions import host_image, resolve_image
+from provision.versions import resolve_image
 
 GPU_DEFAULTS = {"height": 1024, "width": 1024, "steps": 28}
 CPU_DEFAULTS = {"model": "tiny", "height": 128, "width": 128, "steps": 4}

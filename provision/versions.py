@@ -17,14 +17,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from provision import safe
 from provision.errors import InventoryError
-
-if TYPE_CHECKING:
-    from provision.facts import HostFacts
-    from provision.inventory import Inventory
 
 PYTORCH_INDEX = "https://download.pytorch.org/whl"
 PYPI_INDEX = "https://pypi.org/simple"
@@ -236,12 +231,6 @@ def resolve_image(image_table: dict[str, str], driver: str | None = None) -> Ima
                   _driver_runs, _base_cuda, _base_python):
         check(spec, image_table)
     return spec
-
-
-def host_image(facts: HostFacts, inventory: Inventory) -> ImageSpec:
-    """The image for this host: its NVIDIA driver picks the CUDA flavour and base. The one
-    choice the workspace step, `render --host`, `verify` and `doctor` all make."""
-    return resolve_image(inventory.image, facts.nvidia.driver)
 
 
 def _flavour_for(torch: str, running: tuple[int, ...], driver: str,

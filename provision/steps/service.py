@@ -62,13 +62,12 @@ from provision.contract import (
 )
 from provision.facts import HostFacts, Listener
 from provision.gpu_access import host_gpu_args, runs_on_gpu
-from provision.image import build_script, image_tag
+from provision.image import build_script, host_image, image_tag
 from provision.inventory import SERVICE_HOME, SERVICE_NAME, Inventory, Member, Service
 from provision.models import debug_model
 from provision.render import GENERATION, render_workspace
 from provision.steps import Proof, Step, StepBlocked, nvidia, rootless
 from provision.templating import raw, render
-from provision.versions import host_image
 
 NAME = "service"
 UNIT_FILE = f"/etc/systemd/system/{SERVICE_UNIT}"

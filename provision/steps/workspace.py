@@ -20,11 +20,12 @@ from pathlib import PurePosixPath
 from provision.changes import Change, Run, WriteFile, as_member, run
 from provision.contract import WHEELHOUSE
 from provision.facts import HostFacts
+from provision.image import host_image
 from provision.inventory import Inventory, Member
 from provision.models import debug_model
 from provision.render import LAUNCH_JSON, render_for_host, render_workspace
 from provision.steps import Step, StepBlocked, home_of, primary_group
-from provision.versions import host_image, resolve_image
+from provision.versions import resolve_image
 
 NAME = "workspace"
 
