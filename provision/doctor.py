@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from provision.connection import Connection
 from provision.contract import CONTAINER_PORT, SERVICE_UNIT, in_service_daemon, wanted_acl
 from provision.errors import InventoryError
-from provision.facts import HostFacts, split_sections
+from provision.facts import SUBGID, SUBUID, HostFacts, read_ranges, split_sections
 from provision.gather import gather_facts
 from provision.gpu_access import CDI_SPEC, gpu_proof, host_gpu_args, without_fp8_tensor_cores
 from provision.gpus import (
@@ -30,8 +30,6 @@ from provision.image import host_image, image_tag
 from provision.inventory import SERVICE_NAME, Inventory, Member
 from provision.render import render_workspace
 from provision.steps.nvidia import ROOTLESS_GPU_REMEDY, rootless_gpu_blocker
-from provision.steps.rootless import SUBGID, SUBUID, read_ranges
-from provision.steps.rootless import paths as rootless_paths
 
 WATCHED = ("**/.git/objects/**",)
 SYSTEM_SOCKET = "/var/run/docker.sock"
@@ -421,7 +419,7 @@ def run_doctor(conn: Connection, inventory: Inventory, members: tuple[Member, ..
     """`image`: the image to look inside; None: the one `verify` builds for this host."""
     workspace = inventory.defaults.workspace_dir
     settings_paths = {m.name: f"~{m.name}/{workspace}/{SETTINGS}" for m in members}
-    facts = gather_facts(conn, inventory, (*settings_paths.values(), *rootless_paths(inventory)))
+    facts = gather_facts(conn, inventory, (*settings_paths.values(), SUBUID, SUBGID))
     if image is None and members:
         image = verify_image(facts, inventory, members[0])
     gpu_args = host_gpu_args(facts, "all", rootless=inventory.defaults.rootless)

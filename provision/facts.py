@@ -20,6 +20,7 @@ from provision.errors import FactsUnreadable
 SECTION = "@@@provision:"
 STATE_FILE = "/var/lib/provision/state.json"
 DAEMON_JSON = "/etc/docker/daemon.json"
+SUBUID, SUBGID = "/etc/subuid", "/etc/subgid"  # subordinate ids: rootless daemons' ranges
 DPKG_LOCKS = ("/var/lib/dpkg/lock-frontend", "/var/lib/dpkg/lock", "/var/lib/apt/lists/lock")
 # The line the paths section prints for a batch that ran past its time limit.
 TIMED_OUT = "timed-out"
@@ -201,6 +202,35 @@ class Nvidia:
     def driver(self) -> str | None:
         """The NVIDIA driver version (one per host, whatever its GPUs), when nvidia-smi answers."""
         return self.gpus[0].driver if self.gpus else None
+
+
+@dataclass(frozen=True)
+class IdRange:
+    """One line of /etc/subuid or /etc/subgid: `owner` is given `count` ids from `start`."""
+
+    owner: str
+    start: int
+    count: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.count - 1
+
+    def overlaps(self, other: IdRange) -> bool:
+        return self.start <= other.end and other.start <= self.end
+
+    def __str__(self) -> str:
+        return f"{self.start}-{self.end}"
+
+
+def read_ranges(text: str | None) -> list[IdRange]:
+    """/etc/subuid or /etc/subgid (`owner:start:count` lines) → ranges; junk lines skipped."""
+    ranges = []
+    for line in (text or "").splitlines():
+        parts = line.strip().split(":")
+        if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit() and int(parts[2]):
+            ranges.append(IdRange(parts[0], int(parts[1]), int(parts[2])))
+    return ranges
 
 
 @dataclass(frozen=True)

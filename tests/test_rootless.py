@@ -16,12 +16,12 @@ import pytest
 
 from provision import doctor
 from provision.errors import InventoryError
-from provision.facts import MemberDaemon, PathState
+from provision.facts import IdRange, MemberDaemon, PathState, read_ranges
 from provision.inventory import load_inventory, parse_inventory
 from provision.render import render_workspace
 from provision.sandbox import new_inventory
 from provision.steps import hf_cache, nvidia, rootless, users
-from provision.steps.rootless import IdRange, allocate, read_ranges
+from provision.steps.rootless import allocate
 from provision.templating import render
 from tests.conftest import FIXTURES, facts_of, summaries
 
