@@ -44,7 +44,8 @@ from provision.inventory import Inventory, inventory_path, load_inventory
 from provision.models import debug_model
 from provision.onboard import bundle, merge_ssh_block
 from provision.render import member_files, write_files
-from provision.steps import paths_of, select_steps
+from provision.steps import paths_of
+from provision.steps.order import select_steps
 from provision.target import resolve_target
 from provision.templating import render
 from provision.verify import verify, verify_service

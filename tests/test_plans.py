@@ -24,15 +24,14 @@ from provision.steps import (
     NoGpu,
     StepBlocked,
     StepSkipped,
-    all_steps,
     docker,
     hf_cache,
     keepalive,
     nvidia,
-    select_steps,
     users,
     workspace,
 )
+from provision.steps.order import STEPS, select_steps
 from tests.conftest import FIXTURES, facts_of, summaries, synthesized_h100_transcript
 
 HOSTS = sorted(p.stem for p in (FIXTURES / "facts").glob("*.txt"))
@@ -147,7 +146,7 @@ def test_hf_cache_leaves_a_right_link_alone(team: Inventory) -> None:
 def test_every_apply_script_parses_as_posix_sh(host: str, team: Inventory,
                                                tmp_path: Path) -> None:
     facts = facts_of(host)
-    for step in all_steps():
+    for step in STEPS:
         try:
             changes = step.plan(facts, team)
         except (StepBlocked, StepSkipped):
