@@ -15,7 +15,14 @@ from dataclasses import asdict, dataclass
 from provision.connection import Connection
 from provision.contract import CONTAINER_PORT, SERVICE_UNIT, in_service_daemon, wanted_acl
 from provision.errors import InventoryError
-from provision.facts import SUBGID, SUBUID, HostFacts, read_ranges, split_sections
+from provision.facts import (
+    SECTION_FUNCTION,
+    SUBGID,
+    SUBUID,
+    HostFacts,
+    read_ranges,
+    split_sections,
+)
 from provision.gather import gather_facts
 from provision.gpu_access import CDI_SPEC, gpu_proof, host_gpu_args, without_fp8_tensor_cores
 from provision.gpus import (
@@ -94,7 +101,7 @@ def probe_script(inventory: Inventory, members: tuple[Member, ...], image: str |
     """One script: per member docker access and cache writes, then the GPU and image probes
     (`gpu_args`: how a container gets every GPU of the host, `gpu_access`; empty: no GPU)."""
     cache = shlex.quote(inventory.defaults.cache_dir)
-    lines = ["sec() { printf '\\n@@@provision:%s\\n' \"$1\"; }"]
+    lines = [SECTION_FUNCTION]
     for member in members:
         name = member.name
         lines += [

@@ -18,6 +18,9 @@ from typing import Any
 from provision.errors import FactsUnreadable
 
 SECTION = "@@@provision:"
+# Shell: `sec NAME` starts a section of a transcript `split_sections` reads (the facts script
+# and templates/host/gpu-usage.sh.j2 write it themselves).
+SECTION_FUNCTION = f"sec() {{ printf '\\n{SECTION}%s\\n' \"$1\"; }}"
 STATE_FILE = "/var/lib/provision/state.json"
 DAEMON_JSON = "/etc/docker/daemon.json"
 SUBUID, SUBGID = "/etc/subuid", "/etc/subgid"  # subordinate ids: rootless daemons' ranges

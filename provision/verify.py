@@ -27,7 +27,7 @@ from provision.changes import as_member
 from provision.connection import Connection
 from provision.contract import HF_MOUNT, INDUCTOR_CACHE, SHM_SIZE, account_args, reach_address
 from provision.errors import InventoryError, ProvisionError, RemoteCommandFailed
-from provision.facts import HostFacts, split_sections
+from provision.facts import SECTION_FUNCTION, HostFacts, split_sections
 from provision.gather import gather_facts
 from provision.gpu_access import host_gpu_args, runs_on_gpu
 from provision.image import ROOT, build_script, host_image, image_tag, upload_script
@@ -115,7 +115,7 @@ def run_script(inventory: Inventory, member: Member, facts: HostFacts, files: di
               f"-v {cache}:{HF_MOUNT} -v {work}:/work -w /work {tag}")
     args = (f"--model {shlex.quote(size['model'])} --height {size['height']} "
             f"--width {size['width']} --steps {size['steps']} --seed 0")
-    script = (f"mkdir -p {work}/.cache\nrm -f {work}/*.png {work}/*.json\n"
+    script = (f"{SECTION_FUNCTION}\nmkdir -p {work}/.cache\nrm -f {work}/*.png {work}/*.json\n"
               + upload_script({path: files[path] for path in GENERATION}, f"{work}.src")
               + f"cp -R {work}.src/. {work}/\nrm -rf {work}.src\n"
               + ("" if place.member else f"chown -R {account.uid}:{account.gid} {work}\n"))
@@ -127,9 +127,9 @@ def run_script(inventory: Inventory, member: Member, facts: HostFacts, files: di
                    f"--output {mode}.png "
                    f"--metrics {mode}.json >/dev/null 2>{work}/{mode}.log || "
                    f"{{ tail -n 5 {work}/{mode}.log >&2; exit 4; }}\n"
-                   f"printf '@@@provision:run-{mode}\\n'; cat {work}/{mode}.json; echo\n")
-    script += (f"printf '@@@provision:compare\\n'\n{docker} python -c {shlex.quote(COMPARE)} "
-               f"{fp8}.png off.png\nprintf '\\n@@@provision:end\\n'\n")
+                   f"sec run-{mode}\ncat {work}/{mode}.json; echo\n")
+    script += (f"sec compare\n{docker} python -c {shlex.quote(COMPARE)} {fp8}.png off.png\n"
+               "sec end\n")
     return script
 
 
