@@ -24,7 +24,13 @@ from provision.facts import (
     split_sections,
 )
 from provision.gather import gather_facts
-from provision.gpu_access import CDI_SPEC, gpu_proof, host_gpu_args, without_fp8_tensor_cores
+from provision.gpu_access import (
+    CDI_SPEC,
+    FP8_TENSOR_CORES,
+    gpu_proof,
+    host_gpu_args,
+    without_fp8_tensor_cores,
+)
 from provision.gpus import (
     DEFAULT_IDLE_AFTER,
     NO_GPU,
@@ -37,6 +43,7 @@ from provision.image import host_image, image_tag
 from provision.inventory import SERVICE_NAME, Inventory, Member
 from provision.render import render_workspace
 from provision.steps.nvidia import ROOTLESS_GPU_REMEDY, rootless_gpu_blocker
+from provision.versions import FLOAT8_TORCH, SCALED_MM_TORCH
 
 WATCHED = ("**/.git/objects/**",)
 SYSTEM_SOCKET = "/var/run/docker.sock"
@@ -385,7 +392,8 @@ def _gpu_checks(facts: HostFacts, sections: dict[str, list[str]]) -> list[Check]
         Check("compute capability vs FP8", "warn" if slow else "pass",
               ", ".join(f"GPU {g.index} {g.name}: {g.compute_capability}"
                         for g in facts.nvidia.gpus),
-              "FP8 runs as storage only below 8.9: use --fp8 storage there" if slow else ""),
+              f"FP8 runs as storage only below {FP8_TENSOR_CORES}: use --fp8 storage there"
+              if slow else ""),
     ]
 
 
@@ -405,13 +413,14 @@ def _image_checks(facts: HostFacts, sections: dict[str, list[str]]) -> list[Chec
         "image: torch float8", "pass" if torch_ok else "fail",
         f"torch {report.get('torch', report.get('torch_error', '?'))}: "
         f"float8_e4m3fn {'present' if torch_ok else 'missing'}",
-        "" if torch_ok else "torch >= 2.1 has float8 (>= 2.5 for rowwise _scaled_mm): "
-                            "fix the [image] pins and rebuild")]
+        "" if torch_ok else f"torch >= {FLOAT8_TORCH} has float8 (>= {SCALED_MM_TORCH} for "
+                            "rowwise _scaled_mm): fix the [image] pins and rebuild")]
     if facts.nvidia.gpus and torch_ok:
         scaled = report.get("scaled_mm")
         found.append(Check("image: _scaled_mm on this GPU", "pass" if scaled == "ok" else "fail",
                            str(scaled), "" if scaled == "ok" else
-                           "needs compute capability >= 8.9 and torch >= 2.5"))
+                           f"needs compute capability >= {FP8_TENSOR_CORES} and torch >= "
+                           f"{SCALED_MM_TORCH}"))
     if "xformers_error" in report:
         found.append(Check("image: xformers", "fail", report["xformers_error"],
                            "xformers is built for one torch: pin the pair from the version "

@@ -41,7 +41,7 @@ CDI_DOCKER = (25, 0)  # features.cdi exists
 CDI_BY_DEFAULT = (28, 2)  # features.cdi on unless turned off
 ROOTLESS_CDI_DOCKER = (28, 0)  # dockerd-rootless.sh lets her daemon see /etc/cdi
 # FP8 tensor cores (Ada, Hopper and later): below this compute capability FP8 is storage only.
-FP8_TENSOR_CORES = (8, 9)
+FP8_TENSOR_CORES = "8.9"
 PROOF_IMAGE = "ubuntu:24.04"  # the GPU proof's container: anything that runs nvidia-smi
 
 GpuPath = Literal["cdi", "runtime"]
@@ -107,7 +107,11 @@ def gpu_proof(gpu_args: list[str], nvidia_smi: str, docker: str = "docker") -> s
 def without_fp8_tensor_cores(gpus: tuple[Gpu, ...]) -> list[Gpu]:
     """The GPUs whose compute capability is below FP8_TENSOR_CORES."""
     return [g for g in gpus
-            if tuple(int(x) for x in g.compute_capability.split(".")[:2]) < FP8_TENSOR_CORES]
+            if _capability(g.compute_capability) < _capability(FP8_TENSOR_CORES)]
+
+
+def _capability(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(".")[:2])
 
 
 def container_cuda_devices(gpus: str) -> str | None:

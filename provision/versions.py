@@ -23,6 +23,9 @@ from provision.errors import InventoryError
 
 PYTORCH_INDEX = "https://download.pytorch.org/whl"
 PYPI_INDEX = "https://pypi.org/simple"
+# The torch that has float8 dtypes (FP8 weights), and the one with rowwise-scaled _scaled_mm
+# (--fp8 dq): the image's torch is refused below the second, doctor names both.
+FLOAT8_TORCH, SCALED_MM_TORCH = "2.1", "2.5"
 
 
 @dataclass(frozen=True)
@@ -319,12 +322,12 @@ def _check_form(key: str, value: str) -> None:
 
 
 def _fp8_torch(spec: ImageSpec, overrides: dict[str, str]) -> None:
-    if _release(spec.torch) < (2, 1):
+    if _release(spec.torch) < _release(FLOAT8_TORCH):
         raise _refuse(("torch",), spec, overrides,
-                      "torch.float8_e4m3fn (FP8 weights) exists only since torch 2.1")
-    if _release(spec.torch) < (2, 5):
-        raise _refuse(("torch",), spec, overrides,
-                      "--fp8 dq needs rowwise-scaled torch._scaled_mm, new in torch 2.5")
+                      f"torch.float8_e4m3fn (FP8 weights) exists only since torch {FLOAT8_TORCH}")
+    if _release(spec.torch) < _release(SCALED_MM_TORCH):
+        raise _refuse(("torch",), spec, overrides, "--fp8 dq needs rowwise-scaled "
+                      f"torch._scaled_mm, new in torch {SCALED_MM_TORCH}")
 
 
 def _diffusers(spec: ImageSpec, overrides: dict[str, str]) -> None:

@@ -53,6 +53,7 @@ from provision.gpu_access import (
     CDI_DOCKER,
     CDI_KIND,
     CDI_SPEC,
+    FP8_TENSOR_CORES,
     ROOTLESS_CDI_DOCKER,
     docker_version,
     gpu_proof,
@@ -216,7 +217,8 @@ def daemon_cdi(facts: HostFacts, name: str, *, restart: bool, step: str = NAME
 
 
 def notes(facts: HostFacts, inventory: Inventory) -> list[str]:
-    found = [f"GPU {g.index} ({g.name}) has compute capability {g.compute_capability} < 8.9: "
+    found = [f"GPU {g.index} ({g.name}) has compute capability {g.compute_capability} < "
+             f"{FP8_TENSOR_CORES}: "
              "FP8 runs as storage only there, without FP8 tensor cores"
              for g in without_fp8_tensor_cores(facts.nvidia.gpus)]
     if inventory.defaults.rootless and facts.nvidia.has_gpu:
