@@ -325,10 +325,11 @@ def render_command(
         raise InventoryError(f"{inventory.path}: no members", "add one: provision team add")
     target = resolve_target(host, inventory, settings.ssh_config) if host else None
     facts = _facts(settings, host, inventory) if host else None
+    image = host_image(facts, inventory)
     if facts is not None:
-        err.print(f"{host}: {host_image(facts, inventory).choice}")
+        err.print(f"{host}: {image.choice}")
     for each in members:
-        files = member_files(inventory, each, host_alias=host, target=target, facts=facts,
+        files = member_files(inventory, each, image, host_alias=host, target=target, facts=facts,
                              identity_file=identity_file)
         written = write_files(files, out_dir if member else out_dir / each.name)
         model = debug_model(each, facts)

@@ -23,10 +23,12 @@ IMAGE_REPOSITORY = "provision/sd35-fp8"
 CONTEXT_FILES = (".devcontainer/Dockerfile", ".devcontainer/requirements.txt")
 
 
-def host_image(facts: HostFacts, inventory: Inventory) -> ImageSpec:
-    """The image for this host: its NVIDIA driver picks the CUDA flavour and base. The one
-    choice the workspace step, `render --host`, `verify` and `doctor` all make."""
-    return resolve_image(inventory.image, facts.nvidia.driver)
+def host_image(facts: HostFacts | None, inventory: Inventory) -> ImageSpec:
+    """The image for this host: its NVIDIA driver picks the CUDA flavour and base (None: no
+    host read, the defaults). Decided once where a host is read (the workspace and service
+    steps' plans, `render`, `onboard`, `verify`, `doctor`) and handed to what renders or
+    builds it."""
+    return resolve_image(inventory.image, facts.nvidia.driver if facts else None)
 
 
 def image_tag(files: dict[str, str]) -> str:

@@ -16,7 +16,6 @@ from provision.marked import set_block
 from provision.render import DEBUG_LAUNCH, member_files, write_files
 from provision.target import Target
 from provision.templating import render
-from provision.versions import resolve_image
 
 
 def bundle(inventory: Inventory, member: Member, host: str, target: Target,
@@ -26,8 +25,8 @@ def bundle(inventory: Inventory, member: Member, host: str, target: Target,
 
     The bundle's README.md is the three steps, then her workspace's README.md.
     """
-    image = host_image(facts, inventory) if facts else resolve_image(inventory.image)
-    files = member_files(inventory, member, host_alias=host, target=target, facts=facts,
+    image = host_image(facts, inventory)
+    files = member_files(inventory, member, image, host_alias=host, target=target, facts=facts,
                          identity_file=identity_file)
     welcome = render("onboard/README.md.j2", name=member.name, host=host,
                      workspace_dir=inventory.defaults.workspace_dir,

@@ -49,7 +49,6 @@ from provision.errors import InventoryError
 from provision.facts import HostFacts
 from provision.files import atomic_write
 from provision.gpu_access import container_cuda_devices, gpu_run_args, host_gpu_path
-from provision.image import host_image
 from provision.inventory import Inventory, Member
 from provision.models import debug_model
 from provision.target import Target
@@ -216,27 +215,27 @@ def service_forward(inventory: Inventory) -> str:
     return f"{service.port} {f'[{address}]' if ':' in address else address}:{service.port}"
 
 
-def render_for_host(inventory: Inventory, member: Member, facts: HostFacts, *,
+def render_for_host(inventory: Inventory, member: Member, facts: HostFacts, image: ImageSpec, *,
                     host_alias: str | None, target: Target | None) -> dict[str, str]:
-    """Every workspace file for a host that was read: its facts give the cache group's gid,
-    the image its driver runs (`image.host_image`) and her launch.json's model."""
+    """Every workspace file for a host that was read: its facts give the cache group's gid and
+    her launch.json's model; `image` is the one its driver runs (`image.host_image`)."""
     group = facts.groups.get(inventory.defaults.cache_group)
     return render_workspace(inventory, member, host_alias=host_alias, target=target,
-                            cache_gid=group.gid if group else None,
-                            image=host_image(facts, inventory), facts=facts)
+                            cache_gid=group.gid if group else None, image=image, facts=facts)
 
 
-def member_files(inventory: Inventory, member: Member, *, host_alias: str | None,
-                 target: Target | None, facts: HostFacts | None,
+def member_files(inventory: Inventory, member: Member, image: ImageSpec, *,
+                 host_alias: str | None, target: Target | None, facts: HostFacts | None,
                  identity_file: str) -> dict[str, str]:
     """Her workspace files and, when the host is known, her `ssh_config` block beside them.
 
-    `facts`, when the host was read, give the cache group's gid, the image its driver runs
-    (`image.host_image`) and her launch.json's model.
+    `facts`, when the host was read, give the cache group's gid and her launch.json's model;
+    `image` is the one its driver runs (`image.host_image`).
     """
-    files = (render_for_host(inventory, member, facts, host_alias=host_alias, target=target)
+    files = (render_for_host(inventory, member, facts, image, host_alias=host_alias,
+                             target=target)
              if facts else render_workspace(inventory, member, host_alias=host_alias,
-                                            target=target, cache_gid=None))
+                                            target=target, cache_gid=None, image=image))
     if host_alias and target:
         files["ssh_config"] = ssh_config_block(inventory, member, host_alias, target,
                                                identity_file)

@@ -153,7 +153,7 @@ def verify(conn: Connection, inventory: Inventory, member: Member, *, model: str
             f"{size['steps']} steps")
     # Refused here, before a multi-GB build, when the host's driver cannot run the image.
     image = host_image(facts, inventory)
-    files = render_for_host(inventory, member, facts, host_alias=conn.name, target=None)
+    files = render_for_host(inventory, member, facts, image, host_alias=conn.name, target=None)
     tag = image_tag(files)
     place = place_of(facts, inventory, member)
     progress(f"building {tag} ({image.choice}; the first build downloads and installs torch: "

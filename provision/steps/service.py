@@ -68,6 +68,7 @@ from provision.models import debug_model
 from provision.render import GENERATION, render_workspace
 from provision.steps import Proof, Step, StepBlocked, nvidia, rootless
 from provision.templating import raw, render
+from provision.versions import ImageSpec
 
 NAME = "service"
 UNIT_FILE = f"/etc/systemd/system/{SERVICE_UNIT}"
@@ -205,12 +206,13 @@ def chosen_model(facts: HostFacts, service: Service) -> str:
     return debug_model(Member(SERVICE_NAME, (), gpus=gpus), facts).model
 
 
-def image_files(facts: HostFacts, inventory: Inventory, service: Service) -> dict[str, str]:
+def image_files(facts: HostFacts, inventory: Inventory, service: Service,
+                image: ImageSpec) -> dict[str, str]:
     """The team image's build files, rendered for the service account on this host."""
     group = facts.groups.get(inventory.defaults.cache_group)
     return render_workspace(inventory, Member(SERVICE_NAME, (), gpus=service.gpus),
                             host_alias=None, target=None, cache_gid=group.gid if group else None,
-                            image=host_image(facts, inventory), facts=facts)
+                            image=image, facts=facts)
 
 
 def publish(service: Service) -> str:
@@ -263,7 +265,8 @@ def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
     changes = _account(facts)
     if mode_rootless:
         changes += _own_daemon(facts, inventory, service)
-    files = image_files(facts, inventory, service)
+    image = host_image(facts, inventory)
+    files = image_files(facts, inventory, service, image)
     tag = image_tag(files)
     env = render("host/sd35-api.env.j2", name=SERVICE_NAME, model=chosen_model(facts, service),
                  fp8=service.fp8, max_queue=service.max_queue, container_port=CONTAINER_PORT,
@@ -277,7 +280,6 @@ def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
             verb = "write" if current is None else "update"
             definition.append(Change(NAME, f"{verb} {path}", (WriteFile(path, content, current),)))
     if tag not in images_of(facts, inventory):
-        image = host_image(facts, inventory)
         daemon = "in its own daemon, as sd35-api" if mode_rootless else "in the system daemon"
         build = (as_member(SERVICE_NAME, build_script(files, tag, image, ROOTLESS_BUILD_ROOT))
                  if mode_rootless else
