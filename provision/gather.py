@@ -44,7 +44,8 @@ def gather_facts(conn: Connection, inventory: Inventory, paths: tuple[str, ...] 
 
     `paths` (absolute, or `~name/…` inside an account's home) are stat'ed, files also read.
     """
-    return parse_facts(read_transcript(conn, inventory, paths), inventory.defaults.cache_dir)
+    transcript = read_transcript(conn, inventory, paths)
+    return parse_facts(transcript, inventory.defaults.cache_dir)
 
 
 def read_transcript(conn: Connection, inventory: Inventory, paths: tuple[str, ...] = ()) -> str:

@@ -2,8 +2,8 @@
 
 Pure functions: the inventory, the member and what the caller knows of the host (its alias,
 the cache group's gid, the image its driver runs) in, file contents out; only `write_files`
-touches the disk. The version table is checked first (`versions.resolve_image`), so a broken
-pin stops here, before any file or image exists.
+touches the disk. The image comes resolved from the version table (`image.host_image`), so a
+broken pin has stopped the caller before any file or image exists.
 
 Decisions a reader would otherwise have to rediscover:
 
@@ -88,19 +88,17 @@ REPO_MEMBER = Member(name="dev", keys=())
 
 
 def render_workspace(inventory: Inventory, member: Member, *, host_alias: str | None,
-                     target: Target | None, cache_gid: int | None,
-                     image: ImageSpec | None = None,
+                     target: Target | None, cache_gid: int | None, image: ImageSpec,
                      facts: HostFacts | None = None) -> dict[str, str]:
     """Every workspace file, by path relative to the workspace.
 
     `cache_gid` is the cache group's gid on the host (from its facts): the container gets it as
     a supplementary group, without which the shared cache is read-only inside. `host_alias`
-    (else the target's alias) names the container after where it runs. `image` is the image
-    for the host's driver (`resolve_image(inventory.image, driver)`); None: for no particular
-    host, the defaults. `facts`, when the host was read, choose the model her launch.json runs
-    (its cached weights, her GPU's memory) and how her GPUs reach the container (its Docker).
+    (else the target's alias) names the container after where it runs. `image` is the one
+    decided for the host (`image.host_image`; for no particular host, the defaults). `facts`,
+    when the host was read, choose the model her launch.json runs (its cached weights, her
+    GPU's memory) and how her GPUs reach the container (its Docker).
     """
-    image = image or resolve_image(inventory.image)
     where = host_alias or (target.alias if target else None)
     context = workspace_context(inventory, member, image, where=where, cache_gid=cache_gid,
                                 facts=facts)
@@ -245,7 +243,8 @@ def member_files(inventory: Inventory, member: Member, image: ImageSpec, *,
 def repo_devcontainer() -> dict[str, str]:
     """This repository's own `.devcontainer/` files, as the tool renders them for REPO_MEMBER."""
     inventory = Inventory(path=Path("provision.toml"), members=(REPO_MEMBER,))
-    files = render_workspace(inventory, REPO_MEMBER, host_alias=None, target=None, cache_gid=None)
+    files = render_workspace(inventory, REPO_MEMBER, host_alias=None, target=None, cache_gid=None,
+                             image=resolve_image(inventory.image))
     return {path: text for path, text in files.items() if path.startswith(".devcontainer/")}
 
 

@@ -34,7 +34,6 @@ from provision.image import ROOT, build_script, host_image, image_tag, upload_sc
 from provision.inventory import Inventory, Member
 from provision.models import cached_weights, debug_model
 from provision.render import GENERATION, INFERENCE, render_for_host
-from provision.versions import resolve_image
 
 GPU_DEFAULTS = {"height": 1024, "width": 1024, "steps": 28}
 CPU_DEFAULTS = {"model": "tiny", "height": 128, "width": 128, "steps": 4}
@@ -135,7 +134,6 @@ def run_script(inventory: Inventory, member: Member, facts: HostFacts, files: di
 
 def verify(conn: Connection, inventory: Inventory, member: Member, *, model: str | None,
            fp8: str, out: Path, progress: Callable[[str], None]) -> VerifyReport:
-    resolve_image(inventory.image)  # a broken pin stops here, before the host is read
     progress("reading facts")
     facts = gather_facts(conn, inventory)
     if not facts.docker.installed:

@@ -22,6 +22,7 @@ from provision import render as workspace
 from provision import sandbox
 from provision.contract import INDUCTOR_CACHE
 from provision.errors import DockerUnavailable
+from provision.versions import resolve_image
 from tests.conftest import require
 from tests.test_render import HOSTS, INVENTORY, MEMBERS, REPO
 
@@ -41,7 +42,8 @@ def write_workspace(member_name: str, directory: Path) -> Path:
     member = next(m for m in MEMBERS if m.name == member_name)
     target, gid = HOSTS[member.name]
     files = workspace.render_workspace(INVENTORY, member, host_alias=target.alias,
-                                       target=target, cache_gid=gid)
+                                       target=target, cache_gid=gid,
+                                       image=resolve_image(INVENTORY.image))
     workspace.write_files(files, directory)
     return directory
 

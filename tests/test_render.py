@@ -62,7 +62,7 @@ CPU_IMAGE = {"base": "provision/debian:bookworm-minbase", "python": "3.11", "cud
 def rendered(member: Member, inventory: Inventory = INVENTORY) -> dict[str, str]:
     target, gid = HOSTS[member.name]
     return workspace.render_workspace(inventory, member, host_alias=target.alias, target=target,
-                                      cache_gid=gid)
+                                      cache_gid=gid, image=resolve_image(inventory.image))
 
 
 def as_json(member: Member, path: str) -> dict:

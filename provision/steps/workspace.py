@@ -41,13 +41,16 @@ def _directories(files: dict[str, str]) -> list[str]:
 
 def paths(inventory: Inventory) -> tuple[str, ...]:
     found: list[str] = []
+    # Which files, not their contents: the image of no particular host will do.
+    image = resolve_image(inventory.image)
     for member in inventory.members:
         base = f"~{member.name}/{inventory.defaults.workspace_dir}"
-        files = render_workspace(inventory, member, host_alias=None, target=None, cache_gid=None)
+        files = render_workspace(inventory, member, host_alias=None, target=None, cache_gid=None,
+                                 image=image)
         found += [f"{base}/{d}".rstrip("/") for d in _directories(files)]
         found += [f"sha256:{base}/{path}" for path in files]
         found.append(record_path(member.name))
-    wheelhouse = resolve_image(inventory.image).wheelhouse
+    wheelhouse = image.wheelhouse
     if wheelhouse and inventory.members:
         found += [wheelhouse, *(f"~{m.name}/{inventory.defaults.workspace_dir}/{WHEELHOUSE}"
                                 for m in inventory.members)]
