@@ -34,8 +34,8 @@ def account_args(uid: int, gid: int, cache_gid: int, *, rootless: bool) -> list[
     """`docker run` arguments that run a container as this account, with the cache group.
 
     Rootless: as the container's root, which is the account on the host (its own ids inside
-    would map to subordinate ones, which own nothing of hers), and without the group: a
-    rootless container drops supplementary groups, so the cache's ACLs name her instead."""
+    would map to subordinate ids, which own nothing of the account's), and without the group:
+    a rootless container drops supplementary groups, so the cache's ACLs name it instead."""
     if rootless:
         return ["--user", "0:0"]
     return ["--user", f"{uid}:{gid}", "--group-add", str(cache_gid)]

@@ -1,6 +1,9 @@
 """The converge steps in the order they run: later steps use what earlier ones create (the
 users step makes the cache group the hf-cache step needs, Docker comes before the NVIDIA
-toolkit that registers itself in it, the workspace and the service build on all of them).
+toolkit that registers itself in it, the service comes last).
+
+Apart from steps/__init__.py, which every step imports for what they share, so that this
+list can import the steps at its top.
 """
 
 from __future__ import annotations
