@@ -35,18 +35,20 @@ from provision.errors import (
     SudoPasswordRequired,
     UnexpectedError,
 )
-from provision.facts import HostFacts, gather_facts, parse_facts, read_transcript
+from provision.facts import HostFacts, parse_facts
 from provision.files import atomic_write
+from provision.gather import gather_facts, read_transcript
 from provision.gpus import DEFAULT_IDLE_AFTER, GpuReport, parse_duration, read_usage
+from provision.image import host_image
 from provision.inventory import Inventory, inventory_path, load_inventory
 from provision.models import debug_model
 from provision.onboard import bundle, merge_ssh_block
 from provision.render import member_files, write_files
-from provision.steps import paths_of, select_steps
+from provision.steps import paths_of
+from provision.steps.order import select_steps
 from provision.target import resolve_target
 from provision.templating import render
 from provision.verify import verify, verify_service
-from provision.versions import host_image
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="Provision GPU servers for Stable Diffusion 3.5 FP8 team work, over SSH.")
@@ -323,10 +325,11 @@ def render_command(
         raise InventoryError(f"{inventory.path}: no members", "add one: provision team add")
     target = resolve_target(host, inventory, settings.ssh_config) if host else None
     facts = _facts(settings, host, inventory) if host else None
+    image = host_image(facts, inventory)
     if facts is not None:
-        err.print(f"{host}: {host_image(facts, inventory).choice}")
+        err.print(f"{host}: {image.choice}")
     for each in members:
-        files = member_files(inventory, each, host_alias=host, target=target, facts=facts,
+        files = member_files(inventory, each, image, host_alias=host, target=target, facts=facts,
                              identity_file=identity_file)
         written = write_files(files, out_dir if member else out_dir / each.name)
         model = debug_model(each, facts)

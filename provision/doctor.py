@@ -13,9 +13,24 @@ import shlex
 from dataclasses import asdict, dataclass
 
 from provision.connection import Connection
+from provision.contract import CONTAINER_PORT, SERVICE_UNIT, in_service_daemon, wanted_acl
 from provision.errors import InventoryError
-from provision.facts import HostFacts, gather_facts, split_sections
-from provision.gpu_access import CDI_SPEC, gpu_run_args, host_gpu_path
+from provision.facts import (
+    SECTION_FUNCTION,
+    SUBGID,
+    SUBUID,
+    HostFacts,
+    read_ranges,
+    split_sections,
+)
+from provision.gather import gather_facts
+from provision.gpu_access import (
+    CDI_SPEC,
+    FP8_TENSOR_CORES,
+    gpu_proof,
+    host_gpu_args,
+    without_fp8_tensor_cores,
+)
 from provision.gpus import (
     DEFAULT_IDLE_AFTER,
     NO_GPU,
@@ -24,20 +39,11 @@ from provision.gpus import (
     read_usage,
     unowned,
 )
-from provision.image import image_tag
+from provision.image import host_image, image_tag
 from provision.inventory import SERVICE_NAME, Inventory, Member
 from provision.render import render_workspace
-from provision.steps.hf_cache import wanted_acl
-from provision.steps.nvidia import (
-    FP8_TENSOR_CORES,
-    PROOF_IMAGE,
-    ROOTLESS_GPU_REMEDY,
-    rootless_gpu_blocker,
-)
-from provision.steps.rootless import SUBGID, SUBUID, read_ranges
-from provision.steps.rootless import paths as rootless_paths
-from provision.steps.service import CONTAINER_PORT, UNIT, docker_script
-from provision.versions import host_image
+from provision.steps.nvidia import ROOTLESS_GPU_REMEDY, rootless_gpu_blocker
+from provision.versions import FLOAT8_TORCH, SCALED_MM_TORCH
 
 WATCHED = ("**/.git/objects/**",)
 SYSTEM_SOCKET = "/var/run/docker.sock"
@@ -102,7 +108,7 @@ def probe_script(inventory: Inventory, members: tuple[Member, ...], image: str |
     """One script: per member docker access and cache writes, then the GPU and image probes
     (`gpu_args`: how a container gets every GPU of the host, `gpu_access`; empty: no GPU)."""
     cache = shlex.quote(inventory.defaults.cache_dir)
-    lines = ["sec() { printf '\\n@@@provision:%s\\n' \"$1\"; }"]
+    lines = [SECTION_FUNCTION]
     for member in members:
         name = member.name
         lines += [
@@ -130,8 +136,7 @@ def probe_script(inventory: Inventory, members: tuple[Member, ...], image: str |
               and members else "docker")
     if gpu_args:
         lines += ["sec gpu-container",
-                  f"{docker} run --rm {gpus}{PROOF_IMAGE} nvidia-smi -L 2>&1; "
-                  "echo \"exit=$?\""]
+                  f"{gpu_proof(gpu_args, '-L', docker)} 2>&1; echo \"exit=$?\""]
     if image:
         lines += ["sec image",
                   f"if {docker} image inspect {shlex.quote(image)} >/dev/null 2>&1; then "
@@ -139,14 +144,14 @@ def probe_script(inventory: Inventory, members: tuple[Member, ...], image: str |
                   f"{shlex.quote(IMAGE_PROBE)} 2>&1 | tail -n 1; else echo missing; fi"]
     if inventory.service is not None:
         # In the daemon its container runs in: the account's own one when rootless.
-        health = docker_script(inventory, f"docker exec {SERVICE_NAME} python -c "
+        health = in_service_daemon(inventory, f"docker exec {SERVICE_NAME} python -c "
                                           f"{shlex.quote(SERVICE_HEALTH)} {CONTAINER_PORT}")
         lines += [
-            "sec service-unit", f"systemctl is-active {UNIT}",
+            "sec service-unit", f"systemctl is-active {SERVICE_UNIT}",
             "sec service-health", f"{{ {health.rstrip()}\n}} 2>&1 | tail -n 1",
             # systemd logs each restart it schedules under the unit.
             "sec service-restarts",
-            f"journalctl --unit {UNIT} --since {RESTARTS_SINCE} --output cat "
+            f"journalctl --unit {SERVICE_UNIT} --since {RESTARTS_SINCE} --output cat "
             "--no-pager 2>/dev/null | grep -c 'Scheduled restart job'",
         ]
     lines.append("sec end")
@@ -240,7 +245,7 @@ def _service_checks(sections: dict[str, list[str]]) -> list[Check]:
     logs = f"journalctl -u {SERVICE_NAME}"
     state = " ".join(sections.get("service-unit", [])) or "unknown"
     active = state == "active"
-    found = [Check("service unit", "pass" if active else "fail", f"{UNIT}: {state}",
+    found = [Check("service unit", "pass" if active else "fail", f"{SERVICE_UNIT}: {state}",
                    "" if active else f"see {logs}; provision host HOST --only service")]
     text = " ".join(sections.get("service-health", []))
     try:
@@ -376,8 +381,7 @@ def _gpu_checks(facts: HostFacts, sections: dict[str, list[str]]) -> list[Check]
                 ("nvidia runtime", "GPU inside a container", "compute capability vs FP8")]
     registered = "nvidia" in facts.docker.runtimes
     ok, seen = _exit_ok(sections.get("gpu-container", []))
-    slow = [g for g in facts.nvidia.gpus
-            if tuple(int(x) for x in g.compute_capability.split(".")[:2]) < FP8_TENSOR_CORES]
+    slow = without_fp8_tensor_cores(facts.nvidia.gpus)
     return [
         Check("nvidia runtime", "pass" if registered else "fail",
               f"docker info runtimes: {', '.join(facts.docker.runtimes) or 'none'}",
@@ -388,7 +392,8 @@ def _gpu_checks(facts: HostFacts, sections: dict[str, list[str]]) -> list[Check]
         Check("compute capability vs FP8", "warn" if slow else "pass",
               ", ".join(f"GPU {g.index} {g.name}: {g.compute_capability}"
                         for g in facts.nvidia.gpus),
-              "FP8 runs as storage only below 8.9: use --fp8 storage there" if slow else ""),
+              f"FP8 runs as storage only below {FP8_TENSOR_CORES}: use --fp8 storage there"
+              if slow else ""),
     ]
 
 
@@ -408,13 +413,14 @@ def _image_checks(facts: HostFacts, sections: dict[str, list[str]]) -> list[Chec
         "image: torch float8", "pass" if torch_ok else "fail",
         f"torch {report.get('torch', report.get('torch_error', '?'))}: "
         f"float8_e4m3fn {'present' if torch_ok else 'missing'}",
-        "" if torch_ok else "torch >= 2.1 has float8 (>= 2.5 for rowwise _scaled_mm): "
-                            "fix the [image] pins and rebuild")]
+        "" if torch_ok else f"torch >= {FLOAT8_TORCH} has float8 (>= {SCALED_MM_TORCH} for "
+                            "rowwise _scaled_mm): fix the [image] pins and rebuild")]
     if facts.nvidia.gpus and torch_ok:
         scaled = report.get("scaled_mm")
         found.append(Check("image: _scaled_mm on this GPU", "pass" if scaled == "ok" else "fail",
                            str(scaled), "" if scaled == "ok" else
-                           "needs compute capability >= 8.9 and torch >= 2.5"))
+                           f"needs compute capability >= {FP8_TENSOR_CORES} and torch >= "
+                           f"{SCALED_MM_TORCH}"))
     if "xformers_error" in report:
         found.append(Check("image: xformers", "fail", report["xformers_error"],
                            "xformers is built for one torch: pin the pair from the version "
@@ -429,11 +435,10 @@ def run_doctor(conn: Connection, inventory: Inventory, members: tuple[Member, ..
     """`image`: the image to look inside; None: the one `verify` builds for this host."""
     workspace = inventory.defaults.workspace_dir
     settings_paths = {m.name: f"~{m.name}/{workspace}/{SETTINGS}" for m in members}
-    facts = gather_facts(conn, inventory, (*settings_paths.values(), *rootless_paths(inventory)))
+    facts = gather_facts(conn, inventory, (*settings_paths.values(), SUBUID, SUBGID))
     if image is None and members:
         image = verify_image(facts, inventory, members[0])
-    gpu_args = gpu_run_args("all", host_gpu_path(facts, rootless=inventory.defaults.rootless)
-                            ) if facts.nvidia.gpus else []
+    gpu_args = host_gpu_args(facts, "all", rootless=inventory.defaults.rootless)
     probe = conn.run(probe_script(inventory, members, image, gpu_args),
                      what="doctor probe", check=False)
     settings = {name: facts.text(path) for name, path in settings_paths.items()}

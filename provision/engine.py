@@ -27,7 +27,8 @@ from provision.errors import (
     RemoteCommandFailed,
     UnexpectedError,
 )
-from provision.facts import STATE_FILE, HostFacts, gather_facts
+from provision.facts import STATE_FILE, HostFacts
+from provision.gather import gather_facts
 from provision.inventory import Inventory
 from provision.steps import NoGpu, Step, StepBlocked, StepSkipped, former_members, paths_of
 

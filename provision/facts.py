@@ -1,7 +1,8 @@
-"""What the tool sees on a host: one remote script, one round trip, one pure parse.
+"""What the tool sees on a host: the facts script's transcript, parsed by one pure function.
 
 Like a pyinfra fact, each section is a command whose raw output is kept; `parse_facts` turns
-the whole transcript into a frozen `HostFacts` tree. Tests feed it transcripts recorded on
+the whole transcript into a frozen `HostFacts` tree (`gather` runs the script, in one round
+trip). Tests feed it transcripts recorded on
 Ubuntu 22.04/24.04 (with and without an H100) and Debian 12.
 """
 
@@ -14,24 +15,18 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from provision.connection import Connection
-from provision.errors import FactsUnreadable, RemoteCommandFailed
-from provision.inventory import SERVICE_NAME, Inventory
-from provision.templating import raw
+from provision.errors import FactsUnreadable
 
 SECTION = "@@@provision:"
+# Shell: `sec NAME` starts a section of a transcript `split_sections` reads (the facts script
+# and templates/host/gpu-usage.sh.j2 write it themselves).
+SECTION_FUNCTION = f"sec() {{ printf '\\n{SECTION}%s\\n' \"$1\"; }}"
 STATE_FILE = "/var/lib/provision/state.json"
 DAEMON_JSON = "/etc/docker/daemon.json"
+SUBUID, SUBGID = "/etc/subuid", "/etc/subgid"  # subordinate ids: rootless daemons' ranges
 DPKG_LOCKS = ("/var/lib/dpkg/lock-frontend", "/var/lib/dpkg/lock", "/var/lib/apt/lists/lock")
-# How long the facts read may go without a word from the host before it fails (the script bounds
-# each read of a member's files far below it; this is for a hung mount, a stuck daemon).
-FACTS_TIMEOUT_SECONDS = 120
 # The line the paths section prints for a batch that ran past its time limit.
 TIMED_OUT = "timed-out"
-
-# POSIX sh (templates/host/facts.sh, shellcheck-clean): runs on any target, never stops at a
-# failing probe, prints every section.
-FACTS_SCRIPT = raw("host/facts.sh")
 
 
 @dataclass(frozen=True)
@@ -213,6 +208,35 @@ class Nvidia:
 
 
 @dataclass(frozen=True)
+class IdRange:
+    """One line of /etc/subuid or /etc/subgid: `owner` is given `count` ids from `start`."""
+
+    owner: str
+    start: int
+    count: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.count - 1
+
+    def overlaps(self, other: IdRange) -> bool:
+        return self.start <= other.end and other.start <= self.end
+
+    def __str__(self) -> str:
+        return f"{self.start}-{self.end}"
+
+
+def read_ranges(text: str | None) -> list[IdRange]:
+    """/etc/subuid or /etc/subgid (`owner:start:count` lines) → ranges; junk lines skipped."""
+    ranges = []
+    for line in (text or "").splitlines():
+        parts = line.strip().split(":")
+        if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit() and int(parts[2]):
+            ranges.append(IdRange(parts[0], int(parts[1]), int(parts[2])))
+    return ranges
+
+
+@dataclass(frozen=True)
 class HostFacts:
     os: OSInfo
     init: str
@@ -242,7 +266,7 @@ class HostFacts:
         return asdict(self)
 
     def path(self, path: str) -> PathState:
-        """What the facts saw at `path` (asked for through facts_request)."""
+        """What the facts saw at `path` (asked for through gather.facts_request)."""
         return self.paths.get(path, PathState(path, "missing"))
 
     def text(self, path: str) -> str | None:
@@ -256,51 +280,6 @@ class HostFacts:
         primary = {g.name for g in self.groups.values()
                    if user in self.accounts and g.gid == self.accounts[user].gid}
         return primary | {g.name for g in self.groups.values() if user in g.members}
-
-
-def facts_request(inventory: Inventory, paths: tuple[str, ...] = ()) -> dict[str, str]:
-    """The environment the facts script reads: which accounts, cache dir and paths matter."""
-    return {
-        "PROVISION_ACCOUNTS": " ".join(sorted(m.name for m in inventory.members)),
-        "PROVISION_CACHE_DIR": inventory.defaults.cache_dir,
-        # Probed with or without [service]: a service removed from the inventory is stopped.
-        "PROVISION_UNITS": f"{SERVICE_NAME}.service",
-        # Its own daemon (rootless mode) is looked at like a member's, its images listed too.
-        "PROVISION_SERVICE_ACCOUNT": SERVICE_NAME,
-        "PROVISION_PATHS": "\n".join((STATE_FILE, DAEMON_JSON, *paths)),
-        # Only when the tool chooses Docker's source and no mirror stands for the repository.
-        "PROVISION_PROBE_DOCKER_REPO": "1" if inventory.defaults.docker_source == "auto"
-        and not inventory.mirrors.docker_apt else "",
-    }
-
-
-def gather_facts(conn: Connection, inventory: Inventory, paths: tuple[str, ...] = ()) -> HostFacts:
-    """One round trip: run the facts script as root and parse what it printed.
-
-    `paths` (absolute, or `~name/…` inside an account's home) are stat'ed, files also read.
-    """
-    return parse_facts(read_transcript(conn, inventory, paths), inventory.defaults.cache_dir)
-
-
-def read_transcript(conn: Connection, inventory: Inventory, paths: tuple[str, ...] = ()) -> str:
-    """What the facts script prints, unparsed: what recorded fixtures and bug reports hold.
-
-    Bounded in time, so nothing on the host (a member's special file, a hung mount) can hold
-    a plan or a converge: past the limit the read fails with one line.
-    """
-    try:
-        result = conn.run(FACTS_SCRIPT, env=facts_request(inventory, paths), what="facts",
-                          timeout=FACTS_TIMEOUT_SECONDS, check=False)
-    except RemoteCommandFailed:  # unchecked, a run raises it only when out of time
-        raise FactsUnreadable(f"{conn.name}: the facts read got no answer for "
-                              f"{FACTS_TIMEOUT_SECONDS} s",
-                              "check the host's mounts and load (a hung NFS or FUSE mount, a "
-                              "stuck nvidia-smi or Docker daemon), then rerun") from None
-    if not result.ok:
-        raise FactsUnreadable(f"{conn.name}: the facts script failed with exit code "
-                              f"{result.exit_code}: {result.tail()}",
-                              "rerun with -v for the full output", detail=result.output())
-    return result.stdout
 
 
 def split_sections(transcript: str) -> dict[str, list[str]]:

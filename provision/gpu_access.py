@@ -1,5 +1,5 @@
 """How a container gets the host's NVIDIA GPUs: one rule for the dev container, `verify`, the
-nvidia step's proof, `doctor` and the generation service.
+nvidia step's proof, `doctor` and the generation service; and what those GPUs can do in FP8.
 
 The rule: through CDI, the Container Device Interface (NVIDIA's way forward, "CDI support" in
 the container toolkit's documentation), never through Docker's `--gpus`:
@@ -29,16 +29,20 @@ never sets `hostRequirements.gpu`: her GPUs come from `runArgs` alone.
 from __future__ import annotations
 
 import re
+import shlex
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
-    from provision.facts import HostFacts
+    from provision.facts import Gpu, HostFacts
 
 CDI_KIND = "nvidia.com/gpu"  # `--device=nvidia.com/gpu=0`, `=all`
 CDI_SPEC = "/etc/cdi/nvidia.yaml"
 CDI_DOCKER = (25, 0)  # features.cdi exists
 CDI_BY_DEFAULT = (28, 2)  # features.cdi on unless turned off
 ROOTLESS_CDI_DOCKER = (28, 0)  # dockerd-rootless.sh lets her daemon see /etc/cdi
+# FP8 tensor cores (Ada, Hopper and later): below this compute capability FP8 is storage only.
+FP8_TENSOR_CORES = "8.9"
+PROOF_IMAGE = "ubuntu:24.04"  # the GPU proof's container: anything that runs nvidia-smi
 
 GpuPath = Literal["cdi", "runtime"]
 
@@ -78,6 +82,36 @@ def gpu_run_args(gpus: str, path: GpuPath) -> list[str]:
     if path == "cdi":
         return [f"--device={name}" for name in names]
     return ["--runtime=nvidia", f"--env=NVIDIA_VISIBLE_DEVICES={','.join(names)}"]
+
+
+def runs_on_gpu(facts: HostFacts, gpus: str) -> bool:
+    """Whether a container given `gpus` (a member's, the service's) gets a GPU on this host:
+    some are assigned, and the host has GPUs nvidia-smi reads."""
+    return bool(facts.nvidia.gpus) and gpus != "none"
+
+
+def host_gpu_args(facts: HostFacts, gpus: str, *, rootless: bool) -> list[str]:
+    """`gpu_run_args` for this host's engine; none where the container gets no GPU."""
+    if not runs_on_gpu(facts, gpus):
+        return []
+    return gpu_run_args(gpus, host_gpu_path(facts, rootless=rootless))
+
+
+def gpu_proof(gpu_args: list[str], nvidia_smi: str, docker: str = "docker") -> str:
+    """Shell: `nvidia-smi <nvidia_smi>` in a throwaway container given `gpu_args`, what the
+    nvidia step's proof and doctor both run to see the GPUs a container gets."""
+    gpus = "".join(f"{shlex.quote(arg)} " for arg in gpu_args)
+    return f"{docker} run --rm {gpus}{PROOF_IMAGE} nvidia-smi {nvidia_smi}"
+
+
+def without_fp8_tensor_cores(gpus: tuple[Gpu, ...]) -> list[Gpu]:
+    """The GPUs whose compute capability is below FP8_TENSOR_CORES."""
+    return [g for g in gpus
+            if _capability(g.compute_capability) < _capability(FP8_TENSOR_CORES)]
+
+
+def _capability(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(".")[:2])
 
 
 def container_cuda_devices(gpus: str) -> str | None:

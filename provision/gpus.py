@@ -30,9 +30,8 @@ from dataclasses import asdict, dataclass
 
 from provision.connection import Connection
 from provision.errors import InventoryError, RemoteCommandFailed
-from provision.facts import split_sections
+from provision.facts import IdRange, read_ranges, split_sections
 from provision.inventory import SERVICE_NAME, Inventory
-from provision.steps.rootless import IdRange, read_ranges
 from provision.templating import render
 
 ACTIVITY_RECORD = "/var/lib/provision/gpu-activity.csv"

@@ -1,4 +1,5 @@
-"""The team image on a host: its tag, and the shell that builds it there once.
+"""The team image on a host: what its driver runs, its tag, and the shell that builds it there
+once.
 
 The image is tagged by the hash of what it is built from (the rendered Dockerfile and
 requirements.txt), so whoever needs it (`verify`, `doctor`, the generation service) finds the
@@ -12,12 +13,22 @@ import hashlib
 import shlex
 from pathlib import PurePosixPath
 
-from provision.render import WHEELHOUSE
-from provision.versions import ImageSpec
+from provision.contract import WHEELHOUSE
+from provision.facts import HostFacts
+from provision.inventory import Inventory
+from provision.versions import ImageSpec, resolve_image
 
 ROOT = "/var/lib/provision"
 IMAGE_REPOSITORY = "provision/sd35-fp8"
 CONTEXT_FILES = (".devcontainer/Dockerfile", ".devcontainer/requirements.txt")
+
+
+def host_image(facts: HostFacts | None, inventory: Inventory) -> ImageSpec:
+    """The image for this host: its NVIDIA driver picks the CUDA flavour and base (None: no
+    host read, the defaults). Decided once where a host is read (the workspace and service
+    steps' plans, `render`, `onboard`, `verify`, `doctor`) and handed to what renders or
+    builds it."""
+    return resolve_image(inventory.image, facts.nvidia.driver if facts else None)
 
 
 def image_tag(files: dict[str, str]) -> str:

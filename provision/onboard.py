@@ -10,23 +10,23 @@ import shutil
 from pathlib import Path
 
 from provision.facts import HostFacts
+from provision.image import host_image
 from provision.inventory import Inventory, Member
 from provision.marked import set_block
 from provision.render import DEBUG_LAUNCH, member_files, write_files
 from provision.target import Target
 from provision.templating import render
-from provision.versions import host_image, resolve_image
 
 
 def bundle(inventory: Inventory, member: Member, host: str, target: Target,
            facts: HostFacts | None, identity_file: str, out: Path) -> list[Path]:
     """Her workspace files, her ssh block and the three steps, written under `out`; the image
-    is the one the host's driver runs (`versions.host_image`).
+    is the one the host's driver runs (`image.host_image`).
 
     The bundle's README.md is the three steps, then her workspace's README.md.
     """
-    image = host_image(facts, inventory) if facts else resolve_image(inventory.image)
-    files = member_files(inventory, member, host_alias=host, target=target, facts=facts,
+    image = host_image(facts, inventory)
+    files = member_files(inventory, member, image, host_alias=host, target=target, facts=facts,
                          identity_file=identity_file)
     welcome = render("onboard/README.md.j2", name=member.name, host=host,
                      workspace_dir=inventory.defaults.workspace_dir,

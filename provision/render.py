@@ -2,8 +2,8 @@
 
 Pure functions: the inventory, the member and what the caller knows of the host (its alias,
 the cache group's gid, the image its driver runs) in, file contents out; only `write_files`
-touches the disk. The version table is checked first (`versions.resolve_image`), so a broken
-pin stops here, before any file or image exists.
+touches the disk. The image comes resolved from the version table (`image.host_image`), so a
+broken pin has stopped the caller before any file or image exists.
 
 Decisions a reader would otherwise have to rediscover:
 
@@ -37,16 +37,23 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from provision.contract import (
+    CACHE_LINK,
+    INDUCTOR_CACHE,
+    SHM_SIZE,
+    TOKEN_DIR,
+    WHEELHOUSE,
+    reach_address,
+)
 from provision.errors import InventoryError
 from provision.facts import HostFacts
 from provision.files import atomic_write
 from provision.gpu_access import container_cuda_devices, gpu_run_args, host_gpu_path
 from provision.inventory import Inventory, Member
 from provision.models import debug_model
-from provision.steps.hf_cache import CACHE_LINK, TOKEN_DIR
 from provision.target import Target
 from provision.templating import raw, render, templates_dir
-from provision.versions import PYPI_INDEX, PYTORCH_INDEX, ImageSpec, host_image, resolve_image
+from provision.versions import PYPI_INDEX, PYTORCH_INDEX, ImageSpec, resolve_image
 
 LAUNCH_JSON = ".vscode/launch.json"
 # Rendered from `templates/workspace/<path>.j2`, in this order; COPIED as they are.
@@ -71,9 +78,6 @@ COPIED = (INFERENCE, ATTENTION_MAPS, *MACHINERY)
 DEBUG_LAUNCH, RUN_LAUNCH = "Debug SD3.5 FP8", "Run SD3.5 FP8 (compiled)"
 VENV = "/opt/venv"  # the image's environment, root-owned: its pins change through a rebuild
 OUTPUTS = "outputs"  # inference.py's default output directory
-INDUCTOR_CACHE = ".cache/torchinductor"  # relative to the workspace
-WHEELHOUSE = ".devcontainer/wheelhouse"  # where the build context holds [image] wheelhouse
-SHM_SIZE = "16g"  # Docker's 64 MB /dev/shm breaks DataLoader workers and NCCL
 DEBUGPY_PORT = 5678
 # Workspace directories of generated or bulky files: the file watcher (which otherwise exhausts
 # inotify watches and CPU on the remote host), search and git leave them alone.
@@ -84,19 +88,17 @@ REPO_MEMBER = Member(name="dev", keys=())
 
 
 def render_workspace(inventory: Inventory, member: Member, *, host_alias: str | None,
-                     target: Target | None, cache_gid: int | None,
-                     image: ImageSpec | None = None,
+                     target: Target | None, cache_gid: int | None, image: ImageSpec,
                      facts: HostFacts | None = None) -> dict[str, str]:
     """Every workspace file, by path relative to the workspace.
 
     `cache_gid` is the cache group's gid on the host (from its facts): the container gets it as
     a supplementary group, without which the shared cache is read-only inside. `host_alias`
-    (else the target's alias) names the container after where it runs. `image` is the image
-    for the host's driver (`resolve_image(inventory.image, driver)`); None: for no particular
-    host, the defaults. `facts`, when the host was read, choose the model her launch.json runs
-    (its cached weights, her GPU's memory) and how her GPUs reach the container (its Docker).
+    (else the target's alias) names the container after where it runs. `image` is the one
+    decided for the host (`image.host_image`; for no particular host, the defaults). `facts`,
+    when the host was read, choose the model her launch.json runs (its cached weights, her
+    GPU's memory) and how her GPUs reach the container (its Docker).
     """
-    image = image or resolve_image(inventory.image)
     where = host_alias or (target.alias if target else None)
     context = workspace_context(inventory, member, image, where=where, cache_gid=cache_gid,
                                 facts=facts)
@@ -207,31 +209,31 @@ def service_forward(inventory: Inventory) -> str:
     service = inventory.service
     if service is None:
         return ""
-    address = "127.0.0.1" if service.bind in ("0.0.0.0", "::") else service.bind
+    address = reach_address(service.bind)
     return f"{service.port} {f'[{address}]' if ':' in address else address}:{service.port}"
 
 
-def render_for_host(inventory: Inventory, member: Member, facts: HostFacts, *,
+def render_for_host(inventory: Inventory, member: Member, facts: HostFacts, image: ImageSpec, *,
                     host_alias: str | None, target: Target | None) -> dict[str, str]:
-    """Every workspace file for a host that was read: its facts give the cache group's gid,
-    the image its driver runs (`versions.host_image`) and her launch.json's model."""
+    """Every workspace file for a host that was read: its facts give the cache group's gid and
+    her launch.json's model; `image` is the one its driver runs (`image.host_image`)."""
     group = facts.groups.get(inventory.defaults.cache_group)
     return render_workspace(inventory, member, host_alias=host_alias, target=target,
-                            cache_gid=group.gid if group else None,
-                            image=host_image(facts, inventory), facts=facts)
+                            cache_gid=group.gid if group else None, image=image, facts=facts)
 
 
-def member_files(inventory: Inventory, member: Member, *, host_alias: str | None,
-                 target: Target | None, facts: HostFacts | None,
+def member_files(inventory: Inventory, member: Member, image: ImageSpec, *,
+                 host_alias: str | None, target: Target | None, facts: HostFacts | None,
                  identity_file: str) -> dict[str, str]:
     """Her workspace files and, when the host is known, her `ssh_config` block beside them.
 
-    `facts`, when the host was read, give the cache group's gid, the image its driver runs
-    (`versions.host_image`) and her launch.json's model.
+    `facts`, when the host was read, give the cache group's gid and her launch.json's model;
+    `image` is the one its driver runs (`image.host_image`).
     """
-    files = (render_for_host(inventory, member, facts, host_alias=host_alias, target=target)
+    files = (render_for_host(inventory, member, facts, image, host_alias=host_alias,
+                             target=target)
              if facts else render_workspace(inventory, member, host_alias=host_alias,
-                                            target=target, cache_gid=None))
+                                            target=target, cache_gid=None, image=image))
     if host_alias and target:
         files["ssh_config"] = ssh_config_block(inventory, member, host_alias, target,
                                                identity_file)
@@ -241,7 +243,8 @@ def member_files(inventory: Inventory, member: Member, *, host_alias: str | None
 def repo_devcontainer() -> dict[str, str]:
     """This repository's own `.devcontainer/` files, as the tool renders them for REPO_MEMBER."""
     inventory = Inventory(path=Path("provision.toml"), members=(REPO_MEMBER,))
-    files = render_workspace(inventory, REPO_MEMBER, host_alias=None, target=None, cache_gid=None)
+    files = render_workspace(inventory, REPO_MEMBER, host_alias=None, target=None, cache_gid=None,
+                             image=resolve_image(inventory.image))
     return {path: text for path, text in files.items() if path.startswith(".devcontainer/")}
 
 

@@ -125,7 +125,7 @@ def base_image(client: docker.DockerClient, log=print) -> str:
     return BASE_IMPORTED
 
 
-def host_image(client: docker.DockerClient, base: str, log=print) -> str:
+def sandbox_host_image(client: docker.DockerClient, base: str, log=print) -> str:
     """The sandbox host image, tagged by the hash of what it is built from (a cache key)."""
     files = {"Dockerfile": render("sandbox/Dockerfile.j2", base_image=base,
                                   admin_user=ADMIN_USER),
@@ -190,7 +190,7 @@ def up(name: str, inventory: Path, log=print, *, try_it: bool = False) -> Sandbo
     _check_name_free(inventory, name)
     _check_container_free(client, name)
     base = base_image(client, log)
-    image = host_image(client, base, log)
+    image = sandbox_host_image(client, base, log)
     state_dir = state_dir_for(inventory, name)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     public_key = new_key_pair(state_dir)

@@ -25,14 +25,15 @@ from typing import Any
 
 from provision.changes import as_member
 from provision.connection import Connection
+from provision.contract import HF_MOUNT, INDUCTOR_CACHE, SHM_SIZE, account_args, reach_address
 from provision.errors import InventoryError, ProvisionError, RemoteCommandFailed
-from provision.facts import HostFacts, gather_facts, split_sections
-from provision.gpu_access import gpu_run_args, host_gpu_path
-from provision.image import ROOT, build_script, image_tag, upload_script
+from provision.facts import SECTION_FUNCTION, HostFacts, split_sections
+from provision.gather import gather_facts
+from provision.gpu_access import host_gpu_args, runs_on_gpu
+from provision.image import ROOT, build_script, host_image, image_tag, upload_script
 from provision.inventory import Inventory, Member
 from provision.models import cached_weights, debug_model
-from provision.render import GENERATION, INFERENCE, SHM_SIZE, render_for_host
-from provision.versions import host_image, resolve_image
+from provision.render import GENERATION, INFERENCE, render_for_host
 
 GPU_DEFAULTS = {"height": 1024, "width": 1024, "steps": 28}
 CPU_DEFAULTS = {"model": "tiny", "height": 128, "width": 128, "steps": 4}
@@ -94,31 +95,26 @@ def place_of(facts: HostFacts, inventory: Inventory, member: Member) -> Place:
 
 
 def run_script(inventory: Inventory, member: Member, facts: HostFacts, files: dict[str, str],
-               tag: str, fp8: str, size: dict[str, Any], on_gpu: bool,
-               place: Place) -> str:
-    """Both generations (FP8 as asked, then bf16) in the image, then their comparison.
-
-    Rootful: the container runs as her uid with the cache group. Rootless: as the container's
-    root, which is her on the host (a rootless container drops supplementary groups: the
-    cache's ACLs name her instead)."""
+               tag: str, fp8: str, size: dict[str, Any], place: Place) -> str:
+    """Both generations (FP8 as asked, then bf16) in the image, then their comparison, the
+    container run as her (`contract.account_args`)."""
     account = facts.accounts[member.name]
     work = f"{place.root}/verify/{member.name}"
     cache = shlex.quote(inventory.defaults.cache_dir)
     cache_gid = facts.groups[inventory.defaults.cache_group].gid
-    gpus = " ".join(shlex.quote(a) for a in gpu_run_args(
-        member.gpus, host_gpu_path(facts, rootless=bool(place.member)))) if on_gpu else ""
+    gpus = " ".join(shlex.quote(a) for a in host_gpu_args(facts, member.gpus,
+                                                           rootless=bool(place.member)))
+    user = account_args(account.uid, account.gid, cache_gid, rootless=bool(place.member))
     # Her uid has no passwd entry in the image: USER answers getpass.getuser(), which
     # compiling on the GPU calls (KeyError 'getpwuid(): uid not found' on the lent H200).
-    user = ("--user 0:0 " if place.member else
-            f"--user {account.uid}:{account.gid} --group-add {cache_gid} "
-            f"-e USER={member.name} ")
-    docker = (f"docker run --rm {gpus} --shm-size={SHM_SIZE} {user}"
+    user += [] if place.member else ["-e", f"USER={member.name}"]
+    docker = (f"docker run --rm {gpus} --shm-size={SHM_SIZE} {' '.join(user)} "
               f"-e HOME=/work -e HF_HUB_OFFLINE=1 "
-              f"-e HF_HOME=/hf -e TORCHINDUCTOR_CACHE_DIR=/work/.cache/torchinductor "
-              f"-v {cache}:/hf -v {work}:/work -w /work {tag}")
+              f"-e HF_HOME={HF_MOUNT} -e TORCHINDUCTOR_CACHE_DIR=/work/{INDUCTOR_CACHE} "
+              f"-v {cache}:{HF_MOUNT} -v {work}:/work -w /work {tag}")
     args = (f"--model {shlex.quote(size['model'])} --height {size['height']} "
             f"--width {size['width']} --steps {size['steps']} --seed 0")
-    script = (f"mkdir -p {work}/.cache\nrm -f {work}/*.png {work}/*.json\n"
+    script = (f"{SECTION_FUNCTION}\nmkdir -p {work}/.cache\nrm -f {work}/*.png {work}/*.json\n"
               + upload_script({path: files[path] for path in GENERATION}, f"{work}.src")
               + f"cp -R {work}.src/. {work}/\nrm -rf {work}.src\n"
               + ("" if place.member else f"chown -R {account.uid}:{account.gid} {work}\n"))
@@ -130,15 +126,14 @@ def run_script(inventory: Inventory, member: Member, facts: HostFacts, files: di
                    f"--output {mode}.png "
                    f"--metrics {mode}.json >/dev/null 2>{work}/{mode}.log || "
                    f"{{ tail -n 5 {work}/{mode}.log >&2; exit 4; }}\n"
-                   f"printf '@@@provision:run-{mode}\\n'; cat {work}/{mode}.json; echo\n")
-    script += (f"printf '@@@provision:compare\\n'\n{docker} python -c {shlex.quote(COMPARE)} "
-               f"{fp8}.png off.png\nprintf '\\n@@@provision:end\\n'\n")
+                   f"sec run-{mode}\ncat {work}/{mode}.json; echo\n")
+    script += (f"sec compare\n{docker} python -c {shlex.quote(COMPARE)} {fp8}.png off.png\n"
+               "sec end\n")
     return script
 
 
 def verify(conn: Connection, inventory: Inventory, member: Member, *, model: str | None,
            fp8: str, out: Path, progress: Callable[[str], None]) -> VerifyReport:
-    resolve_image(inventory.image)  # a broken pin stops here, before the host is read
     progress("reading facts")
     facts = gather_facts(conn, inventory)
     if not facts.docker.installed:
@@ -147,7 +142,7 @@ def verify(conn: Connection, inventory: Inventory, member: Member, *, model: str
     if member.name not in facts.accounts:
         raise InventoryError(f"{conn.name}: {member.name} has no account there yet",
                              f"run 'provision host {conn.name}' first")
-    on_gpu = bool(facts.nvidia.gpus) and member.gpus != "none"
+    on_gpu = runs_on_gpu(facts, member.gpus)
     size = dict(GPU_DEFAULTS if on_gpu else CPU_DEFAULTS)
     size["model"] = choose_model(facts, member, model, on_gpu)
     note = (f"GPU: {', '.join(g.name for g in facts.nvidia.gpus)}" if on_gpu else
@@ -156,7 +151,7 @@ def verify(conn: Connection, inventory: Inventory, member: Member, *, model: str
             f"{size['steps']} steps")
     # Refused here, before a multi-GB build, when the host's driver cannot run the image.
     image = host_image(facts, inventory)
-    files = render_for_host(inventory, member, facts, host_alias=conn.name, target=None)
+    files = render_for_host(inventory, member, facts, image, host_alias=conn.name, target=None)
     tag = image_tag(files)
     place = place_of(facts, inventory, member)
     progress(f"building {tag} ({image.choice}; the first build downloads and installs torch: "
@@ -168,7 +163,7 @@ def verify(conn: Connection, inventory: Inventory, member: Member, *, model: str
                           image.choice)
     progress(f"generating ({size['model']}, --fp8 {fp8}, then bf16 to compare)")
     result = conn.run(place.script(run_script(inventory, member, facts, files, tag, fp8, size,
-                                              on_gpu, place)),
+                                              place)),
                       what="generation", timeout=3600, check=False)
     logs = f"see {place.root}/verify/{member.name}/*.log on the host"
     if not result.ok:
@@ -273,8 +268,7 @@ def verify_service(conn: Connection, inventory: Inventory, *, out: Path,
     if service is None:
         raise InventoryError(f"{inventory.path}: no [service] table",
                              "add one and run 'provision host HOST' first")
-    # A service bound to every address also answers on the host's loopback.
-    address = "127.0.0.1" if service.bind in ("0.0.0.0", "::") else service.bind
+    address = reach_address(service.bind)
     where = f"{address}:{service.port}"
     deadline = time.monotonic() + SERVICE_LOAD_WAIT
     while True:

@@ -17,17 +17,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from provision import safe
 from provision.errors import InventoryError
 
-if TYPE_CHECKING:
-    from provision.facts import HostFacts
-    from provision.inventory import Inventory
-
 PYTORCH_INDEX = "https://download.pytorch.org/whl"
 PYPI_INDEX = "https://pypi.org/simple"
+# The torch that has float8 dtypes (FP8 weights), and the one with rowwise-scaled _scaled_mm
+# (--fp8 dq): the image's torch is refused below the second, doctor names both.
+FLOAT8_TORCH, SCALED_MM_TORCH = "2.1", "2.5"
 
 
 @dataclass(frozen=True)
@@ -238,12 +236,6 @@ def resolve_image(image_table: dict[str, str], driver: str | None = None) -> Ima
     return spec
 
 
-def host_image(facts: HostFacts, inventory: Inventory) -> ImageSpec:
-    """The image for this host: its NVIDIA driver picks the CUDA flavour and base. The one
-    choice the workspace step, `render --host`, `verify` and `doctor` all make."""
-    return resolve_image(inventory.image, facts.nvidia.driver)
-
-
 def _flavour_for(torch: str, running: tuple[int, ...], driver: str,
                  base: str | None) -> str:
     """The flavour of `torch` for this driver (() unknown, taken to run them all): the
@@ -330,12 +322,12 @@ def _check_form(key: str, value: str) -> None:
 
 
 def _fp8_torch(spec: ImageSpec, overrides: dict[str, str]) -> None:
-    if _release(spec.torch) < (2, 1):
+    if _release(spec.torch) < _release(FLOAT8_TORCH):
         raise _refuse(("torch",), spec, overrides,
-                      "torch.float8_e4m3fn (FP8 weights) exists only since torch 2.1")
-    if _release(spec.torch) < (2, 5):
-        raise _refuse(("torch",), spec, overrides,
-                      "--fp8 dq needs rowwise-scaled torch._scaled_mm, new in torch 2.5")
+                      f"torch.float8_e4m3fn (FP8 weights) exists only since torch {FLOAT8_TORCH}")
+    if _release(spec.torch) < _release(SCALED_MM_TORCH):
+        raise _refuse(("torch",), spec, overrides, "--fp8 dq needs rowwise-scaled "
+                      f"torch._scaled_mm, new in torch {SCALED_MM_TORCH}")
 
 
 def _diffusers(spec: ImageSpec, overrides: dict[str, str]) -> None:

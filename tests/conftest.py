@@ -25,6 +25,7 @@ import tomlkit
 
 from provision import sandbox as sandboxes
 from provision.changes import WriteFile
+from provision.contract import SERVICE_UNIT
 from provision.errors import DockerUnavailable
 from provision.facts import Account, HostFacts, PathState, Unit, parse_facts
 from provision.inventory import Inventory
@@ -310,4 +311,4 @@ def service_converged(facts: HostFacts, inv: Inventory, active: str = "active") 
     return dataclasses.replace(
         facts, paths=paths, images=tuple(images),
         accounts={**facts.accounts, service.SERVICE_NAME: account},
-        units={service.UNIT: Unit(active, "enabled")})
+        units={SERVICE_UNIT: Unit(active, "enabled")})

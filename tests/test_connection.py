@@ -14,7 +14,7 @@ import tomlkit
 
 from provision.connection import SSHConnection, connect
 from provision.errors import AuthenticationFailed, SudoPasswordRequired
-from provision.facts import gather_facts
+from provision.gather import gather_facts
 from provision.inventory import load_inventory
 from provision.sandbox import new_key_pair
 from provision.target import resolve_target

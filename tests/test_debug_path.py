@@ -16,6 +16,7 @@ from pathlib import Path
 
 from provision.inventory import Inventory, Member
 from provision.render import LAUNCH_JSON, render_workspace, write_files
+from provision.versions import resolve_image
 from tests.conftest import require_modules
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +27,8 @@ def test_the_debug_configuration_stops_at_each_breakpoint_and_records_its_metric
     require_modules("torch", "diffusers", "debugpy")
     member = Member("dev", keys=(), gpus="none")
     files = render_workspace(Inventory(path=Path("provision.toml"), members=(member,)), member,
-                             host_alias=None, target=None, cache_gid=None)
+                             host_alias=None, target=None, cache_gid=None,
+                             image=resolve_image({}))
     write_files(files, tmp_path / "ws")
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "debug_path.py"), "--launch",

@@ -20,7 +20,9 @@ import pytest
 
 from provision import render as workspace
 from provision import sandbox
+from provision.contract import INDUCTOR_CACHE
 from provision.errors import DockerUnavailable
+from provision.versions import resolve_image
 from tests.conftest import require
 from tests.test_render import HOSTS, INVENTORY, MEMBERS, REPO
 
@@ -40,7 +42,8 @@ def write_workspace(member_name: str, directory: Path) -> Path:
     member = next(m for m in MEMBERS if m.name == member_name)
     target, gid = HOSTS[member.name]
     files = workspace.render_workspace(INVENTORY, member, host_alias=target.alias,
-                                       target=target, cache_gid=gid)
+                                       target=target, cache_gid=gid,
+                                       image=resolve_image(INVENTORY.image))
     workspace.write_files(files, directory)
     return directory
 
@@ -56,7 +59,7 @@ def test_read_configuration_accepts_the_rendered_workspace(member: str, tmp_path
     sources = {m["target"]: m["source"] for m in config["mounts"]}
     assert sources[f"/home/{member}/.config/huggingface"] == f"{tmp_path}/.config/huggingface"
     assert config["containerEnv"]["TORCHINDUCTOR_CACHE_DIR"] == (
-        f"/workspaces/sd35-fp8/{workspace.INDUCTOR_CACHE}")
+        f"/workspaces/sd35-fp8/{INDUCTOR_CACHE}")
 
 
 def test_read_configuration_accepts_this_repository(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from provision.connection import Connection, Held, LineSink, Result
 from provision.engine import HostReport, RunOptions, converge_host
 from provision.inventory import Inventory, parse_inventory
 from provision.sandbox import new_key_pair
-from provision.steps import all_steps
+from provision.steps.order import STEPS
 from provision.target import Target
 from tests.conftest import FIXTURES, synthesized_h100_transcript
 
@@ -29,7 +29,7 @@ class ScriptedHost(Connection):
                  on_line: LineSink) -> Result:
         if "@@@provision:os-release" in stdin or "sec os-release" in stdin:
             return Result(self.transcript, "", 0)
-        step = next((s.name for s in all_steps() if f"apply-{s.name}.log" in stdin), None)
+        step = next((s.name for s in STEPS if f"apply-{s.name}.log" in stdin), None)
         if step in self.failing:
             return Result("", self.failing[step], 5)
         if step:
@@ -55,7 +55,7 @@ def statuses(report: HostReport) -> dict[str, str]:
 def test_a_failed_step_stops_only_the_steps_that_need_it(team: Inventory) -> None:
     host = ScriptedHost("gpu-01", synthesized_h100_transcript("580.95.05"), failing={
         "users": "could not install sudo: this host has no apt package lists"})
-    report = converge_host(host, team, all_steps(), RunOptions(apply=True))
+    report = converge_host(host, team, STEPS, RunOptions(apply=True))
     seen = statuses(report)
     assert seen["users"] == "failed"
     assert seen["hf-cache"] == seen["workspace"] == "not run"
@@ -69,14 +69,14 @@ def test_a_plan_names_the_image_and_refuses_an_override_the_driver_cannot_run(
         team: Inventory) -> None:
     # SYNTHESIZED driver 550 on the recorded Ubuntu 24.04 H100 host.
     host = ScriptedHost("gpu-02", synthesized_h100_transcript("550.127.05"))
-    report = converge_host(host, team, all_steps(), RunOptions(apply=False))
+    report = converge_host(host, team, STEPS, RunOptions(apply=False))
     (workspace,) = [s for s in report.steps if s.name == "workspace"]
     assert workspace.status == "pending"
     assert "driver 550.127.05 → cu126 wheels" in workspace.message
     assert "base nvidia/cuda:12.4.1-base-ubuntu22.04" in workspace.message
 
     pinned = dataclasses.replace(team, image={"cuda": "cu130"})
-    report = converge_host(host, pinned, all_steps(), RunOptions(apply=False))
+    report = converge_host(host, pinned, STEPS, RunOptions(apply=False))
     (workspace,) = [s for s in report.steps if s.name == "workspace"]
     assert workspace.status == "failed"
     assert "needs NVIDIA driver 580.65.06 or newer" in workspace.message
@@ -87,7 +87,7 @@ def test_hosts_with_other_drivers_each_get_their_image(team: Inventory) -> None:
     notes = {}
     for driver in ("535.183.01", "570.133.20", "580.95.05"):
         report = converge_host(ScriptedHost(driver, synthesized_h100_transcript(driver)), team,
-                               all_steps(), RunOptions(apply=False))
+                               STEPS, RunOptions(apply=False))
         notes[driver] = next(s.message for s in report.steps if s.name == "workspace")
     assert "cu126 wheels" in notes["535.183.01"] and "12.2.2-base" in notes["535.183.01"]
     assert "cu128 wheels" in notes["570.133.20"] and "12.8.1-base" in notes["570.133.20"]
@@ -98,7 +98,7 @@ def test_the_recorded_lent_h200_plans_all_but_keepalive(team: Inventory) -> None
     """The facts recorded on the lent H200 (no sshd, sudo, setfacl or network): every step
     but keepalive has a plan, keepalive says why not, and the image is the one driver 580 runs."""
     host = ScriptedHost("@local", (FIXTURES / "facts" / "ubuntu-24.04-h200.txt").read_text())
-    report = converge_host(host, team, all_steps(), RunOptions(apply=False))
+    report = converge_host(host, team, STEPS, RunOptions(apply=False))
     assert statuses(report) == {"users": "pending", "keepalive": "skipped",
                                 "hf-cache": "pending", "docker": "pending",
                                 "rootless": "unchanged", "nvidia": "pending",

@@ -21,7 +21,6 @@ import pytest
 
 from provision.facts import (
     DAEMON_JSON,
-    FACTS_SCRIPT,
     STATE_FILE,
     FactsUnreadable,
     Gpu,
@@ -29,6 +28,7 @@ from provision.facts import (
     HostFacts,
     parse_facts,
 )
+from provision.gather import FACTS_SCRIPT
 from provision.templating import templates_dir
 from tests.conftest import require
 

@@ -17,6 +17,7 @@ import pytest
 
 from provision.facts import DAEMON_JSON, PathState, parse_facts
 from provision.gpu_access import gpu_path, gpu_run_args, host_gpu_path
+from provision.image import host_image
 from provision.inventory import Defaults, Inventory, Member
 from provision.render import render_for_host
 from provision.steps import nvidia
@@ -70,8 +71,8 @@ def test_an_old_rootful_docker_gets_the_runtime_in_her_devcontainer_and_the_proo
     assert host_gpu_path(facts, rootless=False) == "runtime"
     inventory = Inventory(path=Path("provision.toml"), defaults=Defaults(docker_mode="rootful"),
                           members=(Member("alice", keys=(), gpus="0"),))
-    files = render_for_host(inventory, inventory.members[0], facts, host_alias="h200",
-                            target=None)
+    files = render_for_host(inventory, inventory.members[0], facts,
+                            host_image(facts, inventory), host_alias="h200", target=None)
     config = json.loads(files[".devcontainer/devcontainer.json"])
     assert config["runArgs"][:2] == ["--runtime=nvidia",
                                      "--env=NVIDIA_VISIBLE_DEVICES=nvidia.com/gpu=0"]

@@ -16,22 +16,22 @@ import pytest
 from provision.changes import Run, WriteFile
 from provision.engine import apply_script
 from provision.errors import InventoryError
-from provision.facts import Account, HostFacts, PathState, facts_request, parse_facts
+from provision.facts import Account, HostFacts, PathState, parse_facts
+from provision.gather import facts_request
 from provision.inventory import AptKey, Inventory, Mirrors, load_inventory, parse_inventory
 from provision.sandbox import new_key_pair
 from provision.steps import (
     NoGpu,
     StepBlocked,
     StepSkipped,
-    all_steps,
     docker,
     hf_cache,
     keepalive,
     nvidia,
-    select_steps,
     users,
     workspace,
 )
+from provision.steps.order import STEPS, select_steps
 from tests.conftest import FIXTURES, facts_of, summaries, synthesized_h100_transcript
 
 HOSTS = sorted(p.stem for p in (FIXTURES / "facts").glob("*.txt"))
@@ -146,7 +146,7 @@ def test_hf_cache_leaves_a_right_link_alone(team: Inventory) -> None:
 def test_every_apply_script_parses_as_posix_sh(host: str, team: Inventory,
                                                tmp_path: Path) -> None:
     facts = facts_of(host)
-    for step in all_steps():
+    for step in STEPS:
         try:
             changes = step.plan(facts, team)
         except (StepBlocked, StepSkipped):

@@ -22,6 +22,7 @@ import paramiko
 import pytest
 
 from provision import render as workspace
+from provision.contract import INDUCTOR_CACHE, WHEELHOUSE
 from provision.errors import InventoryError
 from provision.inventory import Defaults, Inventory, Member, Service
 from provision.target import Target
@@ -61,7 +62,7 @@ CPU_IMAGE = {"base": "provision/debian:bookworm-minbase", "python": "3.11", "cud
 def rendered(member: Member, inventory: Inventory = INVENTORY) -> dict[str, str]:
     target, gid = HOSTS[member.name]
     return workspace.render_workspace(inventory, member, host_alias=target.alias, target=target,
-                                      cache_gid=gid)
+                                      cache_gid=gid, image=resolve_image(inventory.image))
 
 
 def as_json(member: Member, path: str) -> dict:
@@ -193,9 +194,9 @@ def test_watcher_search_and_git_skip_caches_checkpoints_and_outputs() -> None:
               "**/checkpoints/**", f"**/{workspace.OUTPUTS}/**"}
     for key in ("files.watcherExclude", "search.exclude"):
         assert wanted <= {glob for glob, on in settings[key].items() if on}, key
-    assert workspace.INDUCTOR_CACHE.startswith(".cache/"), "covered by **/.cache/**"
+    assert INDUCTOR_CACHE.startswith(".cache/"), "covered by **/.cache/**"
     ignored = files[".gitignore"].splitlines()
-    assert {".cache/", f"{workspace.OUTPUTS}/", f"{workspace.WHEELHOUSE}/"} <= set(ignored)
+    assert {".cache/", f"{workspace.OUTPUTS}/", f"{WHEELHOUSE}/"} <= set(ignored)
 
 
 @pytest.mark.parametrize("image", [{}, CPU_IMAGE, {"torch": "2.10.0", "torchvision": "0.25.0",

@@ -16,13 +16,14 @@ import pytest
 
 from provision import doctor
 from provision.errors import InventoryError
-from provision.facts import MemberDaemon, PathState
+from provision.facts import IdRange, MemberDaemon, PathState, read_ranges
 from provision.inventory import load_inventory, parse_inventory
 from provision.render import render_workspace
 from provision.sandbox import new_inventory
 from provision.steps import hf_cache, nvidia, rootless, users
-from provision.steps.rootless import IdRange, allocate, read_ranges
+from provision.steps.rootless import allocate
 from provision.templating import render
+from provision.versions import resolve_image
 from tests.conftest import FIXTURES, facts_of, summaries
 
 ROOTLESS = "debian-12-sandbox-rootless"
@@ -170,7 +171,8 @@ def test_member_daemons_are_read_from_the_facts() -> None:
 def test_the_rootless_devcontainer_runs_as_container_root_which_is_her() -> None:
     inventory = load_inventory(FIXTURES / "facts" / f"{ROOTLESS}.toml")
     member = inventory.member("alice")
-    files = render_workspace(inventory, member, host_alias="box", target=None, cache_gid=1001)
+    files = render_workspace(inventory, member, host_alias="box", target=None, cache_gid=1001,
+                             image=resolve_image(inventory.image))
     config = json.loads(files[".devcontainer/devcontainer.json"])
     assert (config["containerUser"], config["remoteUser"]) == ("root", "root")
     assert config["updateRemoteUserUID"] is False  # it would land on a subordinate uid
@@ -182,7 +184,7 @@ def test_the_rootless_devcontainer_runs_as_container_root_which_is_her() -> None
     schema = json.loads((FIXTURES / "schemas" / "devContainer.base.schema.json").read_text())
     jsonschema.Draft201909Validator(schema).validate(config)
     rootful = render_workspace(inventory_in("rootful"), member, host_alias="box", target=None,
-                               cache_gid=1001)
+                               cache_gid=1001, image=resolve_image(inventory.image))
     assert json.loads(rootful[".devcontainer/devcontainer.json"])["updateRemoteUserUID"] is True
 
 
@@ -400,12 +402,14 @@ def test_the_rootless_devcontainer_asks_for_her_gpus_as_cdi_devices(gpus, device
     inventory = rootless_inventory()
     member = dataclasses.replace(inventory.member("alice"), gpus=gpus)
     config = json.loads(render_workspace(inventory, member, host_alias="box", target=None,
-                                         cache_gid=None)[".devcontainer/devcontainer.json"])
+                                         cache_gid=None, image=resolve_image(inventory.image))[
+        ".devcontainer/devcontainer.json"])
     assert config["runArgs"] == [*devices, "--shm-size=16g"]
     assert "hostRequirements" not in config  # the CLI would append --gpus all
     schema = json.loads((FIXTURES / "schemas" / "devContainer.base.schema.json").read_text())
     jsonschema.Draft201909Validator(schema).validate(config)
     rootful = json.loads(render_workspace(inventory_in("rootful"), member, host_alias="box",
-                                          target=None, cache_gid=None)[
+                                          target=None, cache_gid=None,
+                                          image=resolve_image(inventory.image))[
         ".devcontainer/devcontainer.json"])
     assert rootful["runArgs"] == [*devices, "--shm-size=16g"]  # the same CDI devices

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from provision.changes import Run, WriteFile
+from provision.contract import SERVICE_UNIT
 from provision.engine import apply_script
 from provision.facts import HostFacts, MemberDaemon, PathState, Unit, parse_facts
 from provision.inventory import Inventory, Service, load_inventory, parse_inventory
@@ -90,7 +91,7 @@ def test_a_converged_service_plans_nothing_and_restarts_only_on_a_changed_defini
         "update /etc/sd35-api/env",
         "(re)start sd35-api.service on 127.0.0.1:8000: its definition changed"]
     assert "-SD35_MAX_QUEUE=4\n+SD35_MAX_QUEUE=8" in changed[0].diff()
-    stopped = dataclasses.replace(done, units={service.UNIT: Unit("failed", "enabled")})
+    stopped = dataclasses.replace(done, units={SERVICE_UNIT: Unit("failed", "enabled")})
     assert [c.summary for c in service.plan(stopped, inv)] == [
         "start sd35-api.service on 127.0.0.1:8000 (it was failed)"]
 

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 from provision.facts import parse_facts
+from provision.image import host_image
 from provision.inventory import load_inventory
 from provision.render import render_for_host
 from provision.verify import CPU_DEFAULTS, Place, run_script
@@ -24,9 +25,10 @@ def test_each_generation_runs_as_her_with_a_user_name_and_the_fp8_run_compiles()
     facts = parse_facts((FIXTURES / "debian-12-sandbox-converged.txt").read_text(),
                         inventory.defaults.cache_dir)
     alice = inventory.member("alice")
-    files = render_for_host(inventory, alice, facts, host_alias="sandbox", target=None)
+    files = render_for_host(inventory, alice, facts, host_image(facts, inventory),
+                            host_alias="sandbox", target=None)
     script = run_script(inventory, alice, facts, files, "img", "storage", dict(CPU_DEFAULTS),
-                        False, Place("/var/lib/provision"))
+                        Place("/var/lib/provision"))
     runs = [line for line in script.splitlines() if line.startswith("docker run")]
     account = facts.accounts["alice"]
     assert len(runs) == 3  # FP8, bf16, then the comparison of their images

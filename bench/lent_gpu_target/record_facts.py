@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 from provision.connection import LocalConnection
-from provision.facts import FACTS_SCRIPT, facts_request
+from provision.gather import FACTS_SCRIPT, facts_request
 from provision.inventory import load_inventory
 from provision.target import Target
 

@@ -1,7 +1,8 @@
 """Converge steps: each a pure `plan(facts, inventory) -> list[Change]`, no I/O.
 
 A step also names the paths it needs to see (`paths(inventory)`), so the engine can read them
-all in its one facts round trip. Order matters: later steps use what earlier ones create.
+all in its one facts round trip. What every step shares is here; the steps, in the order they
+run, are `steps.order.STEPS`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from provision.changes import Change, Run, WriteFile
-from provision.errors import InventoryError, ProvisionError
+from provision.errors import ProvisionError
 from provision.facts import HostFacts
 from provision.inventory import SERVICE_HOME, SERVICE_NAME, AptKey, Inventory
 from provision.templating import render
@@ -139,29 +140,3 @@ def signed_repository(step: str, summary: str, *, what: str, uri: str, key: AptK
 def paths_of(steps: tuple[Step, ...], inventory: Inventory) -> tuple[str, ...]:
     """Every path these steps read, asked for in the one facts round trip."""
     return tuple(p for step in steps for p in step.paths(inventory))
-
-
-def all_steps() -> tuple[Step, ...]:
-    from provision.steps import (
-        docker,
-        hf_cache,
-        keepalive,
-        nvidia,
-        rootless,
-        service,
-        users,
-        workspace,
-    )
-
-    return (users.STEP, keepalive.STEP, hf_cache.STEP, docker.STEP, rootless.STEP, nvidia.STEP,
-            workspace.STEP, service.STEP)
-
-
-def select_steps(only: list[str] | None, skip: list[str] | None) -> tuple[Step, ...]:
-    steps = all_steps()
-    names = [s.name for s in steps]
-    for name in (only or []) + (skip or []):
-        if name not in names:
-            raise InventoryError(f"unknown step {name!r}", f"steps are {', '.join(names)}")
-    return tuple(s for s in steps
-                 if (not only or s.name in only) and s.name not in (skip or []))

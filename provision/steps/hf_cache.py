@@ -14,6 +14,7 @@ from pathlib import PurePosixPath
 
 from provision import privilege
 from provision.changes import REPORT, Change, WriteFile, as_member, run
+from provision.contract import CACHE_LINK, TOKEN_DIR, wanted_acl
 from provision.facts import HostFacts, MemberCache
 from provision.inventory import Inventory, Member
 from provision.steps import Step, StepBlocked, apt_install, former_members, home_of
@@ -21,19 +22,11 @@ from provision.templating import render
 
 NAME = "hf-cache"
 PROFILE = "/etc/profile.d/provision-hf.sh"
-CACHE_LINK = ".cache/huggingface"
-TOKEN_DIR = ".config/huggingface"
 
 def paths(inventory: Inventory) -> tuple[str, ...]:
     per_member = (p for m in inventory.members
                   for p in (f"~{m.name}/.cache", f"~{m.name}/.config", f"~{m.name}/{TOKEN_DIR}"))
     return (inventory.defaults.cache_dir, PROFILE, *per_member)
-
-
-def wanted_acl(group: str) -> set[str]:
-    """The getfacl -c lines that keep new files group-writable for `group`."""
-    return {f"group:{group}:rwx", f"default:group:{group}:rwx", "default:group::rwx",
-            "default:mask::rwx"}
 
 
 def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:

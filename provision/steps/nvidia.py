@@ -53,10 +53,13 @@ from provision.gpu_access import (
     CDI_DOCKER,
     CDI_KIND,
     CDI_SPEC,
+    FP8_TENSOR_CORES,
     ROOTLESS_CDI_DOCKER,
     docker_version,
+    gpu_proof,
     gpu_run_args,
     host_gpu_path,
+    without_fp8_tensor_cores,
 )
 from provision.inventory import AptKey, Inventory
 from provision.steps import (
@@ -80,8 +83,6 @@ KEYRING = "/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg"
 SOURCES = "/etc/apt/sources.list.d/nvidia-container-toolkit.list"
 TOOLKIT = ("nvidia-container-toolkit", "nvidia-container-toolkit-base", "libnvidia-container-tools",
            "libnvidia-container1")
-FP8_TENSOR_CORES = (8, 9)
-PROOF_IMAGE = "ubuntu:24.04"
 CDI_ON = {"features": {"cdi": True}}  # daemon.json, where Docker < 28.2 needs it
 MEMBER_DAEMON_JSON = ".config/docker/daemon.json"  # her rootless daemon's, under her home
 
@@ -216,10 +217,10 @@ def daemon_cdi(facts: HostFacts, name: str, *, restart: bool, step: str = NAME
 
 
 def notes(facts: HostFacts, inventory: Inventory) -> list[str]:
-    slow = [g for g in facts.nvidia.gpus
-            if tuple(int(x) for x in g.compute_capability.split(".")[:2]) < FP8_TENSOR_CORES]
-    found = [f"GPU {g.index} ({g.name}) has compute capability {g.compute_capability} < 8.9: "
-             "FP8 runs as storage only there, without FP8 tensor cores" for g in slow]
+    found = [f"GPU {g.index} ({g.name}) has compute capability {g.compute_capability} < "
+             f"{FP8_TENSOR_CORES}: "
+             "FP8 runs as storage only there, without FP8 tensor cores"
+             for g in without_fp8_tensor_cores(facts.nvidia.gpus)]
     if inventory.defaults.rootless and facts.nvidia.has_gpu:
         blocker = rootless_gpu_blocker(facts, inventory)
         found.append(f"docker_mode = rootless: members' own daemons get GPUs through CDI "
@@ -234,7 +235,8 @@ def proof(facts: HostFacts, inventory: Inventory) -> Proof:
     """A container of the system daemon given every GPU (the way `gpu_access` hands them
     over) sees exactly the GPUs the host lists."""
     expected = sorted(g.uuid for g in facts.nvidia.gpus)
-    gpus = " ".join(gpu_run_args("all", host_gpu_path(facts, rootless=False)))
+    args = gpu_run_args("all", host_gpu_path(facts, rootless=False))
+    gpus = " ".join(args)
 
     def check(stdout: str) -> str | None:
         seen = sorted(line.strip() for line in stdout.splitlines() if line.strip())
@@ -242,8 +244,7 @@ def proof(facts: HostFacts, inventory: Inventory) -> Proof:
             return None
         return f"a container run with {gpus} sees {seen or 'no GPU'}, the host lists {expected}"
 
-    return Proof(f"docker run --rm {gpus} {PROOF_IMAGE} "
-                 "nvidia-smi --query-gpu=uuid --format=csv,noheader", check)
+    return Proof(gpu_proof(args, "--query-gpu=uuid --format=csv,noheader"), check)
 
 
 def paths(inventory: Inventory) -> tuple[str, ...]:

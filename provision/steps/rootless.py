@@ -25,17 +25,15 @@ service step, which creates that account.
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass
 
 from provision.changes import Change, Run, WriteFile, as_member, run
-from provision.facts import HostFacts, MemberDaemon
+from provision.facts import SUBGID, SUBUID, HostFacts, IdRange, MemberDaemon, read_ranges
 from provision.inventory import Inventory
 from provision.steps import Step, StepBlocked, apt_install, home_of
 from provision.steps.docker import choose_source
 from provision.templating import render
 
 NAME = "rootless"
-SUBUID, SUBGID = "/etc/subuid", "/etc/subgid"
 # Where useradd starts (SUB_UID_MIN) and how many ids it gives (SUB_UID_COUNT): a container
 # image's files need uids up to 65535 inside.
 SUBID_START = 100000
@@ -53,33 +51,6 @@ LINKED = {f"{LINKS}/dockerd-rootless.sh": f"{CONTRIB}/dockerd-rootless.sh",
 SETUPTOOL = {"docker-ce": "/usr/bin/dockerd-rootless-setuptool.sh",
              "distro": f"{CONTRIB}/dockerd-rootless-setuptool.sh"}
 TOOL_PATH = {"docker-ce": "", "distro": f"PATH={LINKS}:$PATH "}
-
-
-@dataclass(frozen=True)
-class IdRange:
-    owner: str
-    start: int
-    count: int
-
-    @property
-    def end(self) -> int:
-        return self.start + self.count - 1
-
-    def overlaps(self, other: IdRange) -> bool:
-        return self.start <= other.end and other.start <= self.end
-
-    def __str__(self) -> str:
-        return f"{self.start}-{self.end}"
-
-
-def read_ranges(text: str | None) -> list[IdRange]:
-    """/etc/subuid or /etc/subgid (`owner:start:count` lines) → ranges; junk lines skipped."""
-    ranges = []
-    for line in (text or "").splitlines():
-        parts = line.strip().split(":")
-        if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit() and int(parts[2]):
-            ranges.append(IdRange(parts[0], int(parts[1]), int(parts[2])))
-    return ranges
 
 
 def allocate(ranges: list[IdRange], owners: list[str]) -> dict[str, IdRange]:

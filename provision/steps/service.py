@@ -52,19 +52,26 @@ import re
 import shlex
 
 from provision.changes import Change, Run, WriteFile, as_member, run
+from provision.contract import (
+    CONTAINER_PORT,
+    HF_MOUNT,
+    SERVICE_UNIT,
+    SHM_SIZE,
+    account_args,
+    in_service_daemon,
+)
 from provision.facts import HostFacts, Listener
-from provision.gpu_access import gpu_run_args, host_gpu_path
-from provision.image import build_script, image_tag
+from provision.gpu_access import host_gpu_args, runs_on_gpu
+from provision.image import build_script, host_image, image_tag
 from provision.inventory import SERVICE_HOME, SERVICE_NAME, Inventory, Member, Service
 from provision.models import debug_model
-from provision.render import GENERATION, SHM_SIZE, render_workspace
+from provision.render import GENERATION, render_workspace
 from provision.steps import Proof, Step, StepBlocked, nvidia, rootless
 from provision.templating import raw, render
-from provision.versions import host_image
+from provision.versions import ImageSpec
 
 NAME = "service"
-UNIT = f"{SERVICE_NAME}.service"
-UNIT_FILE = f"/etc/systemd/system/{UNIT}"
+UNIT_FILE = f"/etc/systemd/system/{SERVICE_UNIT}"
 ENV_FILE = f"/etc/{SERVICE_NAME}/env"
 APP_DIR = f"/opt/{SERVICE_NAME}"
 STATE_DIR = SERVICE_HOME
@@ -73,7 +80,6 @@ ROOTLESS_STATE = f"{STATE_DIR}/container"
 # Rootless: the build context, as a member's verify puts hers in her own cache.
 ROOTLESS_BUILD_ROOT = f"{STATE_DIR}/.cache/provision"
 DAEMON_JSON = f"~{SERVICE_NAME}/{nvidia.MEMBER_DAEMON_JSON}"
-CONTAINER_PORT = 8000
 # The API and what it imports, as they go to APP_DIR (template path → file name there).
 APP_FILES = {"service/sd35_api.py": "sd35_api.py", "service/healthcheck.py": "healthcheck.py",
              **{f"workspace/{path}": path for path in GENERATION}}
@@ -87,14 +93,15 @@ HEALTH_POLLS, HEALTH_POLL_SECONDS = 360, 5
 CRASH_RESTARTS = 3
 # Prints one line, the last state seen ("healthy", or why not); safe under `sh -e`.
 HEALTH_POLL = f"""restarts() {{
-  n=$(systemctl show --property NRestarts --value {UNIT} 2>/dev/null) || n=; echo "${{n:-0}}"
+  n=$(systemctl show --property NRestarts --value {SERVICE_UNIT} 2>/dev/null) || n=
+  echo "${{n:-0}}"
 }}
 base=$(restarts) health= state= restarted=0 started=$(date +%s)
 for _ in $(seq {HEALTH_POLLS}); do
   health=$(docker inspect --format '{{{{.State.Health.Status}}}}' {SERVICE_NAME} 2>/dev/null) \
     || health=
   [ "$health" = healthy ] && break
-  state=$(systemctl is-active {UNIT} 2>/dev/null) || true
+  state=$(systemctl is-active {SERVICE_UNIT} 2>/dev/null) || true
   restarted=$(( $(restarts) - base ))
   [ "$restarted" -ge {CRASH_RESTARTS} ] && break
   case $state in failed|inactive) break;; esac
@@ -102,9 +109,9 @@ for _ in $(seq {HEALTH_POLLS}); do
 done
 if [ "$health" = healthy ]; then echo healthy
 elif [ "$restarted" -ge {CRASH_RESTARTS} ]; then
-  echo "{UNIT} is crash-looping: systemd restarted it $restarted times in" \
+  echo "{SERVICE_UNIT} is crash-looping: systemd restarted it $restarted times in" \
     "$(( $(date +%s) - started )) s and it never answered /health"
-elif [ "$state" = failed ] || [ "$state" = inactive ]; then echo "{UNIT} is $state"
+elif [ "$state" = failed ] || [ "$state" = inactive ]; then echo "{SERVICE_UNIT} is $state"
 else echo "health: ${{health:-no container}} after {HEALTH_POLLS * HEALTH_POLL_SECONDS // 60} min"
 fi
 """
@@ -137,7 +144,7 @@ def _ours(facts: HostFacts, listener: Listener) -> bool:
     if runs_rootless(unit):
         account = facts.accounts.get(SERVICE_NAME)
         return account is not None and listener.uid == account.uid
-    state = facts.units.get(UNIT)
+    state = facts.units.get(SERVICE_UNIT)
     return (state is not None and state.active == "active" and bool(listener.processes)
             and set(listener.processes) <= SYSTEM_PUBLISHERS)
 
@@ -164,17 +171,11 @@ def exposure(service: Service) -> str | None:
             "SSH) or firewall the port")
 
 
-def docker_script(inventory: Inventory, script: str) -> str:
-    """Shell (run as root) that runs `script` against the daemon the service's container is
-    in: the system daemon as root (rootful), the account's own as the account (rootless)."""
-    return as_member(SERVICE_NAME, script) if inventory.defaults.rootless else script
-
-
 def health_wait(inventory: Inventory) -> str:
     """The proof's script: the health poll in the right daemon, the journal's tail if it was
     not healthy (read as root: the account cannot read the system journal)."""
-    return (f"status=$({docker_script(inventory, HEALTH_POLL)})\necho \"$status\"\n"
-            f"[ \"$status\" = healthy ] || journalctl --unit {UNIT} --lines 5 --no-pager "
+    return (f"status=$({in_service_daemon(inventory, HEALTH_POLL)})\necho \"$status\"\n"
+            f"[ \"$status\" = healthy ] || journalctl --unit {SERVICE_UNIT} --lines 5 --no-pager "
             "--output cat\n")
 
 
@@ -205,12 +206,13 @@ def chosen_model(facts: HostFacts, service: Service) -> str:
     return debug_model(Member(SERVICE_NAME, (), gpus=gpus), facts).model
 
 
-def image_files(facts: HostFacts, inventory: Inventory, service: Service) -> dict[str, str]:
+def image_files(facts: HostFacts, inventory: Inventory, service: Service,
+                image: ImageSpec) -> dict[str, str]:
     """The team image's build files, rendered for the service account on this host."""
     group = facts.groups.get(inventory.defaults.cache_group)
     return render_workspace(inventory, Member(SERVICE_NAME, (), gpus=service.gpus),
                             host_alias=None, target=None, cache_gid=group.gid if group else None,
-                            image=host_image(facts, inventory), facts=facts)
+                            image=image, facts=facts)
 
 
 def publish(service: Service) -> str:
@@ -225,10 +227,6 @@ def runs_rootless(unit: str | None) -> bool:
     return unit is not None and "DOCKER_HOST=" in unit
 
 
-def on_gpu(facts: HostFacts, service: Service) -> bool:
-    return bool(facts.nvidia.gpus) and service.gpus != "none"
-
-
 def unit_text(facts: HostFacts, inventory: Inventory, service: Service, tag: str) -> str:
     uid, gid = service_ids(facts)
     group = facts.groups.get(inventory.defaults.cache_group)
@@ -236,17 +234,14 @@ def unit_text(facts: HostFacts, inventory: Inventory, service: Service, tag: str
         raise StepBlocked(f"the cache group {inventory.defaults.cache_group} does not exist",
                           "the users step creates it: converge without --skip users")
     mode_rootless = inventory.defaults.rootless
-    gpu_args = gpu_run_args(service.gpus, host_gpu_path(facts, rootless=mode_rootless)
-                            ) if on_gpu(facts, service) else []
-    # Rootless: the container's root is the account on the host (its ids inside would be
-    # subordinate ones, which cannot write its state), and supplementary groups are dropped.
-    user = "--user 0:0" if mode_rootless else f"--user {uid}:{gid} --group-add {group.gid}"
+    gpu_args = host_gpu_args(facts, service.gpus, rootless=mode_rootless)
+    user = " ".join(account_args(uid, gid, group.gid, rootless=mode_rootless))
     return render("host/sd35-api.service.j2", name=SERVICE_NAME, image=tag, uid=uid,
                   user=user, rootless=mode_rootless, env_file=ENV_FILE,
                   publish=publish(service), bind=service.bind,
                   cache_dir=inventory.defaults.cache_dir, app_dir=APP_DIR,
                   state_dir=ROOTLESS_STATE if mode_rootless else STATE_DIR,
-                  shm_size=SHM_SIZE, gpu_args=gpu_args)
+                  shm_size=SHM_SIZE, hf_home=HF_MOUNT, gpu_args=gpu_args)
 
 
 def images_of(facts: HostFacts, inventory: Inventory) -> tuple[str, ...]:
@@ -270,10 +265,12 @@ def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
     changes = _account(facts)
     if mode_rootless:
         changes += _own_daemon(facts, inventory, service)
-    files = image_files(facts, inventory, service)
+    image = host_image(facts, inventory)
+    files = image_files(facts, inventory, service, image)
     tag = image_tag(files)
     env = render("host/sd35-api.env.j2", name=SERVICE_NAME, model=chosen_model(facts, service),
-                 fp8=service.fp8, max_queue=service.max_queue, container_port=CONTAINER_PORT)
+                 fp8=service.fp8, max_queue=service.max_queue, container_port=CONTAINER_PORT,
+                 hf_home=HF_MOUNT)
     wanted = {**{f"{APP_DIR}/{name}": raw(template) for template, name in APP_FILES.items()},
               ENV_FILE: env, UNIT_FILE: unit_text(facts, inventory, service, tag)}
     definition: list[Change] = []
@@ -283,7 +280,6 @@ def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
             verb = "write" if current is None else "update"
             definition.append(Change(NAME, f"{verb} {path}", (WriteFile(path, content, current),)))
     if tag not in images_of(facts, inventory):
-        image = host_image(facts, inventory)
         daemon = "in its own daemon, as sd35-api" if mode_rootless else "in the system daemon"
         build = (as_member(SERVICE_NAME, build_script(files, tag, image, ROOTLESS_BUILD_ROOT))
                  if mode_rootless else
@@ -292,24 +288,24 @@ def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
         definition.append(run(NAME, f"build the team image {tag} for the service {daemon} "
                                     f"({image.choice}; minutes the first time)", build))
     changes += definition
-    state = facts.units.get(UNIT)
+    state = facts.units.get(SERVICE_UNIT)
     where = f"{service.bind}:{service.port}"
     warning = exposure(service)  # on the change that opens the port
     current_unit = facts.text(UNIT_FILE)
     switched = current_unit is not None and runs_rootless(current_unit) != mode_rootless
     if definition:
         changes.append(run(
-            NAME, f"(re)start {UNIT} on {where}: its definition changed"
+            NAME, f"(re)start {SERVICE_UNIT} on {where}: its definition changed"
                   + (f" (docker_mode switched: its container moves to "
                      f"{'its own' if mode_rootless else 'the system'} daemon)"
                      if switched else ""),
-            "systemctl daemon-reload", f"systemctl enable --quiet {UNIT}",
+            "systemctl daemon-reload", f"systemctl enable --quiet {SERVICE_UNIT}",
             *(_leave_other_daemon(facts, mode_rootless) if switched else
-              (f"systemctl restart {UNIT}",)), warning=warning))
+              (f"systemctl restart {SERVICE_UNIT}",)), warning=warning))
     elif state is None or state.active != "active" or state.enabled != "enabled":
-        changes.append(run(NAME, f"start {UNIT} on {where} (it was "
+        changes.append(run(NAME, f"start {SERVICE_UNIT} on {where} (it was "
                                  f"{state.active if state else 'unknown'})",
-                           f"systemctl enable --quiet --now {UNIT}", warning=warning))
+                           f"systemctl enable --quiet --now {SERVICE_UNIT}", warning=warning))
     if not mode_rootless and (stop := rootless.stop_daemon(facts, SERVICE_NAME, NAME)):
         changes.append(stop)  # after the restart: its container has left that daemon
     return changes
@@ -327,7 +323,7 @@ def _leave_other_daemon(facts: HostFacts, mode_rootless: bool) -> tuple[str, ...
         leave = as_member(SERVICE_NAME, remove)
     else:
         leave = ":"
-    return (f"systemctl stop {UNIT}", leave, f"systemctl start {UNIT}")
+    return (f"systemctl stop {SERVICE_UNIT}", leave, f"systemctl start {SERVICE_UNIT}")
 
 
 def _own_daemon(facts: HostFacts, inventory: Inventory, service: Service) -> list[Change]:
@@ -341,7 +337,7 @@ def _own_daemon(facts: HostFacts, inventory: Inventory, service: Service) -> lis
         changes.append(run(NAME, f"{ROOTLESS_STATE}: the container's /state (its compile "
                                  "cache), made as the account",
                            as_member(SERVICE_NAME, f"mkdir -p -m 0700 {ROOTLESS_STATE}")))
-    if on_gpu(facts, service):
+    if runs_on_gpu(facts, service.gpus):
         blocker = nvidia.rootless_gpu_blocker(facts, inventory)
         if blocker is not None:
             raise StepBlocked(f"the service's GPUs in its own daemon: {blocker}",
@@ -371,9 +367,9 @@ def _account(facts: HostFacts) -> list[Change]:
 def _removal(facts: HostFacts) -> list[Change]:
     if not facts.path(UNIT_FILE).exists:
         return []
-    return [Change(NAME, f"no [service] in the inventory: stop, disable and remove {UNIT} "
+    return [Change(NAME, f"no [service] in the inventory: stop, disable and remove {SERVICE_UNIT} "
                          f"(the {SERVICE_NAME} account, {STATE_DIR} and the image stay)",
-                   (Run(f"systemctl disable --quiet --now {UNIT} || true"),
+                   (Run(f"systemctl disable --quiet --now {SERVICE_UNIT} || true"),
                     Run(f"rm -f {UNIT_FILE}"), Run("systemctl daemon-reload")))]
 
 

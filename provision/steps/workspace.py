@@ -18,23 +18,20 @@ import shlex
 from pathlib import PurePosixPath
 
 from provision.changes import Change, Run, WriteFile, as_member, run
+from provision.contract import WHEELHOUSE
 from provision.facts import HostFacts
+from provision.image import host_image
 from provision.inventory import Inventory, Member
 from provision.models import debug_model
-from provision.render import LAUNCH_JSON, WHEELHOUSE, render_for_host, render_workspace
+from provision.render import LAUNCH_JSON, render_for_host, render_workspace
 from provision.steps import Step, StepBlocked, home_of, primary_group
-from provision.versions import host_image, resolve_image
+from provision.versions import ImageSpec, resolve_image
 
 NAME = "workspace"
 
 
 def record_path(member: str) -> str:
     return f"/var/lib/provision/workspace-{member}.json"
-
-
-def _files(facts: HostFacts, inventory: Inventory, member: Member) -> dict[str, str]:
-    return render_for_host(inventory, member, facts, host_alias=facts.os.hostname or None,
-                           target=None)
 
 
 def _directories(files: dict[str, str]) -> list[str]:
@@ -44,13 +41,16 @@ def _directories(files: dict[str, str]) -> list[str]:
 
 def paths(inventory: Inventory) -> tuple[str, ...]:
     found: list[str] = []
+    # Which files, not their contents: the image of no particular host will do.
+    image = resolve_image(inventory.image)
     for member in inventory.members:
         base = f"~{member.name}/{inventory.defaults.workspace_dir}"
-        files = render_workspace(inventory, member, host_alias=None, target=None, cache_gid=None)
+        files = render_workspace(inventory, member, host_alias=None, target=None, cache_gid=None,
+                                 image=image)
         found += [f"{base}/{d}".rstrip("/") for d in _directories(files)]
         found += [f"sha256:{base}/{path}" for path in files]
         found.append(record_path(member.name))
-    wheelhouse = resolve_image(inventory.image).wheelhouse
+    wheelhouse = image.wheelhouse
     if wheelhouse and inventory.members:
         found += [wheelhouse, *(f"~{m.name}/{inventory.defaults.workspace_dir}/{WHEELHOUSE}"
                                 for m in inventory.members)]
@@ -62,17 +62,22 @@ def digest(text: str) -> str:
 
 
 def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
+    if not inventory.members:
+        return []
+    image = host_image(facts, inventory)
     changes = []
     for member in inventory.members:
-        changes.extend(_member(facts, inventory, member))
+        changes.extend(_member(facts, inventory, member, image))
     return changes
 
 
-def _member(facts: HostFacts, inventory: Inventory, member: Member) -> list[Change]:
+def _member(facts: HostFacts, inventory: Inventory, member: Member,
+            image: ImageSpec) -> list[Change]:
     name, group = member.name, primary_group(facts, member.name)
     relative = inventory.defaults.workspace_dir
     root = f"{home_of(facts, name)}/{relative}"
-    files = _files(facts, inventory, member)
+    files = render_for_host(inventory, member, facts, image,
+                            host_alias=facts.os.hostname or None, target=None)
     # Unreadable (hand-edited, cut short): nothing counts as provision's, so edits stay drift.
     recorded = facts.json_object(record_path(name))
     record = dict(recorded)
@@ -109,7 +114,7 @@ def _member(facts: HostFacts, inventory: Inventory, member: Member) -> list[Chan
                 (Run(as_member(name, f"cp -p {backup}")), write), needs_force=True))
             # Right once forced; while not, her digest still differs from it: still drift.
             record[path] = wanted
-    changes.extend(_wheelhouse(facts, inventory, member, root))
+    changes.extend(_wheelhouse(facts, inventory, member, root, image.wheelhouse))
     if record != recorded:
         changes.append(Change(NAME, f"remember what provision wrote in {name}'s workspace", (
             WriteFile(record_path(name), json.dumps(record, sort_keys=True) + "\n",
@@ -117,11 +122,11 @@ def _member(facts: HostFacts, inventory: Inventory, member: Member) -> list[Chan
     return changes
 
 
-def _wheelhouse(facts: HostFacts, inventory: Inventory, member: Member,
-                root: str) -> list[Change]:
-    """Air-gapped hosts: the image builds from the wheels in the build context, so her
-    workspace gets the host's wheelhouse (hard links where the filesystem allows)."""
-    source = host_image(facts, inventory).wheelhouse
+def _wheelhouse(facts: HostFacts, inventory: Inventory, member: Member, root: str,
+                source: str) -> list[Change]:
+    """Air-gapped hosts: the image builds from the wheels in the build context (`source`, the
+    image's wheelhouse on the host), so her workspace gets them (hard links where the
+    filesystem allows)."""
     here = facts.path(f"~{member.name}/{inventory.defaults.workspace_dir}/{WHEELHOUSE}")
     if not source or here.exists:
         return []

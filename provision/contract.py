@@ -1,0 +1,59 @@
+"""What the host, its containers and the checks agree on, said once, below all of them.
+
+The rendered workspace (`render`), `verify`'s runs, the generation service (steps/service.py),
+the steps that prepare the host and `doctor`, which checks it, each need the same paths, the
+same `docker run` arguments and the same rules; each takes them from here. Pure: constants
+and small functions, no I/O. How GPUs reach a container is the same kind of contract, kept in
+`gpu_access` with its reasons.
+"""
+
+from __future__ import annotations
+
+from provision.changes import as_member
+from provision.inventory import SERVICE_NAME, Inventory
+
+# In each account's home: the link to the shared Hugging Face cache, and the private token
+# directory (0700), which HF_TOKEN_PATH names so a token never enters the shared cache.
+CACHE_LINK = ".cache/huggingface"
+TOKEN_DIR = ".config/huggingface"
+# Where verify's runs and the service mount the shared cache (HF_HOME), read offline.
+HF_MOUNT = "/hf"
+# In the workspace: the Inductor compile cache (on the host's disk, so it survives image
+# rebuilds: a cold FP8 compile takes minutes), and where the build context holds the
+# [image] wheelhouse.
+INDUCTOR_CACHE = ".cache/torchinductor"
+WHEELHOUSE = ".devcontainer/wheelhouse"
+SHM_SIZE = "16g"  # Docker's 64 MB /dev/shm breaks DataLoader workers and NCCL
+
+# The generation service: its systemd unit, and the port its API listens on in the container.
+SERVICE_UNIT = f"{SERVICE_NAME}.service"
+CONTAINER_PORT = 8000
+
+
+def account_args(uid: int, gid: int, cache_gid: int, *, rootless: bool) -> list[str]:
+    """`docker run` arguments that run a container as this account, with the cache group.
+
+    Rootless: as the container's root, which is the account on the host (its own ids inside
+    would map to subordinate ids, which own nothing of the account's), and without the group:
+    a rootless container drops supplementary groups, so the cache's ACLs name it instead."""
+    if rootless:
+        return ["--user", "0:0"]
+    return ["--user", f"{uid}:{gid}", "--group-add", str(cache_gid)]
+
+
+def in_service_daemon(inventory: Inventory, script: str) -> str:
+    """Shell (run as root) that runs `script` against the daemon the service's container is
+    in: the system daemon as root (rootful), the account's own as the account (rootless)."""
+    return as_member(SERVICE_NAME, script) if inventory.defaults.rootless else script
+
+
+def reach_address(bind: str) -> str:
+    """Where, on the host, to reach a service bound to `bind`: one bound to every address
+    answers on the loopback too."""
+    return "127.0.0.1" if bind in ("0.0.0.0", "::") else bind
+
+
+def wanted_acl(group: str) -> set[str]:
+    """The shared cache's `getfacl -c` lines that keep new files group-writable for `group`."""
+    return {f"group:{group}:rwx", f"default:group:{group}:rwx", "default:group::rwx",
+            "default:mask::rwx"}
