@@ -19,7 +19,6 @@ from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn
 
 from provision import team, views
 from provision.connection import Connection, connect
@@ -41,6 +40,7 @@ from provision.gpus import DEFAULT_IDLE_AFTER, GpuReport, parse_duration, read_u
 from provision.inventory import Inventory, inventory_path, load_inventory
 from provision.models import debug_model
 from provision.onboard import bundle, merge_ssh_block
+from provision.progress import Board
 from provision.render import member_files, write_files
 from provision.steps import paths_of, select_steps
 from provision.target import resolve_target
@@ -82,6 +82,10 @@ class Settings:
                                            "type it at the prompt, or drop --ask-sudo-pass "
                                            "for an admin with NOPASSWD sudo") from None
 
+    def board(self) -> Board:
+        """Where long work shows its progress: stderr (provision.progress says when)."""
+        return Board(err, verbose=self.verbose)
+
     def connect(self, host: str, inventory: Inventory) -> Connection:
         target = resolve_target(host, inventory, self.ssh_config)
         self.ask_password()
@@ -107,7 +111,9 @@ def options(
         show_default=False)] = None,
     ssh_config: Annotated[Path, typer.Option(help="ssh client config for host aliases")] = Path(
         "~/.ssh/config"),
-    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Full errors")] = False,
+    verbose: Annotated[bool, typer.Option(
+        "-v", "--verbose", help="Full errors, and the full output of long work (build logs)")
+    ] = False,
     accept_new_host_key: Annotated[bool, typer.Option(
         help="Trust an unknown host key on first use and record it in known_hosts")] = False,
     ask_sudo_pass: Annotated[bool, typer.Option(
@@ -185,16 +191,12 @@ def host_command(
     options = RunOptions(apply=not (plan or check), yes=yes, require_gpu=require_gpu,
                          force=force)
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=err,
-                  transient=True) as bar:
-        tasks = {alias: bar.add_task(alias) for alias in hosts}
-
-        def progress(alias: str, text: str) -> None:
-            bar.update(tasks[alias], description=f"{alias}: {text}")
+    with settings.board() as board:
+        tasks = {alias: board.task(alias) for alias in hosts}
 
         def work(alias: str) -> HostReport:
-            with settings.connect(alias, inventory) as conn:
-                return converge_host(conn, inventory, steps, options, progress)
+            with settings.connect(alias, inventory) as conn, tasks[alias] as task:
+                return converge_host(conn, inventory, steps, options, task)
 
         reports = run_hosts(hosts, work)
     if as_json:
