@@ -386,9 +386,9 @@ def verify_command(
         raise InventoryError(f"--fp8 {fp8!r}", "use off, storage or dq")
     inventory = settings.load()
     if service:
-        with settings.connect(host, inventory) as conn, err.status("verify") as status:
-            called = verify_service(conn, inventory, out=out_dir,
-                                    progress=lambda text: status.update(f"{host}: {text}"))
+        with settings.connect(host, inventory) as conn, settings.board() as board, \
+                board.task(host) as task:
+            called = verify_service(conn, inventory, out=out_dir, progress=task)
         if as_json:
             print(json.dumps(called.to_json(), indent=2))
         else:
@@ -397,9 +397,10 @@ def verify_command(
     if not inventory.members:
         raise InventoryError(f"{inventory.path}: no members", "add one: provision team add")
     chosen = inventory.member(member) if member else inventory.members[0]
-    with settings.connect(host, inventory) as conn, err.status("verify") as status:
+    with settings.connect(host, inventory) as conn, settings.board() as board, \
+            board.task(host) as task:
         report = verify(conn, inventory, chosen, model=model, fp8=fp8, out=out_dir,
-                        progress=lambda text: status.update(f"{host}: {text}"))
+                        progress=task)
     if as_json:
         print(json.dumps(report.to_json(), indent=2))
     else:
