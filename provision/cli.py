@@ -415,7 +415,8 @@ def sandbox_up(ctx: typer.Context, name: NameOption = "sandbox") -> None:
     """Start a local target host (systemd + sshd on 127.0.0.1) and add it to the inventory."""
     from provision import sandbox as sandboxes  # the Docker SDK costs every other command 0.1 s
 
-    sandboxes.up(name, ctx.obj.inventory, log=err.print, try_it=True)
+    with ctx.obj.board() as board, board.task(name) as task:
+        sandboxes.up(name, ctx.obj.inventory, log=board.echo, try_it=True, progress=task)
 
 
 @sandbox_app.command("down")
