@@ -205,3 +205,21 @@ def test_a_task_is_safe_from_two_threads() -> None:
         for thread in threads:
             thread.join()
     assert out.getvalue().count(": step ") == 200
+
+
+@pytest.mark.parametrize("to_stderr", [False, True])
+def test_a_followed_log_streams_as_it_grows_and_keeps_the_exit_status(tmp_path: Path,
+                                                                      to_stderr: bool) -> None:
+    """The apply scripts' and the generation's way: the command writes its log, the reader
+    streams it, the exit status is the command's."""
+    log = tmp_path / "work.log"
+    seen: list[tuple[float, str]] = []
+    conn = LocalConnection(Target("@local", "localhost", "me", 22))
+    result = conn.run(progress.follow_log("echo first; sleep 2; echo second >&2; exit 3",
+                                          str(log), to_stderr), root=False, check=False,
+                      on_line=lambda line: seen.append((time.monotonic(), line)))
+    ended = time.monotonic()
+    assert result.exit_code == 3
+    assert [line for _, line in seen] == ["first", "second"] and seen[0][0] < ended - 1.5
+    assert (result.stderr if to_stderr else result.stdout) == "first\nsecond\n"
+    assert log.read_text() == "first\nsecond\n"
