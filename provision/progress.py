@@ -41,8 +41,10 @@ _LEGACY_STEP = re.compile(r"^Step (\d+/\d+) : (.+)")
 _BUILDKIT_STEP = re.compile(r"^#\d+ \[(?:(\S+) )?(\d+/\d+)\] (.+)")
 _BUILDKIT_LOG = re.compile(r"^#\d+ (?:\d+\.\d+ )?")
 _BAR = re.compile(r"(\d+)%\|.*\|\s*(\d+)/(\d+)\b")
-# The legacy builder's bookkeeping between steps: says nothing a user waits for.
-_NOISE = re.compile(r"^(--->|Removing intermediate container|Sending build context)")
+# Says nothing a user waits for: the legacy builder's bookkeeping between steps, and what
+# scripts print for provision to read (section markers, JSON documents).
+_NOISE = re.compile(r"^(--->|Removing intermediate container|Sending build context|@@@provision:"
+                    r"|\{.*\}$)")
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,8 @@ def read_line(line: str) -> Line | None:
     `Step 3/9 : RUN pip install …` (legacy builder) and `#7 [packages 3/9] RUN pip install …`
     (BuildKit) are the step starting, "step 3/9: RUN pip install …"; BuildKit's log lines lose
     their `#7 12.3` prefix; a tqdm bar is "3/28 steps"; the legacy builder's bookkeeping
-    (` ---> Running in 1a2b`) is nothing; anything else is itself.
+    (` ---> Running in 1a2b`) and output meant for provision (a JSON line) are nothing;
+    anything else is itself.
     """
     line = line.strip()
     if not line or _NOISE.match(line):
@@ -75,8 +78,8 @@ def read_line(line: str) -> Line | None:
     return Line(_short(text)) if text else None
 
 
-def _short(text: str) -> str:
-    return text if len(text) <= WIDTH else text[:WIDTH - 1] + "…"
+def _short(text: str, width: int = WIDTH) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def _clock(seconds: float) -> str:
@@ -254,7 +257,7 @@ class Board:
                 with task.lock:
                     quiet = time.monotonic() - task.shown
                     if task.phase and not task.done and quiet >= HEARTBEAT_S:
-                        self._plain(task, f"{task.phase} ({_clock(task.elapsed())})"
+                        self._plain(task, f"{_short(task.phase, 40)} ({_clock(task.elapsed())})"
                                     + (f" · {task.detail}" if task.detail else ""))
 
 

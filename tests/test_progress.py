@@ -46,6 +46,8 @@ from tests.conftest import require
     ("I: Retrieving InRelease", Line("I: Retrieving InRelease")),
     (" ---> Running in a71a255d0fc2", None),
     ("Removing intermediate container a71a255d0fc2", None),
+    ('{"ok": true, "device": "cpu"}', None),
+    ("@@@provision:run-storage", None),
     ("   ", None),
 ])
 def test_a_line_of_output_reads_as_progress(line: str, said: Line | None) -> None:
