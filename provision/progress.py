@@ -123,8 +123,8 @@ class Task:
             self.board.phase(self)
 
     def output(self, line: str) -> None:
-        """A line the work printed: -v prints it; a build step is kept on screen; anything
-        else is the live line's detail."""
+        """A line the work printed: -v prints it; a build step is kept on screen; the latest
+        that says something is the live line's detail."""
         with self.lock:
             if line.strip():
                 self.tail.append(line.rstrip())
