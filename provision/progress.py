@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Column
 from rich.text import Text
 
 ENVIRONMENT = "PROVISION_PROGRESS"  # auto (default) | plain | off
@@ -160,7 +161,9 @@ class Task:
         return time.monotonic() - self.started
 
     def describe(self) -> str:
-        return f"{self.name}: {self.phase}" + (f" · {self.detail}" if self.detail else "")
+        """The live line: the phase cut short enough to leave room for its latest output."""
+        return f"{self.name}: {_short(self.phase, 60)}" + (
+            f" · {self.detail}" if self.detail else "")
 
     def _end_phase(self) -> None:
         if self.phase and self.elapsed() >= LONG_PHASE_S:
@@ -201,8 +204,12 @@ class Board:
 
     def __enter__(self) -> Board:
         if self.mode == "live":
-            self.live = Progress(SpinnerColumn(), TextColumn("{task.description}"),
-                                 TimeElapsedColumn(), console=self.console, transient=True)
+            # The clock first: a long line is cut at its end, never the clock.
+            self.live = Progress(SpinnerColumn(),
+                                 TimeElapsedColumn(table_column=Column(min_width=7)),
+                                 TextColumn("{task.description}", table_column=Column(
+                                     no_wrap=True, overflow="ellipsis", ratio=1)),
+                                 console=self.console, transient=True, expand=True)
             for task in self.tasks:
                 task.id = self.live.add_task(task.describe())
             self.live.start()
