@@ -19,7 +19,6 @@ from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn
 
 from provision import team, views
 from provision.connection import Connection, connect
@@ -43,6 +42,7 @@ from provision.image import host_image
 from provision.inventory import Inventory, inventory_path, load_inventory
 from provision.models import debug_model
 from provision.onboard import bundle, merge_ssh_block
+from provision.progress import Board
 from provision.render import member_files, write_files
 from provision.steps import paths_of
 from provision.steps.order import select_steps
@@ -84,6 +84,10 @@ class Settings:
                                            "type it at the prompt, or drop --ask-sudo-pass "
                                            "for an admin with NOPASSWD sudo") from None
 
+    def board(self) -> Board:
+        """Where long work shows its progress: stderr (provision.progress says when)."""
+        return Board(err, verbose=self.verbose)
+
     def connect(self, host: str, inventory: Inventory) -> Connection:
         target = resolve_target(host, inventory, self.ssh_config)
         self.ask_password()
@@ -109,7 +113,9 @@ def options(
         show_default=False)] = None,
     ssh_config: Annotated[Path, typer.Option(help="ssh client config for host aliases")] = Path(
         "~/.ssh/config"),
-    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Full errors")] = False,
+    verbose: Annotated[bool, typer.Option(
+        "-v", "--verbose", help="Full errors, and the full output of long work (build logs)")
+    ] = False,
     accept_new_host_key: Annotated[bool, typer.Option(
         help="Trust an unknown host key on first use and record it in known_hosts")] = False,
     ask_sudo_pass: Annotated[bool, typer.Option(
@@ -187,16 +193,12 @@ def host_command(
     options = RunOptions(apply=not (plan or check), yes=yes, require_gpu=require_gpu,
                          force=force)
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=err,
-                  transient=True) as bar:
-        tasks = {alias: bar.add_task(alias) for alias in hosts}
-
-        def progress(alias: str, text: str) -> None:
-            bar.update(tasks[alias], description=f"{alias}: {text}")
+    with settings.board() as board:
+        tasks = {alias: board.task(alias) for alias in hosts}
 
         def work(alias: str) -> HostReport:
-            with settings.connect(alias, inventory) as conn:
-                return converge_host(conn, inventory, steps, options, progress)
+            with settings.connect(alias, inventory) as conn, tasks[alias] as task:
+                return converge_host(conn, inventory, steps, options, task)
 
         reports = run_hosts(hosts, work)
     if as_json:
@@ -387,9 +389,9 @@ def verify_command(
         raise InventoryError(f"--fp8 {fp8!r}", "use off, storage or dq")
     inventory = settings.load()
     if service:
-        with settings.connect(host, inventory) as conn, err.status("verify") as status:
-            called = verify_service(conn, inventory, out=out_dir,
-                                    progress=lambda text: status.update(f"{host}: {text}"))
+        with settings.connect(host, inventory) as conn, settings.board() as board, \
+                board.task(host) as task:
+            called = verify_service(conn, inventory, out=out_dir, progress=task)
         if as_json:
             print(json.dumps(called.to_json(), indent=2))
         else:
@@ -398,9 +400,10 @@ def verify_command(
     if not inventory.members:
         raise InventoryError(f"{inventory.path}: no members", "add one: provision team add")
     chosen = inventory.member(member) if member else inventory.members[0]
-    with settings.connect(host, inventory) as conn, err.status("verify") as status:
+    with settings.connect(host, inventory) as conn, settings.board() as board, \
+            board.task(host) as task:
         report = verify(conn, inventory, chosen, model=model, fp8=fp8, out=out_dir,
-                        progress=lambda text: status.update(f"{host}: {text}"))
+                        progress=task)
     if as_json:
         print(json.dumps(report.to_json(), indent=2))
     else:
@@ -415,7 +418,8 @@ def sandbox_up(ctx: typer.Context, name: NameOption = "sandbox") -> None:
     """Start a local target host (systemd + sshd on 127.0.0.1) and add it to the inventory."""
     from provision import sandbox as sandboxes  # the Docker SDK costs every other command 0.1 s
 
-    sandboxes.up(name, ctx.obj.inventory, log=err.print, try_it=True)
+    with ctx.obj.board() as board, board.task(name) as task:
+        sandboxes.up(name, ctx.obj.inventory, log=board.echo, try_it=True, progress=task)
 
 
 @sandbox_app.command("down")

@@ -9,10 +9,12 @@ file or a log, and under NOPASSWD (when `sudo -S` would leave it unread) never t
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import itertools
 import logging
 import os
+import re
 import shlex
 import signal
 import socket
@@ -103,7 +105,8 @@ class Connection:
             on_line: LineSink | None = None) -> Result:
         """Run `script` with sh on the host, as root unless told otherwise.
 
-        `on_line` sees each stdout line as it arrives (progress of long work, e.g. a build).
+        `on_line` sees each line it prints, stdout's and stderr's, as it arrives (progress of
+        long work, e.g. a build); a carriage return ends a line too (a progress bar's redraw).
         """
         command, stdin = self._command(script, env, root)
         self.round_trips += 1
@@ -206,10 +209,10 @@ class LocalConnection(Connection):
                 timer.start()
             with ThreadPoolExecutor(2) as pool:
                 pool.submit(_write_and_close, process.stdin, stdin.encode())
-                stderr = pool.submit(process.stderr.read)
-                stdout = _read_lines(process.stdout, on_line)
+                stderr = pool.submit(_read_lines, process.stderr.read1, on_line)
+                stdout = _read_lines(process.stdout.read1, on_line)
                 exit_code = process.wait()
-                result = Result(stdout, stderr.result().decode(errors="replace"), exit_code)
+                result = Result(stdout, stderr.result(), exit_code)
         except BaseException:
             _end_session(process)
             raise
@@ -374,9 +377,9 @@ class SSHConnection(Connection):
             with ThreadPoolExecutor(2) as pool:
                 # Feed stdin and drain stderr beside stdout, so no full window can stall us.
                 sent = pool.submit(_send_and_close, channel, stdin.encode())
-                stderr = pool.submit(channel.makefile_stderr("rb").read)
+                stderr = pool.submit(_read_lines, channel.recv_stderr, on_line)
                 try:
-                    stdout = _read_lines(channel.makefile("rb"), on_line)
+                    stdout = _read_lines(channel.recv, on_line)
                     sent.result()
                     exit_code = channel.recv_exit_status()
                 except BaseException:
@@ -384,7 +387,7 @@ class SSHConnection(Connection):
                     # leaving this block never waits on a host that does not answer.
                     channel.close()
                     raise
-                return Result(stdout, stderr.result().decode(errors="replace"), exit_code)
+                return Result(stdout, stderr.result(), exit_code)
         except TimeoutError:
             raise RemoteCommandFailed(f"{self.name}: command ran past {timeout} s",
                                       "check the host's load, or rerun") from None
@@ -443,13 +446,28 @@ def _ignore(line: str) -> None:
     """No one is watching the output as it comes."""
 
 
-def _read_lines(stream: IO[bytes], on_line: LineSink) -> str:
-    lines = []
-    for raw in stream:
-        line = raw.decode(errors="replace")
-        lines.append(line)
-        on_line(line.rstrip("\n"))
-    return "".join(lines)
+# What one read of a command's output asks for: what has arrived, up to this much.
+READ_BYTES = 65536
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+def _read_lines(read: Callable[[int], bytes], on_line: LineSink) -> str:
+    """All a stream's text, read as it arrives; each line to `on_line` once it is whole."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    parts: list[str] = []
+    pending = ""
+    while True:
+        chunk = read(READ_BYTES)
+        part = decoder.decode(chunk, final=not chunk)
+        parts.append(part)
+        *lines, pending = _LINE_END.split(pending + part)
+        for line in lines:
+            on_line(line)
+        if not chunk:
+            break
+    if pending:
+        on_line(pending)
+    return "".join(parts)
 
 
 def _end_session(process: subprocess.Popen[bytes]) -> None:

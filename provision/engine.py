@@ -30,6 +30,7 @@ from provision.errors import (
 from provision.facts import STATE_FILE, HostFacts
 from provision.gather import gather_facts
 from provision.inventory import Inventory
+from provision.progress import QUIET, Task, follow_log
 from provision.steps import NoGpu, Step, StepBlocked, StepSkipped, former_members, paths_of
 
 # An applying run holds the lock exclusively; a planning one shares it and writes nothing
@@ -51,23 +52,15 @@ echo locked
 cat >/dev/null"""
 
 # Each step's changes run as one script that holds the apply lock, ignores the hang-up of a
-# dropped connection and logs to a file: once received it runs to its end, and files are
-# only ever replaced by rename, so a killed client leaves no half-written file behind.
+# dropped connection and logs to a file, streamed back as it grows (progress): once received
+# it runs to its end, and files are only ever replaced by rename, so a killed client leaves no
+# half-written file behind.
 APPLY_SCRIPT = """mkdir -p -m 0700 /var/lib/provision
 exec 8>/var/lib/provision/apply.lock
 flock 8
 trap '' HUP PIPE
 log=/var/lib/provision/apply-{step}.log
-(
-set -e
-umask 022
-{body}
-) >"$log" 2>&1
-rc=$?
-cat "$log"
-exit $rc"""
-
-Progress = Callable[[str, str], None]
+{body}"""
 
 
 @dataclass(frozen=True)
@@ -121,7 +114,8 @@ class HostReport:
 
 def apply_script(step: str, changes: list[Change]) -> str:
     body = "".join(f"echo {json.dumps('== ' + c.summary)}\n{c.script()}" for c in changes)
-    return APPLY_SCRIPT.format(step=step, body=body)
+    return APPLY_SCRIPT.format(step=step, body=follow_log(f"set -e\numask 022\n{body}",
+                                                          '"$log"'))
 
 
 def reported(output: str) -> list[str]:
@@ -153,8 +147,7 @@ def state_change(facts: HostFacts, inventory: Inventory, applied: list[str]) -> 
 
 
 def converge_host(conn: Connection, inventory: Inventory, steps: tuple[Step, ...],
-                  options: RunOptions, progress: Progress = lambda host, text: None
-                  ) -> HostReport:
+                  options: RunOptions, progress: Task = QUIET) -> HostReport:
     """Plan (and apply) `steps` on one connected host; never raises, the report says all."""
     report = HostReport(conn.name)
     started = time.monotonic()
@@ -178,13 +171,13 @@ def converge_host(conn: Connection, inventory: Inventory, steps: tuple[Step, ...
 
 def _run_steps(conn: Connection, inventory: Inventory, steps: tuple[Step, ...],
                paths: tuple[str, ...], options: RunOptions, report: HostReport,
-               progress: Progress) -> None:
-    progress(conn.name, "reading facts")
+               progress: Task) -> None:
+    progress.status("reading facts")
     facts = gather_facts(conn, inventory, paths)
     applied: list[str] = []
     unconverged: set[str] = set()  # steps that failed, or did not run because of one
     for step in steps:
-        progress(conn.name, step.name)
+        progress.status(step.name)
         started = time.monotonic()
         entry = StepReport(step.name, "unchanged")
         report.steps.append(entry)
@@ -203,18 +196,20 @@ def _run_steps(conn: Connection, inventory: Inventory, steps: tuple[Step, ...],
             elif entry.changes:
                 _guard_docker_restart(entry.changes, facts, options)
                 applied_output = conn.run(apply_script(step.name, entry.changes),
-                                          what=f"step {step.name}").stdout
+                                          what=f"step {step.name}",
+                                          on_line=progress.output).stdout
                 entry.message = "; ".join(filter(None, [entry.message,
                                                         *reported(applied_output)]))
                 entry.status = "changed"
                 applied.append(step.name)
                 facts = gather_facts(conn, inventory, paths)
-                _prove(conn, step, facts, inventory)
+                _prove(conn, step, facts, inventory, progress)
         except StepSkipped as exc:
             entry.status, entry.message = "skipped", exc.line()
         except (StepBlocked, RemoteCommandFailed, InventoryError) as exc:
             # InventoryError: an [image] override this host's driver cannot run.
             entry.status, entry.message = "failed", exc.line()
+            progress.failed()
             unconverged.add(step.name)
             report.error = report.error or exc
             if options.apply:
@@ -226,7 +221,7 @@ def _run_steps(conn: Connection, inventory: Inventory, steps: tuple[Step, ...],
     record = state_change(facts, inventory, applied)
     if record is not None:
         conn.run(apply_script("state", [record]), what="state record")
-    progress(conn.name, "confirming")
+    progress.status("confirming")
     report.drift = [c for step in steps if step.name not in unconverged
                     for c in _replan(step, facts, inventory, options)]
 
@@ -258,11 +253,14 @@ def _guard_docker_restart(changes: list[Change], facts: HostFacts, options: RunO
                           "container(s); nothing was changed", "rerun with --yes to allow it")
 
 
-def _prove(conn: Connection, step: Step, facts: HostFacts, inventory: Inventory) -> None:
+def _prove(conn: Connection, step: Step, facts: HostFacts, inventory: Inventory,
+           progress: Task) -> None:
     proof = step.proof(facts, inventory)
     if proof is None:
         return
-    result = conn.run(proof.script, what=f"proof of {step.name}", check=False)
+    progress.status(f"{step.name}: proving it")
+    result = conn.run(proof.script, what=f"proof of {step.name}", check=False,
+                      on_line=progress.output)
     problem = proof.check(result.stdout) if result.ok else (
         (result.stderr.strip().splitlines() or ["failed"])[-1])
     if problem:

@@ -54,8 +54,8 @@ def build_script(files: dict[str, str], tag: str, image: ImageSpec, root: str = 
     script = f"if docker image inspect {tag} >/dev/null 2>&1; then echo cached; exit 0; fi\n"
     if image.base_archive:
         base, archive = shlex.quote(image.base), shlex.quote(image.base_archive)
-        script += (f"docker image inspect {base} >/dev/null 2>&1 || docker load -i {archive}"
-                   "\n")
+        script += (f"docker image inspect {base} >/dev/null 2>&1 || {{ echo loading {base} "
+                   f"from {archive}; docker load -i {archive}; }}\n")
     script += upload_script({p: files[p] for p in CONTEXT_FILES}, context)
     if wheelhouse:
         quoted = shlex.quote(wheelhouse)

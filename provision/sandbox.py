@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from provision.errors import DockerUnavailable, InventoryError, ProvisionError
+from provision.progress import QUIET, Task
 from provision.templating import raw, render
 
 ADMIN_USER = "admin"
@@ -102,13 +103,19 @@ def container_name(name: str) -> str:
     return f"provision-sandbox-{name}"
 
 
-def base_image(client: docker.DockerClient, log=print) -> str:
+def base_image(client: docker.DockerClient, log=print, progress: Task = QUIET) -> str:
     """debian:bookworm when a registry answers, else one built offline with debootstrap."""
     for tag in (BASE_IMPORTED, BASE_PULL):
         if _image_exists(client, tag):
             return tag
     try:
-        client.images.pull(BASE_PULL)
+        progress.status(f"pulling {BASE_PULL}")
+        repository, tag = BASE_PULL.split(":")
+        for event in client.api.pull(repository, tag, stream=True, decode=True):
+            if "error" in event:
+                raise docker.errors.APIError(event["error"])
+            progress.output(" ".join(str(event.get(k, "")) for k in ("id", "status",
+                                                                       "progress")))
         return BASE_PULL
     except docker.errors.APIError:
         log(f"no registry answers: building {BASE_IMPORTED} offline with debootstrap")
@@ -117,15 +124,32 @@ def base_image(client: docker.DockerClient, log=print) -> str:
                              "apt-get install debootstrap (or give Docker registry access)")
     with tempfile.TemporaryDirectory(prefix="provision-rootfs-") as tmp:
         rootfs, archive = Path(tmp) / "rootfs", Path(tmp) / "rootfs.tar"
-        subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(rootfs),
-                        DEBIAN_MIRROR], check=True, capture_output=True)
+        progress.status(f"debootstrap: Debian bookworm from {DEBIAN_MIRROR}")
+        run_streamed(["debootstrap", "--variant=minbase", "bookworm", str(rootfs),
+                      DEBIAN_MIRROR], progress)
+        progress.status(f"importing the root file system as {BASE_IMPORTED}")
         subprocess.run(["tar", "-C", str(rootfs), "-cf", str(archive), "."], check=True)
         repository, tag = BASE_IMPORTED.split(":")
         client.api.import_image_from_file(str(archive), repository=repository, tag=tag)
     return BASE_IMPORTED
 
 
-def sandbox_host_image(client: docker.DockerClient, base: str, log=print) -> str:
+def run_streamed(command: list[str], progress: Task) -> None:
+    """A local command, its output lines to `progress` as they come (CalledProcessError, with
+    that output, when it fails)."""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, errors="replace") as process:
+        assert process.stdout
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            progress.output(line.rstrip("\n"))
+    if process.returncode:
+        raise subprocess.CalledProcessError(process.returncode, command, "".join(lines))
+
+
+def sandbox_host_image(client: docker.DockerClient, base: str, log=print,
+               progress: Task = QUIET) -> str:
     """The sandbox host image, tagged by the hash of what it is built from (a cache key)."""
     files = {"Dockerfile": render("sandbox/Dockerfile.j2", base_image=base,
                                   admin_user=ADMIN_USER),
@@ -135,6 +159,7 @@ def sandbox_host_image(client: docker.DockerClient, base: str, log=print) -> str
     if _image_exists(client, tag):
         return tag
     log(f"building {tag}")
+    progress.status(f"building {tag}")
     context = io.BytesIO()
     with tarfile.open(fileobj=context, mode="w") as tar:
         for name, text in files.items():
@@ -143,12 +168,17 @@ def sandbox_host_image(client: docker.DockerClient, base: str, log=print) -> str
             info.size, info.mode = len(data), 0o755 if "." not in name else 0o644
             tar.addfile(info, io.BytesIO(data))
     context.seek(0)
-    try:
-        client.images.build(fileobj=context, custom_context=True, tag=tag, rm=True)
-    except docker.errors.BuildError as exc:
-        tail = [str(line.get("stream", "")).strip() for line in exc.build_log][-3:]
-        raise ProvisionError(f"sandbox image build failed: {' '.join(tail)}",
-                             "check that the Debian archive is reachable from Docker") from None
+    log_lines: list[str] = []
+    for event in client.api.build(fileobj=context, custom_context=True, tag=tag, rm=True,
+                                  decode=True):
+        if "error" in event:
+            tail = [*log_lines[-2:], str(event["error"]).strip()]
+            raise ProvisionError(f"sandbox image build failed: {' '.join(tail)}",
+                                 "check that the Debian archive is reachable from Docker")
+        for line in str(event.get("stream", "")).splitlines():
+            if line.strip():
+                log_lines.append(line.strip())
+                progress.output(line)
     return tag
 
 
@@ -175,7 +205,8 @@ def new_key_pair(directory: Path) -> str:
     return public
 
 
-def up(name: str, inventory: Path, log=print, *, try_it: bool = False) -> Sandbox:
+def up(name: str, inventory: Path, log=print, *, try_it: bool = False,
+       progress: Task = QUIET) -> Sandbox:
     """Start sandbox `name` (or return it if it runs) and register it in the inventory.
 
     `try_it` (journey 1, `provision sandbox up`): an inventory this creates also gets a demo
@@ -189,18 +220,20 @@ def up(name: str, inventory: Path, log=print, *, try_it: bool = False) -> Sandbo
         return existing
     _check_name_free(inventory, name)
     _check_container_free(client, name)
-    base = base_image(client, log)
-    image = sandbox_host_image(client, base, log)
+    base = base_image(client, log, progress)
+    image = sandbox_host_image(client, base, log, progress)
     state_dir = state_dir_for(inventory, name)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     public_key = new_key_pair(state_dir)
+    progress.status("starting the sandbox")
     container = start_container(client, name, image, public_key, inventory)
     try:
+        progress.status("waiting for systemd to start sshd")
         port = wait_for_sshd(client, container)
         write_known_hosts(client, container, port, state_dir / "known_hosts")
         created = register(inventory, name, port, state_dir, try_it, base)
         if created and try_it:
-            seed_offline_image(client, container_name(name), inventory, base, log)
+            seed_offline_image(client, container_name(name), inventory, base, log, progress)
     except BaseException:
         # Leave nothing half made: no container, no host table, no key files.
         _remove_container(client, container_name(name))
@@ -329,7 +362,7 @@ def add_demo(document: tomlkit.TOMLDocument, state_dir: Path, base: str, root: P
 
 
 def seed_offline_image(client: docker.DockerClient, cname: str, inventory: Path, base: str,
-                       log) -> None:
+                       log, progress: Task = QUIET) -> None:
     """Put the CPU image's wheels and base-image archive where the demo [image] says."""
     from provision.versions import resolve_image
 
@@ -338,26 +371,32 @@ def seed_offline_image(client: docker.DockerClient, cname: str, inventory: Path,
         hashlib.sha256(pins.encode()).hexdigest()[:12]
     if not (wheels / "complete").exists():
         log(f"downloading the CPU image's wheels into {wheels}")
+        progress.status("downloading the CPU image's wheels")
         wheels.mkdir(parents=True, exist_ok=True)
         (wheels / "requirements.txt").write_text(pins)
-        subprocess.run(["python3", "-m", "pip", "download", "-q", "--only-binary=:all:",
-                        "-d", str(wheels), "-r", str(wheels / "requirements.txt")],
-                       check=True, capture_output=True)
+        run_streamed(["python3", "-m", "pip", "download", "--progress-bar", "off",
+                      "--only-binary=:all:", "-d", str(wheels),
+                      "-r", str(wheels / "requirements.txt")], progress)
         (wheels / "complete").touch()
     container = client.containers.get(cname)
     with tempfile.TemporaryDirectory(prefix="provision-seed-") as tmp:
         archive = Path(tmp) / "seed.tar"
         saved = Path(tmp) / "base-image.tar"
+        progress.status(f"saving {base} for the sandbox")
         with saved.open("wb") as out:
             # Named by the tag the [image] table uses: `named=True` would take the image's
             # first tag, which is another name once the same image is tagged twice.
             for chunk in client.images.get(base).save(named=base):
+                megabytes = out.tell() // 2**20
                 out.write(chunk)
+                if out.tell() // 2**20 // 50 > megabytes // 50:
+                    progress.output(f"{out.tell() // 2**20} MB saved")
         with tarfile.open(archive, "w") as tar:
             tar.add(wheels, arcname="wheelhouse",
                     filter=lambda info: None if info.name.endswith(("complete", ".txt"))
                     else info)
             tar.add(saved, arcname=Path(BASE_ARCHIVE).name)
+        progress.status("copying the wheels and the base image into the sandbox")
         container.exec_run(["mkdir", "-p", str(Path(WHEELHOUSE).parent)])
         with archive.open("rb") as data:
             container.put_archive(str(Path(WHEELHOUSE).parent), data)

@@ -18,7 +18,6 @@ import http.client
 import json
 import shlex
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from provision.gpu_access import host_gpu_args, runs_on_gpu
 from provision.image import ROOT, build_script, host_image, image_tag, upload_script
 from provision.inventory import Inventory, Member
 from provision.models import cached_weights, debug_model
+from provision.progress import QUIET, Task, follow_log
 from provision.render import GENERATION, INFERENCE, render_for_host
 
 GPU_DEFAULTS = {"height": 1024, "width": 1024, "steps": 28}
@@ -122,10 +122,11 @@ def run_script(inventory: Inventory, member: Member, facts: HostFacts, files: di
         # The FP8 run compiles (what dq, the Run configuration and the service do), on a CPU
         # too: the image must hold what Inductor needs (a C/C++ compiler, Python's headers).
         compile_flag = " --compile" if mode == fp8 else ""
-        script += (f"{docker} python {INFERENCE} {args} --fp8 {mode}{compile_flag} "
-                   f"--output {mode}.png "
-                   f"--metrics {mode}.json >/dev/null 2>{work}/{mode}.log || "
-                   f"{{ tail -n 5 {work}/{mode}.log >&2; exit 4; }}\n"
+        # Its log streams back as it grows (stderr: progress, the denoising steps).
+        generate = (f"{docker} python {INFERENCE} {args} --fp8 {mode}{compile_flag} "
+                    f"--output {mode}.png --metrics {mode}.json 2>&1 >/dev/null")
+        script += (follow_log(generate, f"{work}/{mode}.log", to_stderr=True).rstrip()
+                   + f" || {{ tail -n 5 {work}/{mode}.log >&2; exit 4; }}\n"
                    f"sec run-{mode}\ncat {work}/{mode}.json; echo\n")
     script += (f"sec compare\n{docker} python -c {shlex.quote(COMPARE)} {fp8}.png off.png\n"
                "sec end\n")
@@ -133,8 +134,8 @@ def run_script(inventory: Inventory, member: Member, facts: HostFacts, files: di
 
 
 def verify(conn: Connection, inventory: Inventory, member: Member, *, model: str | None,
-           fp8: str, out: Path, progress: Callable[[str], None]) -> VerifyReport:
-    progress("reading facts")
+           fp8: str, out: Path, progress: Task = QUIET) -> VerifyReport:
+    progress.status("reading facts")
     facts = gather_facts(conn, inventory)
     if not facts.docker.installed:
         raise ProvisionError(f"{conn.name}: Docker is not installed",
@@ -154,17 +155,16 @@ def verify(conn: Connection, inventory: Inventory, member: Member, *, model: str
     files = render_for_host(inventory, member, facts, image, host_alias=conn.name, target=None)
     tag = image_tag(files)
     place = place_of(facts, inventory, member)
-    progress(f"building {tag} ({image.choice}; the first build downloads and installs torch: "
-             "minutes)")
+    progress.status(f"building {tag} ({image.choice}; the first build downloads and installs "
+                    "torch: minutes)")
     built = conn.run(place.script(build_script(files, tag, image, place.root)),
-                     what="image build", timeout=3600,
-                     on_line=lambda line: progress(f"building {tag}: {line[:90]}"))
+                     what="image build", timeout=3600, on_line=progress.output)
     report = VerifyReport(conn.name, member.name, tag, "cached" not in built.stdout, note,
                           image.choice)
-    progress(f"generating ({size['model']}, --fp8 {fp8}, then bf16 to compare)")
+    progress.status(f"generating ({size['model']}, --fp8 {fp8}, then bf16 to compare)")
     result = conn.run(place.script(run_script(inventory, member, facts, files, tag, fp8, size,
                                               place)),
-                      what="generation", timeout=3600, check=False)
+                      what="generation", timeout=3600, check=False, on_line=progress.output)
     logs = f"see {place.root}/verify/{member.name}/*.log on the host"
     if not result.ok:
         raise RemoteCommandFailed(f"{conn.name}: inference.py failed in {tag}: {result.tail()}",
@@ -261,7 +261,7 @@ def service_call(conn: Connection, address: str, port: int, method: str, path: s
 
 
 def verify_service(conn: Connection, inventory: Inventory, *, out: Path,
-                   progress: Callable[[str], None]) -> ServiceReport:
+                   progress: Task = QUIET) -> ServiceReport:
     """Call the host's generation service as a member does, through the SSH connection: wait
     until /health says ready, generate one image, keep the PNG and the metrics."""
     service = inventory.service
@@ -271,6 +271,7 @@ def verify_service(conn: Connection, inventory: Inventory, *, out: Path,
     address = reach_address(service.bind)
     where = f"{address}:{service.port}"
     deadline = time.monotonic() + SERVICE_LOAD_WAIT
+    progress.status(f"waiting for the service on {where} to be ready")
     while True:
         status, _, body = service_call(conn, address, service.port, "GET", "/health", timeout=30)
         health = _json_or_text(body)
@@ -281,12 +282,13 @@ def verify_service(conn: Connection, inventory: Inventory, *, out: Path,
                 f"{conn.name}: the service on {where} is not ready ({status}: "
                 f"{health.get('error') or health.get('status') or body[:200]!r})",
                 f"see 'provision doctor {conn.name}' and journalctl -u sd35-api on the host")
-        progress(f"the service on {where} is loading its model")
+        progress.output(f"/health: {health.get('status')}")
         time.sleep(5)
     request = {"prompt": "a photo of an astronaut riding a horse on the moon", "seed": 0,
                **(SERVICE_GPU_REQUEST if health.get("device", "").startswith("cuda")
                   else SERVICE_CPU_REQUEST)}
-    progress(f"generating {request['height']}x{request['width']}, {request['steps']} steps")
+    progress.status(f"generating {request['height']}x{request['width']}, "
+                    f"{request['steps']} steps")
     started = time.monotonic()
     status, headers, body = service_call(conn, address, service.port, "POST", "/generate",
                                          request, timeout=SERVICE_LOAD_WAIT)

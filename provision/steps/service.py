@@ -91,7 +91,8 @@ SYSTEM_IDS = range(999, 99, -1)
 # restarted it CRASH_RESTARTS times, or when it failed or was stopped.
 HEALTH_POLLS, HEALTH_POLL_SECONDS = 360, 5
 CRASH_RESTARTS = 3
-# Prints one line, the last state seen ("healthy", or why not); safe under `sh -e`.
+# Prints one line, the last state seen ("healthy", or why not), and its wait on stderr
+# (progress); safe under `sh -e`.
 HEALTH_POLL = f"""restarts() {{
   n=$(systemctl show --property NRestarts --value {SERVICE_UNIT} 2>/dev/null) || n=
   echo "${{n:-0}}"
@@ -105,6 +106,7 @@ for _ in $(seq {HEALTH_POLLS}); do
   restarted=$(( $(restarts) - base ))
   [ "$restarted" -ge {CRASH_RESTARTS} ] && break
   case $state in failed|inactive) break;; esac
+  echo "waiting for /health: ${{health:-no container yet}}, {SERVICE_UNIT} ${{state:-?}}" >&2
   sleep {HEALTH_POLL_SECONDS}
 done
 if [ "$health" = healthy ]; then echo healthy
