@@ -11,7 +11,7 @@ image is compared with the bf16 one (PSNR, cosine of the pixel arrays centred on
 Writes `run.json` (every run's metrics) and `results.md` (plus each run's PNG, metrics and log)
 under `--out`, after every run, so a run cut short still leaves what it measured; at the end it
 appends one summary record per mode (bf16, storage, dq with its cold and warm first step) to
-`--records`, the history the README's FP8 table is read from. Progress goes to stderr.
+`--records`, the history docs/reference.md's FP8 table is read from. Progress goes to stderr.
 
     python3 bench/fp8_generation.py --model large --height 1024 --width 1024 --steps 28 \
         --out "$OUT" --records bench/results/fp8-h200/results.json

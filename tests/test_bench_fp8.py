@@ -82,13 +82,13 @@ def newest_run(history: list[dict]) -> list[dict]:
     return run
 
 
-def test_readme_fp8_table_shows_the_newest_run() -> None:
-    """The README's FP8 table is read from the history, newest first: the first row of the
-    newest run's date for each mode must show that run's numbers."""
+def test_reference_fp8_table_shows_the_newest_run() -> None:
+    """The FP8 table (docs/reference.md, "FP8 on a real GPU") is read from the history, newest
+    first: the first row of the newest run's date for each mode must show that run's numbers."""
     history = json.loads((RECORDED.parent / "results.json").read_text())
     run = newest_run(history)
     assert {r["mode"] for r in run} == {"off", "storage", "dq"}
-    lines = (ROOT / "README.md").read_text().splitlines()
+    lines = (ROOT / "docs" / "reference.md").read_text().splitlines()
     for record in run:
         row = next(line for line in lines if line.startswith(f"| {record['date']} |")
                    and line.split("|")[2].split()[0] == record["mode"])  # fmt: skip
