@@ -51,10 +51,11 @@ HOST_CONFIG = {
 }
 UNMASKED_PATHS = {"MaskedPaths": [], "ReadonlyPaths": []}
 # Named volumes, by the path they hold in the sandbox. /var/lib/docker: the system daemon's
-# overlay2 cannot sit on the container's own overlay root. /home: nor can a member's rootless
-# daemon's (~/.local/share/docker); there it fell back to fuse-overlayfs, and building the team
-# image in her daemon took most of the newcomer's first run (issue 25).
-VOLUMES = {"docker": "/var/lib/docker", "home": "/home"}
+# overlay2 cannot sit on the container's own overlay root. /home stays on that root: a member's
+# rootless daemon there runs fuse-overlayfs, but /home on a volume of its own is another
+# filesystem than /etc, and the hard links a member plants to root's files (tests/
+# test_planted_links_e2e.py, a real server's one filesystem) could not exist.
+VOLUMES = {"docker": "/var/lib/docker"}
 
 
 def volume_names(name: str) -> dict[str, str]:
