@@ -88,12 +88,18 @@ def _clock(seconds: float) -> str:
     return f"{minutes}m {secs:02d}s" if minutes else f"{seconds:.1f} s"
 
 
+# How often the log's reader looks whether the command has ended: tail's default, 1 s, was
+# paid at the end of every step's apply script and every generation.
+FOLLOW_POLL_S = 0.1
+
+
 def follow_log(command: str, log: str, to_stderr: bool = False) -> str:
     """Shell that runs `command` with its output into `log` and streams the log as it grows
     (to stdout, or stderr), ending with the command's exit status. The command does not depend
     on the reader: a dropped connection ends the stream, never the command."""
     return (f": >{log}\n(\n{command}\n) >>{log} 2>&1 </dev/null &\n"
-            f"tail -n +1 -f --pid=$! {log} {'>&2 ' if to_stderr else ''}2>/dev/null || true\n"
+            f"tail -s {FOLLOW_POLL_S} -n +1 -f --pid=$! {log} "
+            f"{'>&2 ' if to_stderr else ''}2>/dev/null || true\n"
             "wait $!\n")
 
 

@@ -217,10 +217,12 @@ def test_a_followed_log_streams_as_it_grows_and_keeps_the_exit_status(tmp_path: 
     log = tmp_path / "work.log"
     seen: list[tuple[float, str]] = []
     conn = LocalConnection(Target("@local", "localhost", "me", 22))
-    result = conn.run(progress.follow_log("echo first; sleep 2; echo second >&2; exit 3",
+    started = time.monotonic()
+    result = conn.run(progress.follow_log("echo first; sleep 2; echo second >&2; sleep 0.3; exit 3",
                                           str(log), to_stderr), root=False, check=False,
                       on_line=lambda line: seen.append((time.monotonic(), line)))
     ended = time.monotonic()
+    assert ended - started < 2.8  # the reader ends soon after the command, not a second on
     assert result.exit_code == 3
     assert [line for _, line in seen] == ["first", "second"] and seen[0][0] < ended - 1.5
     assert (result.stderr if to_stderr else result.stdout) == "first\nsecond\n"
