@@ -50,17 +50,19 @@ HOST_CONFIG = {
     "tmpfs": {"/run": "", "/run/lock": ""},
 }
 UNMASKED_PATHS = {"MaskedPaths": [], "ReadonlyPaths": []}
-# Named volumes, by the path they hold in the sandbox. /var/lib/docker: the system daemon's
-# overlay2 cannot sit on the container's own overlay root. /home stays on that root: a member's
-# rootless daemon there runs fuse-overlayfs, but /home on a volume of its own is another
-# filesystem than /etc, and the hard links a member plants to root's files (tests/
-# test_planted_links_e2e.py, a real server's one filesystem) could not exist.
-VOLUMES = {"docker": "/var/lib/docker"}
+# The system daemon's data lives on a named volume: its overlay2 cannot sit on the sandbox
+# container's own overlay root. /home stays on that root (a member's rootless daemon there runs
+# fuse-overlayfs): a /home volume would be another filesystem than /etc, and the hard links a
+# member plants to root's files (tests/test_planted_links_e2e.py, as on a real server's one
+# filesystem) could not exist.
+ENGINE_DATA = "/var/lib/docker"
 
 
-def volume_names(name: str) -> dict[str, str]:
-    """The sandbox's named volumes, each to the path it is mounted at."""
-    return {f"{container_name(name)}-{suffix}": path for suffix, path in VOLUMES.items()}
+def engine_volume(name: str) -> str:
+    """The named volume that holds sandbox `name`'s Docker data."""
+    return f"{container_name(name)}-docker"
+
+
 # Copied into the host image beside its Dockerfile (templates/sandbox/).
 SANDBOX_FILES = ("provision-hostkeys.service", "provision-devices.service", "provision-devices")
 
@@ -150,7 +152,7 @@ def run_streamed(command: list[str], progress: Task) -> None:
 
 
 def sandbox_host_image(client: docker.DockerClient, base: str, log=print,
-               progress: Task = QUIET) -> str:
+                       progress: Task = QUIET) -> str:
     """The sandbox host image, tagged by the hash of what it is built from (a cache key)."""
     files = {"Dockerfile": render("sandbox/Dockerfile.j2", base_image=base,
                                   admin_user=ADMIN_USER),
@@ -238,7 +240,7 @@ def up(name: str, inventory: Path, log=print, *, try_it: bool = False,
     except BaseException:
         # Leave nothing half made: no container, no host table, no key files.
         _remove_container(client, container_name(name))
-        _remove_volumes(client, name)
+        _remove_volume(client, name)
         created_text = state_dir / "inventory-as-created.toml"
         unregister(inventory, name, created_text.read_text() if created_text.exists() else None)
         shutil.rmtree(state_dir, ignore_errors=True)
@@ -254,10 +256,10 @@ def start_container(client: docker.DockerClient, name: str, image: str, public_k
                     inventory: Path) -> str:
     """Create, put the admin key in place, start: sshd accepts the key from its first breath."""
     cname = container_name(name)
-    binds = {volume: {"bind": path, "mode": "rw"} for volume, path in volume_names(name).items()}
     host_config = client.api.create_host_config(
         port_bindings={22: ("127.0.0.1", None)},
-        binds={**binds, "/sys/fs/cgroup": {"bind": "/sys/fs/cgroup", "mode": "rw"}},
+        binds={engine_volume(name): {"bind": ENGINE_DATA, "mode": "rw"},
+               "/sys/fs/cgroup": {"bind": "/sys/fs/cgroup", "mode": "rw"}},
         **HOST_CONFIG,
     )
     host_config.update(UNMASKED_PATHS)
@@ -455,11 +457,11 @@ def status(name: str, inventory: Path) -> dict[str, object]:
 
 
 def down(name: str, inventory: Path, log=print) -> bool:
-    """Remove the container, its Docker volumes, its key files and its inventory entry."""
+    """Remove the container, its Docker volume, its key files and its inventory entry."""
     sandbox = find(name, inventory)
     client = docker_client()
     removed = _remove_container(client, container_name(name))
-    _remove_volumes(client, name)
+    _remove_volume(client, name)
     if sandbox is None:
         return removed
     as_created = Path(sandbox.state_dir) / "inventory-as-created.toml"
@@ -488,10 +490,9 @@ def unregister(inventory: Path, name: str, as_created: str | None) -> None:
         inventory.write_text(text)
 
 
-def _remove_volumes(client: docker.DockerClient, name: str) -> None:
-    for volume in volume_names(name):
-        with contextlib.suppress(docker.errors.NotFound):
-            client.volumes.get(volume).remove(force=True)
+def _remove_volume(client: docker.DockerClient, name: str) -> None:
+    with contextlib.suppress(docker.errors.NotFound):
+        client.volumes.get(engine_volume(name)).remove(force=True)
 
 
 def _remove_container(client: docker.DockerClient, cname: str) -> bool:
