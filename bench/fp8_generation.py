@@ -205,14 +205,14 @@ def markdown(records: list[dict], args: argparse.Namespace) -> str:
         "- ms/step: mean over steps 2..N (step 1 holds compilation and warm-up: see first step)",
         f"- peak: {first.get('peak_mem_kind')}; similarity: vs the `off` (bf16) PNG",
         "",
-        "| run | fp8 applied | compiled | load s | first step s | ms/step | speed-up | total s "
-        "| peak GiB | weights GiB | PSNR dB | cosine |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | fp8 applied | compiled | attention | load s | first step s | ms/step | speed-up "
+        "| total s | peak GiB | weights GiB | PSNR dB | cosine |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         m = r.get("metrics")
         if m is None:
-            lines.append(f"| {r['label']} | failed: {r.get('error')} |" + " |" * 10)
+            lines.append(f"| {r['label']} | failed: {r.get('error')} |" + " |" * 11)
             continue
         sim = r.get("similarity", {})
         speedup = (
@@ -223,8 +223,9 @@ def markdown(records: list[dict], args: argparse.Namespace) -> str:
         psnr = "∞" if sim.get("identical") else fmt(sim.get("psnr_db"), 2)
         lines.append(
             f"| {r['label']} | {m['fp8_applied']} | {'yes' if m['compiled'] else 'no'} "
-            f"| {fmt(m['load_s'])} | {fmt(m['first_step_s'], 2)} | {fmt(m['step_ms_mean'])} "
-            f"| {fmt(speedup, 2)}x | {fmt(m['total_s'])} | {fmt(m['peak_mem_gib'], 2)} "
+            f"| {m.get('attention') or '—'} | {fmt(m['load_s'])} | {fmt(m['first_step_s'], 2)} "
+            f"| {fmt(m['step_ms_mean'])} | {fmt(speedup, 2)}x | {fmt(m['total_s'])} "
+            f"| {fmt(m['peak_mem_gib'], 2)} "
             f"| {fmt(m['transformer_weights_gib'], 2)} | {psnr} | {fmt(sim.get('cosine'), 5)} |"
         )
     return "\n".join(lines) + "\n"
@@ -258,6 +259,8 @@ def summary_records(runs: list[dict], args: argparse.Namespace, date: str) -> li
                 "mode": label,
                 "fp8_applied": m.get("fp8_applied"),
                 "compiled": m.get("compiled"),
+                "attention": m.get("attention"),  # the joint attention's kernel
+                "attention_note": m.get("attention_note"),
                 "model": args.model,
                 "size": f"{args.width}x{args.height}",
                 "steps": args.steps,

@@ -96,6 +96,11 @@ DEFAULT_IMAGE: dict[str, str] = {
     # Off: diffusers runs SD3 attention through torch's SDPA (flash / cuDNN kernels) already, and
     # xformers would tie the image to one more build of torch.
     "xformers": "",
+    # Off: FlashAttention-3 (the compiled blocks' attention on Hopper, ~12 ms a step faster than
+    # cuDNN on an H200) has no published wheel for the image's torch. Built from its source by
+    # bench/fa3/build.py into the wheelhouse, it is pinned here by its version; the wheel's local
+    # label names the flavour and torch it was built for (3.0.0+cu130torch2.11).
+    "flash_attn_3": "",
     "debugpy": "1.8.22",
     # The generation service's web server (the `service` step runs templates/service/sd35_api.py
     # in this image): FastAPI for request validation as declared models (a 4xx naming the
@@ -113,7 +118,7 @@ DEFAULT_IMAGE: dict[str, str] = {
     "base_archive": "",
 }
 # Keys whose empty value leaves the package (or the wheelhouse, or the archive) out.
-OPTIONAL = frozenset({"torchvision", "xformers", "wheelhouse", "base_archive"})
+OPTIONAL = frozenset({"torchvision", "xformers", "flash_attn_3", "wheelhouse", "base_archive"})
 
 # torchao ships C++/CUDA kernels built against one torch release and, on another, skips or fails
 # loading them (pytorch/ao#2919). From each release's torchao/__init__.py: version -> torch minor.
@@ -161,6 +166,7 @@ class ImageSpec:
     accelerate: str
     torchao: str
     xformers: str
+    flash_attn_3: str
     debugpy: str
     fastapi: str
     uvicorn: str
@@ -192,12 +198,14 @@ class ImageSpec:
 
     def pins(self) -> tuple[str, ...]:
         """requirements.txt lines. torch and torchvision carry the flavour's local label, so pip
-        can only install the build for this flavour, never PyPI's default one."""
-        flavoured = {"torch", "torchvision"}
-        packages = ("torch", "torchvision", "torchao", "xformers", "diffusers", "transformers",
-                    "accelerate", "debugpy", "fastapi", "uvicorn")
+        can only install the build for this flavour, never PyPI's default one; flash_attn_3's
+        names the torch too (`bench/fa3/build.py` labels the wheel so)."""
+        labels = {"torch": self.cuda, "torchvision": self.cuda,
+                  "flash_attn_3": f"{self.cuda}torch{_minor(self.torch)}"}
+        packages = ("torch", "torchvision", "torchao", "xformers", "flash_attn_3", "diffusers",
+                    "transformers", "accelerate", "debugpy", "fastapi", "uvicorn")
         return tuple(
-            f"{name}=={version}+{self.cuda}" if name in flavoured else f"{name}=={version}"
+            f"{name}=={version}+{labels[name]}" if name in labels else f"{name}=={version}"
             for name in packages
             if (version := getattr(self, name))
         )
@@ -230,8 +238,8 @@ def resolve_image(image_table: dict[str, str], driver: str | None = None) -> Ima
         if "python" not in image_table:
             table["python"] = CUDA_RELEASES[release].python
     spec = ImageSpec(**table, driver=(driver or "") if running else "")
-    for check in (_fp8_torch, _diffusers, _torchao, _torchvision, _xformers, _flavour_published,
-                  _driver_runs, _base_cuda, _base_python):
+    for check in (_fp8_torch, _diffusers, _torchao, _torchvision, _xformers, _flash_attn_3,
+                  _flavour_published, _driver_runs, _base_cuda, _base_python):
         check(spec, image_table)
     return spec
 
@@ -383,6 +391,22 @@ def _xformers(spec: ImageSpec, overrides: dict[str, str]) -> None:
         raise _refuse(("xformers", "torch"), spec, overrides,
                       f"xformers {spec.xformers} is built for {span}; against another torch "
                       "its kernels fail to load")
+
+
+def _flash_attn_3(spec: ImageSpec, overrides: dict[str, str]) -> None:
+    if not spec.flash_attn_3:
+        return
+    if spec.cuda == "cpu":
+        raise _refuse(("flash_attn_3", "cuda"), spec, overrides,
+                      "FlashAttention-3's kernels are for Hopper GPUs: leave it out of a CPU image")
+    if not spec.wheelhouse:
+        raise _refuse(("flash_attn_3", "wheelhouse"), spec, overrides,
+                      f"no index publishes FlashAttention-3 wheels for torch "
+                      f"{_minor(spec.torch)}: build one with bench/fa3/build.py and put it in "
+                      "the wheelhouse")
+    if _release(_minor(spec.torch)) < (2, 9):
+        raise _refuse(("flash_attn_3", "torch"), spec, overrides,
+                      "bench/fa3/build.py builds on torch's stable ABI, new in torch 2.9")
 
 
 def _flavour_published(spec: ImageSpec, overrides: dict[str, str]) -> None:

@@ -36,7 +36,8 @@ METRIC_FIELDS = {
     "device", "gpu", "compute_capability", "torch", "diffusers", "transformers", "torchao",
     "model", "weights", "text_encoders", "fp8_requested", "fp8_applied", "load_s",
     "first_step_s", "step_ms_mean", "step_ms_note", "total_s", "peak_mem_gib",
-    "compiled", "compile_skipped_reason", "load_phases_s", "attention_maps",
+    "compiled", "compile_skipped_reason", "load_phases_s", "attention_maps", "attention",
+    "attention_note",
     "transformer_weights_gib", "height", "width", "steps", "output", "latents_shape",
 }  # fmt: skip
 MARKER = "# BREAKPOINT: latents before VAE decode"
@@ -547,3 +548,84 @@ def test_compiling_the_blocks_brings_both_kernel_changes(
     gelus = [m for m in model.modules() if isinstance(m, GELU)]
     assert gelus and all(m.gelu is compiling.sigmoid_form_gelu for m in gelus)
     assert type(V.choices).__name__ == "RowsInRegisters"
+
+
+def sdpa_in_fa3_layout(query: Any, key: Any, value: Any) -> Any:
+    """A stand-in for FA3's kernel, written by hand: SDPA taking and giving FA3's layout,
+    [batch, tokens, heads, head_dim] (SDPA's is [batch, heads, tokens, head_dim])."""
+    import torch.nn.functional as F
+
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+
+
+def test_flash_attention_processor_is_diffusers_joint_attention_in_fa3s_layout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On Hopper the compiled blocks' joint attention goes through FA3 in its own layout (no
+    transposes), by a processor written after diffusers' JointAttnProcessor2_0. The decision is
+    the GPU's (sm90, the kernel loads, one call agrees with SDPA): here the hardware check is
+    lifted and the kernel is the SDPA stand-in above, so the processor's own work (projections,
+    per-head norms, the joint concatenation and split, the last block's context_pre_only) must
+    give the transformer's output to float32 rounding."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    attention, configs = workspace_module("sd35.flash_attention"), workspace_module("sd35.configs")
+    monkeypatch.setattr(attention, "hardware_reason", lambda *_: None)
+    monkeypatch.setattr(attention, "load_fa3", lambda: sdpa_in_fa3_layout)
+    torch.manual_seed(0)
+    reference = SD3Transformer2DModel(**configs.SD35_TINY).eval()
+    flash = SD3Transformer2DModel(**configs.SD35_TINY).eval()
+    flash.load_state_dict(reference.state_dict())
+    cpu = torch.device("cpu")
+
+    assert attention.choose_attention_(flash, cpu, compiled=True) == (attention.FA3, None)
+    processors = {type(p).__name__ for p in flash.attn_processors.values()}
+    assert processors == {"JointFlashAttention"}
+    assert flash.transformer_blocks[-1].context_pre_only  # the last block's path is taken too
+    inputs = tiny_transformer_inputs(flash.config, torch.float32, batch=2)
+    with torch.inference_mode():
+        expected = reference(**inputs, return_dict=False)[0]
+        got = flash(**inputs, return_dict=False)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sdpa_stays_where_fa3_cannot_run_and_the_metrics_say_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SDPA stays, with the reason in `attention_note`: eager blocks (a breakpoint in diffusers'
+    processor must fire), no CUDA GPU, a GPU other than sm90 (FA3's kernels are Hopper's), a
+    kernel that does not import, and one whose probe call disagrees with SDPA."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    attention, configs = workspace_module("sd35.flash_attention"), workspace_module("sd35.configs")
+    model = SD3Transformer2DModel(**configs.SD35_TINY).eval()
+    cpu = torch.device("cpu")
+
+    def kept(*, compiled: bool = True) -> str:
+        kernel, note = attention.choose_attention_(model, cpu, compiled=compiled)
+        assert kernel == attention.SDPA and note
+        assert {type(p).__name__ for p in model.attn_processors.values()} == {
+            "JointAttnProcessor2_0"}
+        return note
+
+    assert "eager" in kept(compiled=False)
+    assert "no CUDA GPU" in kept()
+    assert attention.hardware_reason((9, 0), "NVIDIA H200") is None
+    assert "sm89" in attention.hardware_reason((8, 9), "NVIDIA L40S")
+    assert "sm100" in attention.hardware_reason((10, 0), "NVIDIA B200")
+
+    monkeypatch.setattr(attention, "hardware_reason", lambda *_: None)
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", None)  # import raises ImportError
+    assert "does not load" in kept() and "flash_attn_3 wheel" in kept()
+
+    monkeypatch.setattr(attention, "load_fa3", lambda: lambda q, k, v: torch.zeros_like(q))
+    assert "differs from SDPA" in kept()
+
+    def unbuilt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("This flash attention build does not support headdim 8")
+
+    monkeypatch.setattr(attention, "load_fa3", lambda: unbuilt)
+    assert "headdim" in kept()

@@ -200,8 +200,9 @@ def test_watcher_search_and_git_skip_caches_checkpoints_and_outputs() -> None:
 
 
 @pytest.mark.parametrize("image", [{}, CPU_IMAGE, {"torch": "2.10.0", "torchvision": "0.25.0",
-                                                   "torchao": "0.16.0", "xformers": "0.0.34"}],
-                         ids=["default", "cpu-wheelhouse", "xformers"])
+                                                   "torchao": "0.16.0", "xformers": "0.0.34"},
+                                   {"flash_attn_3": "3.0.0", "wheelhouse": "/srv/wheels"}],
+                         ids=["default", "cpu-wheelhouse", "xformers", "flash-attn-3"])
 def test_dockerfile_fails_early_and_builds_without_buildkit(image: dict[str, str]) -> None:
     inventory = dataclasses.replace(INVENTORY, image=image)
     files = rendered(MEMBERS[0], inventory)
@@ -213,6 +214,7 @@ def test_dockerfile_fails_early_and_builds_without_buildkit(image: dict[str, str
     assert not dockerfile.startswith("# syntax=")
     assert "/bin/pip check" in dockerfile and "torch.float8_e4m3fn" in dockerfile
     assert ("xformers.ops" in dockerfile) == bool(spec.xformers)
+    assert ("flash_attn_interface" in dockerfile) == bool(spec.flash_attn_3)  # loads at build
     assert dockerfile.rstrip().endswith("USER alice")
     if spec.wheelhouse:
         assert "--no-index --find-links /wheelhouse" in dockerfile
@@ -223,6 +225,8 @@ def test_dockerfile_fails_early_and_builds_without_buildkit(image: dict[str, str
             if ln and not ln.startswith("#")]
     assert tuple(pins) == spec.pins()
     assert f"torch=={spec.torch}+{spec.cuda}" in pins
+    if spec.flash_attn_3:  # only the wheel built for this flavour and torch may be installed
+        assert "flash_attn_3==3.0.0+cu130torch2.11" in pins
 
 
 def test_defaults_are_the_measured_set() -> None:
@@ -253,6 +257,11 @@ def test_cpu_table_of_the_test_machines_is_accepted() -> None:
     ({"xformers": "0.0.33.post2"}, "xformers = '0.0.33.post2'", "built for torch 2.9"),
     ({**CPU_IMAGE, "xformers": "0.0.35"}, "xformers = '0.0.35'", "CUDA-only"),
     ({"diffusers": "0.32.2"}, "diffusers = '0.32.2'", "layerwise casting"),
+    ({"flash_attn_3": "3.0.0"}, "wheelhouse = '' (default)", "no index publishes"),
+    ({**CPU_IMAGE, "flash_attn_3": "3.0.0"}, "cuda = 'cpu'", "Hopper GPUs"),
+    ({"flash_attn_3": "3.0.0", "wheelhouse": "/w", "torch": "2.8.0", "torchao": "0.14.0",
+      "torchvision": "0.23.0", "cuda": "cu128", "base": "nvidia/cuda:12.8.1-base-ubuntu24.04"},
+     "torch = '2.8.0'", "stable ABI"),
     ({"cuda": "cu128", "base": DEFAULT_IMAGE["base"]}, "cuda = 'cu128'",
      "base image is CUDA 13.0"),
     ({"cuda": "cu124"}, "cuda = 'cu124'", "no cu124 wheels of torch 2.11"),

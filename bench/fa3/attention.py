@@ -79,6 +79,15 @@ def main() -> int:
     else:
         (q8, qd), (k8, kd), (v8, vd) = quantized(q), quantized(k), quantized(v)
         runs["fa3 bf16"] = lambda: flash_attn_func(q, k, v)
+        # As the product's compiled blocks call it: traced by torch.compile, under inference
+        # mode (FA3's custom op and its fake implementation in the graph).
+        compiled = torch.compile(lambda q, k, v: flash_attn_func(q, k, v))
+
+        def fa3_compiled() -> torch.Tensor:
+            with torch.inference_mode():
+                return compiled(q, k, v)
+
+        runs["fa3 bf16, compiled caller"] = fa3_compiled
         runs["fa3 fp8 e4m3"] = lambda: flash_attn_func(q8, k8, v8, q_descale=qd,
                                                         k_descale=kd, v_descale=vd)
         runs["fp8 quantisation of q, k, v (eager)"] = lambda: (quantized(q), quantized(k),

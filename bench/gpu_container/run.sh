@@ -9,6 +9,11 @@
 #   eager     (same warm machine) an eager dq transformer call natively, torchao's linears vs
 #             sd35.fp8.rowwise_fp8_linear (bench/gpu_container/eager_step.py)
 #   decode    (same warm machine, call2 carried) the debug path in the member's dev container
+#   fa3       (before prepare, same call) FlashAttention-3's wheel (.gpu/fa3wheel, packed by
+#             bench/fa3/build.py from the library built on this machine) natively: its kernels
+#             against cuDNN, called as compiled blocks call it (bench/fa3/attention.py)
+#   fp8       (same warm machine, call2 carried) in the member's dev container: every mode of
+#             bench/fp8_generation.py (issue 27's record) and the debug path's attention stop
 #   prove     (same warm machine) bench/fp8_generation.py natively for the in-container vs
 #             native ms/step; the member's dev container brought up by the Dev Containers CLI
 #             and bench/debug_path.py run inside it (attention, scheduler step, decode); the
@@ -83,6 +88,7 @@ import_standin() {
 make_wheelhouse() {
   rm -rf "$wheelhouse" && mkdir -p "$wheelhouse"
   cp "$repo"/.gpu/call1/wheels/*.whl "$wheelhouse/"
+  cp "$repo"/.gpu/fa3wheel/*.whl "$wheelhouse/" 2>/dev/null  # [image] flash_attn_3, when carried
   # The pins the product renders for this driver; what the carried wheels lack is re-made
   # from the machine's own installed distributions (torch 2.11.0+cu130, the nvidia-* CUDA
   # libraries, triton, transformers, accelerate ...).
@@ -99,7 +105,7 @@ open(sys.argv[1], "w").write("\n".join(pins) + "\n")
 print("driver", driver, "pins", *pins)
 EOF
   # shellcheck disable=SC2046 # one requirement per word
-  python3 "$here/rezip_installed.py" $(sed 's/+cu130//' "$work/pins.txt") --have "$wheelhouse" --out "$wheelhouse"
+  python3 "$here/rezip_installed.py" $(sed 's/+[a-z0-9.]*$//' "$work/pins.txt") --have "$wheelhouse" --out "$wheelhouse"
   # The machine's torch is the cu130 build without the label in its metadata.
   for w in "$wheelhouse"/torch-2.11.0-*.whl; do
     [ -e "$w" ] && python3 -c 'import torch; assert torch.version.cuda == "13.0"' \
@@ -125,6 +131,7 @@ docker_source = "distro"
 base = "standin/ubuntu:24.04"
 python = "3.12"
 wheelhouse = "$wheelhouse"
+$(ls "$repo"/.gpu/fa3wheel/flash_attn_3-3.0.0+*.whl >/dev/null 2>&1 && echo 'flash_attn_3 = "3.0.0"   # bench/fa3/build.py')
 $([ "$tv" = "0.26.0+cu130" ] || echo "torchvision = \"\"   # the machine's torchvision is $tv, not the +cu130 build")
 
 [[members]]
@@ -158,7 +165,7 @@ prepare() {
   step "verify report" python3 -c "
 import json; r = json.load(open('$out/verify.json'))
 for m, run in r['runs'].items():
-    print(m, {k: run.get(k) for k in ('device', 'gpu', 'fp8_applied', 'compiled', 'step_ms_mean', 'first_step_s', 'total_s', 'peak_mem_gib')})
+    print(m, {k: run.get(k) for k in ('device', 'gpu', 'fp8_applied', 'compiled', 'attention', 'attention_note', 'step_ms_mean', 'first_step_s', 'total_s', 'peak_mem_gib')})
 print(r['comparison']); print(r['image'], r['image_choice'])"
   step "images" docker image ls
 }
@@ -203,6 +210,42 @@ eager() {
   { echo "gpu container harness, eager, $(date -u +%Y-%m-%dT%H:%M:%SZ)"; } >"$t"
   step "native: eager dq transformer calls, torchao's linears vs rowwise_fp8_linear" \
     python3 "$here/eager_step.py" --workspace "$repo/templates/workspace" --out "$out/eager-step.json"
+}
+
+fa3() {
+  { echo "gpu container harness, fa3, $(date -u +%Y-%m-%dT%H:%M:%SZ)"; } >"$t"
+  step "FA3's wheel, unpacked beside nothing else" sh -c "rm -rf /tmp/fa3 && mkdir -p /tmp/fa3 && cd /tmp/fa3 && python3 -m zipfile -e $repo/.gpu/fa3wheel/*.whl . && ls -R /tmp/fa3 | head"
+  step "native: cuDNN vs FA3 per call, FA3 under torch.compile too" \
+    env PYTHONPATH=/tmp/fa3 python3 "$repo/bench/fa3/attention.py" --out "$out/attention.json"
+}
+
+# Issue 27 in the product's image: FA3 is in it when [image] flash_attn_3 is set (prepare sets
+# it when the wheel is carried). In her dev container: every FP8 mode of the bench, one run
+# each (dq cold and warm), then the debugger's stop in diffusers' attention processor.
+fp8() {
+  { echo "gpu container harness, fp8, $(date -u +%Y-%m-%dT%H:%M:%SZ)"; } >"$t"
+  step "engine still up from prepare" docker info --format 'Docker {{.ServerVersion}}' || return 1
+  step "node 22 + @devcontainers/cli" sh -c "tar -C /opt -xJf $repo/.gpu/call2/devcontainer-node.tar.xz && devcontainer --version"
+  local ws=/home/dev/sd35-fp8 as_dev=(runuser -u dev -- env HOME=/home/dev "PATH=$PATH")
+  local in_dev=("${as_dev[@]}" devcontainer exec --workspace-folder "$ws")
+  rm -rf "$ws/.harness" && mkdir -p "$ws/.harness/bench" "$ws/.harness/tests" "$ws/.harness/templates"
+  cp "$repo/bench/debug_path.py" "$repo/bench/fp8_generation.py" "$ws/.harness/bench/"
+  cp -r "$repo/provision" "$ws/.harness/"  # fp8_generation.py's atomic_write (stdlib only)
+  cp -r "$repo/templates/workspace" "$ws/.harness/templates/"
+  cp "$repo/tests/__init__.py" "$repo/tests/dap.py" "$ws/.harness/tests/"
+  chown -R dev:dev "$ws/.harness"
+  step "devcontainer up (as dev, her rendered workspace)" "${as_dev[@]}" devcontainer up --workspace-folder "$ws"
+  step "container: FA3 and the versions" "${in_dev[@]}" python -c 'import torch, flash_attn_interface, importlib.metadata as m; print(torch.__version__, torch.cuda.get_device_name(0), m.version("flash_attn_3"))'
+  step "container: bench/fp8_generation.py, all modes (Large, 1024², 28 steps)" \
+    "${in_dev[@]}" python .harness/bench/fp8_generation.py --model large --height 1024 \
+    --width 1024 --steps 28 --out .harness/fp8 --records .harness/fp8/records.json --deadline 480
+  step "container: debug path, attention + decode (1 launch)" \
+    "${in_dev[@]}" python .harness/bench/debug_path.py --launch .vscode/launch.json \
+    --workspace . --configs debug --repeat 1 --out .harness/debug
+  mkdir -p "$out/fp8" "$out/debug"
+  cp "$ws"/.harness/fp8/*.json "$ws"/.harness/fp8/*.md "$ws"/.harness/fp8/*.log "$out/fp8/" 2>/dev/null
+  cp "$ws"/.harness/fp8/dq-warm.png "$ws"/.harness/fp8/off.png "$out/fp8/" 2>/dev/null
+  cp "$ws"/.harness/debug/results.* "$out/debug/" 2>/dev/null
 }
 
 decode() {

@@ -44,6 +44,7 @@ with untraced_by_debugpy():
     from sd35.attention import block_list, save_attention_maps, start_attention_maps
     from sd35.compiling import compile_blocks, compile_skipped_reason
     from sd35.configs import TRANSFORMER_CONFIGS
+    from sd35.flash_attention import choose_attention_
     from sd35.fp8 import apply_fp8, resolve_fp8
     from sd35.metrics import (
         Loaded,
@@ -132,6 +133,7 @@ def load_pipeline(args: argparse.Namespace) -> Loaded:
     watch.lap("build" if random_size else "load")
     apply_fp8(pipe.transformer, fp8_applied, compiled=compiled)
     watch.lap("fp8")
+    attention, attention_note = choose_attention_(pipe.transformer, device, compiled=compiled)
     cache_dir = compile_blocks(pipe.transformer) if compiled else None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -142,6 +144,7 @@ def load_pipeline(args: argparse.Namespace) -> Loaded:
         text_encoders=text_encoders(random_size), random_size=random_size,
         fp8_requested=args.fp8, fp8_applied=fp8_applied, fp8_fallback_reason=fallback_reason,
         compiled=compiled, compile_skipped_reason=skipped, inductor_cache_dir=cache_dir,
+        attention=attention, attention_note=attention_note,
         started=watch.started, load_s=round(time.perf_counter() - watch.started, 3),
         load_phases_s=watch.phases, load_peak_mem_gib=round(load_peak, 3),
     )

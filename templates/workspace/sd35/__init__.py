@@ -4,6 +4,7 @@ debugs (arguments, load, denoise, decode, save) and this holds the rest, one con
   debugger   who is tracing this process; library imports untraced under debugpy
   fp8        which FP8 mode can run here, and the transformer converted to it
   compiling  whether to compile, the compiled blocks and their two kernel changes
+  flash_attention  FlashAttention-3 for the compiled blocks' attention on Hopper
   configs    SD3.5's published architectures (transformer, VAE, prompt lengths)
   pipelines  the pipeline: random weights built on the device, or pretrained from the cache
   attention  `--attention-maps`: the blocks and step hooked, the PNGs written

@@ -2,15 +2,15 @@
 
 Fields: ok, device, gpu, compute_capability, cuda, torch, diffusers, transformers, torchao,
 model, weights, text_encoders, fp8_requested, fp8_applied, fp8_fallback_reason,
-fp8_linear_layers, linear_layers, compiled, compile_skipped_reason, inductor_cache_dir, seed,
-height, width, steps, guidance, load_s, load_phases_s, first_step_s, step_ms_mean,
-step_ms_note, denoise_s, decode_s, total_s, peak_mem_gib, peak_mem_kind, load_peak_mem_gib,
-transformer_weights_gib, transformer_params, latents_shape, attention_maps, output. load_s
-runs from start to ready-to-denoise (library imports, build or load, FP8 conversion;
-load_phases_s splits it); compilation happens in the first step, so first_step_s holds it and
-step_ms_mean (on a GPU timed by CUDA events, which do not stall the steps) leaves step 1 out.
-peak_mem_gib is the CUDA allocator peak during generation (load_peak_mem_gib: while loading)
-on a GPU, the process's max RSS on a CPU.
+fp8_linear_layers, linear_layers, compiled, compile_skipped_reason, inductor_cache_dir,
+attention, attention_note, seed, height, width, steps, guidance, load_s, load_phases_s,
+first_step_s, step_ms_mean, step_ms_note, denoise_s, decode_s, total_s, peak_mem_gib,
+peak_mem_kind, load_peak_mem_gib, transformer_weights_gib, transformer_params, latents_shape,
+attention_maps, output. load_s runs from start to ready-to-denoise (library imports, build or
+load, FP8 conversion; load_phases_s splits it); compilation happens in the first step, so
+first_step_s holds it and step_ms_mean (on a GPU timed by CUDA events, which do not stall the
+steps) leaves step 1 out. peak_mem_gib is the CUDA allocator peak during generation
+(load_peak_mem_gib: while loading) on a GPU, the process's max RSS on a CPU.
 """
 
 from __future__ import annotations
@@ -150,6 +150,8 @@ class Loaded(NamedTuple):
     compiled: bool
     compile_skipped_reason: str | None
     inductor_cache_dir: str | None
+    attention: str  # the joint attention's kernel (sd35/flash_attention.py)
+    attention_note: str | None  # why SDPA, where it is SDPA
     started: float  # perf_counter at the start of loading
     load_s: float
     load_phases_s: dict[str, float]
@@ -201,6 +203,8 @@ def generation_metrics(
         "compiled": loaded.compiled,
         "compile_skipped_reason": loaded.compile_skipped_reason,
         "inductor_cache_dir": loaded.inductor_cache_dir,
+        "attention": loaded.attention,
+        "attention_note": loaded.attention_note,
         "seed": seed,
         "height": height,
         "width": width,
