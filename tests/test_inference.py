@@ -550,13 +550,26 @@ def test_compiling_the_blocks_brings_both_kernel_changes(
     assert type(V.choices).__name__ == "RowsInRegisters"
 
 
-def sdpa_in_fa3_layout(query: Any, key: Any, value: Any) -> Any:
-    """A stand-in for FA3's kernel, written by hand: SDPA taking and giving FA3's layout,
+def sdpa_in_fa3_layout(query: Any, key: Any, value: Any, normalised: bool = True) -> Any:
+    """A stand-in for FA3's attention, written by hand: SDPA taking and giving FA3's layout,
     [batch, tokens, heads, head_dim] (SDPA's is [batch, heads, tokens, head_dim])."""
     import torch.nn.functional as F
 
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+
+
+def dequantising_fa3_kernel(q: Any, k: Any, v: Any, *, q_descale: Any = None,
+                            k_descale: Any = None, v_descale: Any = None) -> Any:
+    """A stand-in for FA3's FP8 kernel, written by hand: e4m3 inputs times their [B, H]
+    descales (None: 1), then SDPA in bf16, as FA3 computes (and outputs) it."""
+    import torch
+
+    def back(x: Any, descale: Any) -> Any:
+        x = x.float()
+        return (x if descale is None else x * descale[:, None, :, None]).to(torch.bfloat16)
+
+    return sdpa_in_fa3_layout(back(q, q_descale), back(k, k_descale), back(v, v_descale))
 
 
 def test_flash_attention_processor_is_diffusers_joint_attention_in_fa3s_layout(
@@ -621,11 +634,42 @@ def test_sdpa_stays_where_fa3_cannot_run_and_the_metrics_say_why(
     monkeypatch.setitem(sys.modules, "flash_attn_interface", None)  # import raises ImportError
     assert "does not load" in kept() and "flash_attn_3 wheel" in kept()
 
-    monkeypatch.setattr(attention, "load_fa3", lambda: lambda q, k, v: torch.zeros_like(q))
+    monkeypatch.setattr(attention, "load_fa3", lambda: lambda q, k, v, _: torch.zeros_like(q))
     assert "differs from SDPA" in kept()
 
-    def unbuilt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def unbuilt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, _: bool) -> torch.Tensor:
         raise RuntimeError("This flash attention build does not support headdim 8")
 
     monkeypatch.setattr(attention, "load_fa3", lambda: unbuilt)
     assert "headdim" in kept()
+
+
+@pytest.mark.parametrize("normalised", [True, False], ids=["rms-normalised-qk", "raw-qk"])
+def test_fp8_attention_quantises_into_e4m3s_range_and_keeps_sdpas_result(
+    normalised: bool,
+) -> None:
+    """FA3's FP8 kernel takes e4m3 inputs and per-(batch, head) descales. q and k that SD3.5's
+    per-head RMS norm bounds are cast as they are (clamped: never NaN), anything else is scaled
+    into the range; the result must stay SDPA's in bf16 to FP8's precision (the same cosine
+    gate the GPU's probe applies). The kernel is the dequantising stand-in above."""
+    import torch
+    import torch.nn.functional as F
+
+    attention = workspace_module("sd35.flash_attention")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 96, 3, 64, generator=g).to(torch.bfloat16) for _ in range(3))
+    if not normalised:  # magnitudes a cast alone would lose to e4m3's range
+        q, k, v = q * 900, k * 0.003, v * 700
+    out = attention.fp8_attention(dequantising_fa3_kernel)(q, k, v, normalised)
+    ref = sdpa_in_fa3_layout(q, k, v)
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    assert F.cosine_similarity(out.float().flatten(), ref.float().flatten(), dim=0) > 0.99
+
+    huge = torch.full((1, 4, 1, 64), 1e4, dtype=torch.bfloat16)
+    cast, descale = attention.e4m3(huge, scaled=False)
+    assert descale is None and cast.float().max() == attention.FP8_MAX
+    scaled, descale = attention.e4m3(v, scaled=True)
+    assert descale.shape == (2, 3)
+    # e4m3: 3 mantissa bits (relative step 1/16), and below its normal range steps of 2^-9
+    torch.testing.assert_close(scaled.float() * descale[:, None, :, None], v.float(),
+                               rtol=1 / 16, atol=float(descale.max()) * 2**-9)
