@@ -97,8 +97,11 @@ def test_reference_fp8_table_shows_the_newest_run() -> None:
     for record in run:
         row = next(line for line in lines if line.startswith(f"| {record['date']} |")
                    and line.split("|")[2].split()[0] == record["mode"])  # fmt: skip
-        cells = [cell.strip() for cell in row.split("|")[3:9]]
+        cells = [cell.strip().strip("*") for cell in row.split("|")[3:10]]
         expected = [f"{record['step_ms']:.1f}", f"{record['speedup_vs_bf16_eager']:.2f}"]
         if record["cosine"] is not None:
             expected += [f"{record['cosine']:.4f}", f"{record['psnr_db']:.2f}"]
         assert cells[: len(expected)] == expected
+        kernel = {"sdpa": "cuDNN (SDPA)", "flash-attention-3 fp8": "FlashAttention-3 FP8",
+                  "flash-attention-3 bf16": "FlashAttention-3 bf16"}[record["attention"]]
+        assert cells[-1] == kernel  # the attention kernel the run recorded
