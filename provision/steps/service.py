@@ -91,32 +91,9 @@ SYSTEM_IDS = range(999, 99, -1)
 # restarted it CRASH_RESTARTS times, or when it failed or was stopped.
 HEALTH_POLLS, HEALTH_POLL_SECONDS = 360, 5
 CRASH_RESTARTS = 3
-# Prints one line, the last state seen ("healthy", or why not), and its wait on stderr
-# (progress); safe under `sh -e`.
-HEALTH_POLL = f"""restarts() {{
-  n=$(systemctl show --property NRestarts --value {SERVICE_UNIT} 2>/dev/null) || n=
-  echo "${{n:-0}}"
-}}
-base=$(restarts) health= state= restarted=0 started=$(date +%s)
-for _ in $(seq {HEALTH_POLLS}); do
-  health=$(docker inspect --format '{{{{.State.Health.Status}}}}' {SERVICE_NAME} 2>/dev/null) \
-    || health=
-  [ "$health" = healthy ] && break
-  state=$(systemctl is-active {SERVICE_UNIT} 2>/dev/null) || true
-  restarted=$(( $(restarts) - base ))
-  [ "$restarted" -ge {CRASH_RESTARTS} ] && break
-  case $state in failed|inactive) break;; esac
-  echo "waiting for /health: ${{health:-no container yet}}, {SERVICE_UNIT} ${{state:-?}}" >&2
-  sleep {HEALTH_POLL_SECONDS}
-done
-if [ "$health" = healthy ]; then echo healthy
-elif [ "$restarted" -ge {CRASH_RESTARTS} ]; then
-  echo "{SERVICE_UNIT} is crash-looping: systemd restarted it $restarted times in" \
-    "$(( $(date +%s) - started )) s and it never answered /health"
-elif [ "$state" = failed ] || [ "$state" = inactive ]; then echo "{SERVICE_UNIT} is $state"
-else echo "health: ${{health:-no container}} after {HEALTH_POLLS * HEALTH_POLL_SECONDS // 60} min"
-fi
-"""
+HEALTH_POLL = render("host/health-poll.sh.j2", unit=SERVICE_UNIT, container=SERVICE_NAME,
+                     polls=HEALTH_POLLS, poll_seconds=HEALTH_POLL_SECONDS,
+                     crash_restarts=CRASH_RESTARTS)
 
 
 # The system daemon's userland proxy, which holds a rootful container's published port.
