@@ -26,8 +26,8 @@ def as_member(name: str, script: str) -> str:
     body = shlex.quote(f"cd\n{script}")
     return (f"runuser -u {name} -- env -i HOME=\"$(getent passwd {name} | cut -d: -f6)\" "
             f"USER={name} LOGNAME={name} PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin "
-            f"XDG_RUNTIME_DIR=/run/user/{uid} "
-            f"DBUS_SESSION_BUS_ADDRESS=unix:path=/run/user/{uid}/bus sh -ec {body}\n")
+            f"XDG_RUNTIME_DIR=\"/run/user/{uid}\" "
+            f"DBUS_SESSION_BUS_ADDRESS=\"unix:path=/run/user/{uid}/bus\" sh -ec {body}\n")
 
 
 @dataclass(frozen=True)
