@@ -16,8 +16,10 @@ from provision.inventory import SERVICE_NAME, Inventory
 # directory (0700), which HF_TOKEN_PATH names so a token never enters the shared cache.
 CACHE_LINK = ".cache/huggingface"
 TOKEN_DIR = ".config/huggingface"
-# Where verify's runs and the service mount the shared cache (HF_HOME), read offline.
+# Where verify's runs and the service mount the shared cache (HF_HOME), and the environment
+# that reads it offline: weights from the cache only, never a download.
 HF_MOUNT = "/hf"
+HF_OFFLINE = "HF_HUB_OFFLINE=1"
 # In the workspace: the Inductor compile cache (on the host's disk, so it survives image
 # rebuilds: a cold FP8 compile takes minutes), and where the build context holds the
 # [image] wheelhouse.

@@ -55,6 +55,7 @@ from provision.changes import Change, Run, WriteFile, as_member, run
 from provision.contract import (
     CONTAINER_PORT,
     HF_MOUNT,
+    HF_OFFLINE,
     SERVICE_UNIT,
     SHM_SIZE,
     account_args,
@@ -249,7 +250,7 @@ def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
     tag = image_tag(files)
     env = render("host/sd35-api.env.j2", name=SERVICE_NAME, model=chosen_model(facts, service),
                  fp8=service.fp8, max_queue=service.max_queue, container_port=CONTAINER_PORT,
-                 hf_home=HF_MOUNT)
+                 hf_home=HF_MOUNT, hf_offline=HF_OFFLINE)
     wanted = {**{f"{APP_DIR}/{name}": raw(template) for template, name in APP_FILES.items()},
               ENV_FILE: env, UNIT_FILE: unit_text(facts, inventory, service, tag)}
     definition: list[Change] = []
