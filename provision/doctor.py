@@ -27,8 +27,10 @@ from provision.gather import gather_facts
 from provision.gpu_access import (
     CDI_SPEC,
     FP8_TENSOR_CORES,
+    ROOTLESS_GPU_REMEDY,
     gpu_proof,
     host_gpu_args,
+    rootless_gpu_blocker,
     without_fp8_tensor_cores,
 )
 from provision.gpus import (
@@ -42,7 +44,6 @@ from provision.gpus import (
 from provision.image import host_image, image_tag
 from provision.inventory import SERVICE_NAME, Inventory, Member
 from provision.render import render_workspace
-from provision.steps.nvidia import ROOTLESS_GPU_REMEDY, rootless_gpu_blocker
 from provision.templating import raw
 from provision.versions import FLOAT8_TORCH, SCALED_MM_TORCH
 

@@ -59,10 +59,16 @@ from provision.contract import (
     SERVICE_UNIT,
     SHM_SIZE,
     account_args,
+    engine_source,
     in_service_daemon,
 )
 from provision.facts import HostFacts, Listener
-from provision.gpu_access import host_gpu_args, runs_on_gpu
+from provision.gpu_access import (
+    ROOTLESS_GPU_REMEDY,
+    host_gpu_args,
+    rootless_gpu_blocker,
+    runs_on_gpu,
+)
 from provision.image import build_script, host_image, image_tag
 from provision.inventory import SERVICE_HOME, SERVICE_NAME, Inventory, Member, Service
 from provision.models import debug_model
@@ -312,16 +318,16 @@ def _own_daemon(facts: HostFacts, inventory: Inventory, service: Service) -> lis
     changes = rootless.subordinate_ids(facts, [*(m.name for m in inventory.members),
                                                SERVICE_NAME], (SERVICE_NAME,), NAME)
     changes += rootless.own_daemon(facts, SERVICE_NAME,
-                                   rootless.engine_source(facts, inventory), NAME)
+                                   engine_source(facts, inventory), NAME)
     if facts.path(ROOTLESS_STATE).kind != "directory":
         changes.append(run(NAME, f"{ROOTLESS_STATE}: the container's /state (its compile "
                                  "cache), made as the account",
                            as_member(SERVICE_NAME, f"mkdir -p -m 0700 {ROOTLESS_STATE}")))
     if runs_on_gpu(facts, service.gpus):
-        blocker = nvidia.rootless_gpu_blocker(facts, inventory)
+        blocker = rootless_gpu_blocker(facts, inventory)
         if blocker is not None:
             raise StepBlocked(f"the service's GPUs in its own daemon: {blocker}",
-                              nvidia.ROOTLESS_GPU_REMEDY)
+                              ROOTLESS_GPU_REMEDY)
         changes += nvidia.daemon_cdi(facts, SERVICE_NAME, restart=False, step=NAME)
     return changes
 
