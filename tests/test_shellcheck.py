@@ -9,6 +9,7 @@ a failure (`require`): .ci/setup installs it.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 from collections import defaultdict
@@ -23,7 +24,7 @@ import pytest
 from provision import doctor, gpus
 from provision.engine import apply_script
 from provision.gpu_access import host_gpu_args
-from provision.inventory import Inventory, parse_inventory
+from provision.inventory import AptKey, Inventory, parse_inventory
 from provision.steps import StepBlocked, StepSkipped, keepalive, service
 from provision.steps.order import STEPS
 from provision.templating import templates_dir
@@ -66,6 +67,12 @@ def inventories() -> Iterator[tuple[str, Inventory]]:
     for name, data in INVENTORIES.items():
         # Keys are read beside the fixtures' own inventories.
         yield name, parse_inventory(data, FIXTURES / "facts" / "provision.toml")
+    # The mirrors' keys as key files read here, shipped in the script (written by hand: the
+    # text only has to look armored).
+    inventory = parse_inventory(INVENTORIES["mirrors"], FIXTURES / "facts" / "provision.toml")
+    key = AptKey(text="-----BEGIN PGP PUBLIC KEY BLOCK-----\nk\n", path="/keys/mirror.asc")
+    yield "mirror-key-files", dataclasses.replace(inventory, mirrors=dataclasses.replace(
+        inventory.mirrors, docker_apt_key=key, nvidia_apt_key=key))
 
 
 def findings(shellcheck: str, scripts: dict[str, str], tmp_path: Path,
