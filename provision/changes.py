@@ -26,8 +26,15 @@ def as_member(name: str, script: str) -> str:
     body = shlex.quote(f"cd\n{script}")
     return (f"runuser -u {name} -- env -i HOME=\"$(getent passwd {name} | cut -d: -f6)\" "
             f"USER={name} LOGNAME={name} PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin "
-            f"XDG_RUNTIME_DIR=/run/user/{uid} "
-            f"DBUS_SESSION_BUS_ADDRESS=unix:path=/run/user/{uid}/bus sh -ec {body}\n")
+            f"XDG_RUNTIME_DIR=\"/run/user/{uid}\" "
+            f"DBUS_SESSION_BUS_ADDRESS=\"unix:path=/run/user/{uid}/bus\" sh -ec {body}\n")
+
+
+def temporary_beside(path: str) -> str:
+    """Shell that sets `tmp` to a new file (mode 0600) beside `path` (quoted for the shell):
+    in its directory, so on its filesystem, where `mv -f "$tmp" PATH` replaces the file in one
+    step. A random name, where a fixed one could meet the leftover of a run cut short."""
+    return f"tmp=$(mktemp \"$(dirname {path})/.provision.XXXXXX\")"
 
 
 @dataclass(frozen=True)
@@ -73,7 +80,7 @@ class WriteFile:
         chown = "" if self.member else f"chown {self.owner}:{self.group} \"$tmp\"\n"
         script = (
             f"mkdir -p \"$(dirname {path})\"\n"
-            f"tmp=$(mktemp \"$(dirname {path})/.provision.XXXXXX\")\n"
+            f"{temporary_beside(path)}\n"
             f"printf %s {data} | base64 -d > \"$tmp\"\n"
             f"{chown}"
             f"chmod {self.mode} \"$tmp\"\n"

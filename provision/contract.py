@@ -10,14 +10,17 @@ and small functions, no I/O. How GPUs reach a container is the same kind of cont
 from __future__ import annotations
 
 from provision.changes import as_member
+from provision.facts import HostFacts
 from provision.inventory import SERVICE_NAME, Inventory
 
 # In each account's home: the link to the shared Hugging Face cache, and the private token
 # directory (0700), which HF_TOKEN_PATH names so a token never enters the shared cache.
 CACHE_LINK = ".cache/huggingface"
 TOKEN_DIR = ".config/huggingface"
-# Where verify's runs and the service mount the shared cache (HF_HOME), read offline.
+# Where verify's runs and the service mount the shared cache (HF_HOME), and the environment
+# that reads it offline: weights from the cache only, never a download.
 HF_MOUNT = "/hf"
+HF_OFFLINE = "HF_HUB_OFFLINE=1"
 # In the workspace: the Inductor compile cache (on the host's disk, so it survives image
 # rebuilds: a cold FP8 compile takes minutes), and where the build context holds the
 # [image] wheelhouse.
@@ -57,3 +60,27 @@ def wanted_acl(group: str) -> set[str]:
     """The shared cache's `getfacl -c` lines that keep new files group-writable for `group`."""
     return {f"group:{group}:rwx", f"default:group:{group}:rwx", "default:group::rwx",
             "default:mask::rwx"}
+
+
+# Which Docker engine the host runs, or will once the docker step installs it: the docker step
+# installs it, the rootless step takes the packages that go with it, and whether a rootless
+# daemon gets GPUs depends on it (`gpu_access.rootless_gpu_blocker`).
+def choose_source(facts: HostFacts, inventory: Inventory) -> tuple[str, str]:
+    """(source, why): what installs Docker on this host."""
+    wanted = inventory.defaults.docker_source
+    if wanted != "auto":
+        return wanted, f"docker_source = {wanted!r}"
+    if inventory.mirrors.docker_apt:
+        return "docker-ce", "auto: [mirrors] docker_apt"
+    if facts.docker.repo_reachable:
+        return "docker-ce", "auto: download.docker.com answers"
+    return "distro", "auto: download.docker.com does not answer"
+
+
+def engine_source(facts: HostFacts, inventory: Inventory) -> str:
+    """docker-ce or distro: what the engine on the host is (or will be, once installed)."""
+    if "docker-ce" in facts.docker.packages:
+        return "docker-ce"
+    if "docker.io" in facts.docker.packages:
+        return "distro"
+    return choose_source(facts, inventory)[0]

@@ -27,8 +27,10 @@ from provision.gather import gather_facts
 from provision.gpu_access import (
     CDI_SPEC,
     FP8_TENSOR_CORES,
+    ROOTLESS_GPU_REMEDY,
     gpu_proof,
     host_gpu_args,
+    rootless_gpu_blocker,
     without_fp8_tensor_cores,
 )
 from provision.gpus import (
@@ -42,53 +44,16 @@ from provision.gpus import (
 from provision.image import host_image, image_tag
 from provision.inventory import SERVICE_NAME, Inventory, Member
 from provision.render import render_workspace
-from provision.steps.nvidia import ROOTLESS_GPU_REMEDY, rootless_gpu_blocker
+from provision.templating import raw
 from provision.versions import FLOAT8_TORCH, SCALED_MM_TORCH
 
 WATCHED = ("**/.git/objects/**",)
 SYSTEM_SOCKET = "/var/run/docker.sock"
 SETTINGS = ".vscode/settings.json"
 
-# Runs inside the team image: what torch there can do for FP8, and whether xformers loads.
-IMAGE_PROBE = r"""
-import json
-report = {}
-try:
-    import torch
-    report["torch"] = torch.__version__
-    report["float8"] = hasattr(torch, "float8_e4m3fn")
-    report["cuda"] = torch.cuda.is_available()
-    if report["float8"] and report["cuda"]:
-        try:
-            a = torch.randn(32, 32, device="cuda").to(torch.float8_e4m3fn)
-            b = torch.randn(32, 32, device="cuda").to(torch.float8_e4m3fn).t()
-            one = torch.tensor(1.0, device="cuda")
-            torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
-            report["scaled_mm"] = "ok"
-        except Exception as exc:
-            report["scaled_mm"] = str(exc).splitlines()[0][:200]
-except Exception as exc:
-    report["torch_error"] = str(exc)[:200]
-try:
-    import xformers.ops
-    report["xformers"] = getattr(xformers, "__version__", "?")
-except ModuleNotFoundError:
-    report["xformers"] = None
-except Exception as exc:
-    report["xformers_error"] = str(exc).splitlines()[0][:200]
-print(json.dumps(report))
-"""
-
-
-# Runs in the service's container: its /health as the server itself answers it (503 included).
-SERVICE_HEALTH = r"""
-import sys, urllib.error, urllib.request
-try:
-    print(urllib.request.urlopen("http://127.0.0.1:%s/health" % sys.argv[1], timeout=10).read()
-          .decode())
-except urllib.error.HTTPError as exc:
-    print(exc.read().decode())
-"""
+# Python run inside the team image (its FP8 and xformers), and in the service's container.
+IMAGE_PROBE = raw("host/image-probe.py")
+SERVICE_HEALTH = raw("host/service-health.py")
 RESTARTS_SINCE = "-24h"
 
 

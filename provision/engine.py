@@ -32,35 +32,11 @@ from provision.gather import gather_facts
 from provision.inventory import Inventory
 from provision.progress import QUIET, Task, follow_log
 from provision.steps import NoGpu, Step, StepBlocked, StepSkipped, former_members, paths_of
+from provision.templating import raw, render
 
-# An applying run holds the lock exclusively; a planning one shares it and writes nothing
-# (on a host never converged there is no lock file, and nothing to race with).
-LOCK_EXCLUSIVE = """mkdir -p -m 0700 /var/lib/provision
-exec 9>/var/lib/provision/lock
-if ! flock -n 9; then echo "busy $(cat /var/lib/provision/lock.owner 2>/dev/null)"; exit 0; fi
-echo "${SUDO_USER:-$(id -un)} since $(date -u +%H:%M:%SZ)" > /var/lib/provision/lock.owner
-# A run whose client died may have left an apply script finishing: let it end first.
-exec 8>/var/lib/provision/apply.lock
-flock -w 600 8 && flock -u 8
-echo locked
-cat >/dev/null"""
-LOCK_SHARED = """if [ -e /var/lib/provision/lock ]; then
-  exec 9</var/lib/provision/lock
-  flock -s -n 9 || { echo "busy $(cat /var/lib/provision/lock.owner 2>/dev/null)"; exit 0; }
-fi
-echo locked
-cat >/dev/null"""
-
-# Each step's changes run as one script that holds the apply lock, ignores the hang-up of a
-# dropped connection and logs to a file, streamed back as it grows (progress): once received
-# it runs to its end, and files are only ever replaced by rename, so a killed client leaves no
-# half-written file behind.
-APPLY_SCRIPT = """mkdir -p -m 0700 /var/lib/provision
-exec 8>/var/lib/provision/apply.lock
-flock 8
-trap '' HUP PIPE
-log=/var/lib/provision/apply-{step}.log
-{body}"""
+# The host lock: an applying run holds it exclusively, a planning one shares it.
+LOCK_EXCLUSIVE = raw("host/lock-exclusive.sh")
+LOCK_SHARED = raw("host/lock-shared.sh")
 
 
 @dataclass(frozen=True)
@@ -113,9 +89,11 @@ class HostReport:
 
 
 def apply_script(step: str, changes: list[Change]) -> str:
+    """One script for a step's changes (templates/host/apply.sh.j2 says why it is safe to
+    lose the connection to), each change announced by its summary."""
     body = "".join(f"echo {json.dumps('== ' + c.summary)}\n{c.script()}" for c in changes)
-    return APPLY_SCRIPT.format(step=step, body=follow_log(f"set -e\numask 022\n{body}",
-                                                          '"$log"'))
+    return render("host/apply.sh.j2", step=step,
+                  body=follow_log(f"set -e\numask 022\n{body}", '"$log"'))
 
 
 def reported(output: str) -> list[str]:

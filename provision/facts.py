@@ -18,8 +18,8 @@ from typing import Any
 from provision.errors import FactsUnreadable
 
 SECTION = "@@@provision:"
-# Shell: `sec NAME` starts a section of a transcript `split_sections` reads (the facts script
-# and templates/host/gpu-usage.sh.j2 write it themselves).
+# Shell: `sec NAME` starts a section of a transcript `split_sections` reads (the facts script,
+# a plain .sh file, writes it itself).
 SECTION_FUNCTION = f"sec() {{ printf '\\n{SECTION}%s\\n' \"$1\"; }}"
 STATE_FILE = "/var/lib/provision/state.json"
 DAEMON_JSON = "/etc/docker/daemon.json"

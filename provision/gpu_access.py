@@ -32,8 +32,11 @@ import re
 import shlex
 from typing import TYPE_CHECKING, Literal
 
+from provision.contract import engine_source
+
 if TYPE_CHECKING:
     from provision.facts import Gpu, HostFacts
+    from provision.inventory import Inventory
 
 CDI_KIND = "nvidia.com/gpu"  # `--device=nvidia.com/gpu=0`, `=all`
 CDI_SPEC = "/etc/cdi/nvidia.yaml"
@@ -58,12 +61,34 @@ def docker_version(facts: HostFacts) -> tuple[int, int] | None:
     return None
 
 
+def rootless_gpu_blocker(facts: HostFacts, inventory: Inventory) -> str | None:
+    """Why members' rootless daemons cannot get GPUs on this host (None: through CDI, they can).
+
+    Docker not installed yet: Docker's repository gives its newest engine, which can; the
+    distribution's is judged once installed (the engine re-reads the facts between steps).
+    """
+    version = docker_version(facts)
+    if version is None:
+        if engine_source(facts, inventory) == "docker-ce":
+            return None
+        return "the distribution's Docker is not installed yet: its version decides"
+    if version < ROOTLESS_CDI_DOCKER:
+        return (f"Docker {version[0]}.{version[1]} cannot hand GPUs to a rootless daemon (CDI "
+                f"for rootless daemons needs Docker >= {ROOTLESS_CDI_DOCKER[0]}.0)")
+    return None
+
+
+ROOTLESS_GPU_REMEDY = ("set docker_source = \"docker-ce\" (Docker's repository; remove the "
+                       "distribution's docker.io first) and converge, or docker_mode = "
+                       "\"rootful\" (the docker group: root-equivalent)")
+
+
 def gpu_path(version: tuple[int, int] | None, *, rootless: bool) -> GpuPath:
     """How the daemon of this Docker version hands GPUs over (see the module docstring).
 
     An engine not known yet (no host read, Docker not installed) is taken to be a current one.
     A rootless daemon always asks by CDI device: where her Docker cannot, the nvidia step says
-    her containers get no GPU (`steps.nvidia.rootless_gpu_blocker`)."""
+    her containers get no GPU (`rootless_gpu_blocker`)."""
     if rootless or version is None or version >= CDI_DOCKER:
         return "cdi"
     return "runtime"

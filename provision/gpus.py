@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 
 from provision.connection import Connection
 from provision.errors import InventoryError, RemoteCommandFailed
-from provision.facts import IdRange, read_ranges, split_sections
+from provision.facts import SECTION_FUNCTION, IdRange, read_ranges, split_sections
 from provision.inventory import SERVICE_NAME, Inventory
 from provision.templating import render
 
@@ -148,8 +148,8 @@ def parse_duration(text: str) -> int:
 
 def usage_script(inventory: Inventory) -> str:
     readers = " ".join([*(m.name for m in inventory.members), SERVICE_NAME])
-    return render("host/gpu-usage.sh.j2", readers=readers, record_bytes=RECORD_BYTES,
-                  activity=shlex.quote(ACTIVITY_RECORD))
+    return render("host/gpu-usage.sh.j2", section_function=SECTION_FUNCTION, readers=readers,
+                  record_bytes=RECORD_BYTES, activity=shlex.quote(ACTIVITY_RECORD))
 
 
 def read_usage(conn: Connection, inventory: Inventory, host: str,

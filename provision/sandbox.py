@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from provision.errors import DockerUnavailable, InventoryError, ProvisionError
+from provision.files import atomic_write
 from provision.progress import QUIET, Task
 from provision.templating import raw, render
 
@@ -330,7 +331,7 @@ def register(inventory: Path, name: str, port: int, state_dir: Path, try_it: boo
     entry["identity_file"] = str((state_dir / "id_ed25519").relative_to(base))
     entry["known_hosts"] = str((state_dir / "known_hosts").relative_to(base))
     hosts[name] = entry
-    inventory.write_text(tomlkit.dumps(document))
+    atomic_write(inventory, tomlkit.dumps(document))
     return created
 
 
@@ -487,7 +488,7 @@ def unregister(inventory: Path, name: str, as_created: str | None) -> None:
     if as_created is not None and text.strip() == as_created.strip():
         inventory.unlink()
     else:
-        inventory.write_text(text)
+        atomic_write(inventory, text)
 
 
 def _remove_volume(client: docker.DockerClient, name: str) -> None:

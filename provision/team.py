@@ -6,7 +6,6 @@ validated as a whole, exactly as loading does, before it replaces the old file.
 
 from __future__ import annotations
 
-import stat
 from pathlib import Path
 
 import tomlkit
@@ -31,7 +30,7 @@ def _save(path: Path, document: tomlkit.TOMLDocument) -> Inventory:
     """Validate the new text like a load does, then replace the file atomically."""
     text = tomlkit.dumps(document)
     inventory = parse_inventory(document.unwrap(), path, text)
-    atomic_write(path, text, stat.S_IMODE(path.stat().st_mode))
+    atomic_write(path, text)
     return inventory
 
 

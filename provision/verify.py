@@ -24,7 +24,14 @@ from typing import Any
 
 from provision.changes import as_member
 from provision.connection import Connection
-from provision.contract import HF_MOUNT, INDUCTOR_CACHE, SHM_SIZE, account_args, reach_address
+from provision.contract import (
+    HF_MOUNT,
+    HF_OFFLINE,
+    INDUCTOR_CACHE,
+    SHM_SIZE,
+    account_args,
+    reach_address,
+)
 from provision.errors import InventoryError, ProvisionError, RemoteCommandFailed
 from provision.facts import SECTION_FUNCTION, HostFacts, split_sections
 from provision.gather import gather_facts
@@ -109,7 +116,7 @@ def run_script(inventory: Inventory, member: Member, facts: HostFacts, files: di
     # compiling on the GPU calls (KeyError 'getpwuid(): uid not found' on the lent H200).
     user += [] if place.member else ["-e", f"USER={member.name}"]
     docker = (f"docker run --rm {gpus} --shm-size={SHM_SIZE} {' '.join(user)} "
-              f"-e HOME=/work -e HF_HUB_OFFLINE=1 "
+              f"-e HOME=/work -e {HF_OFFLINE} "
               f"-e HF_HOME={HF_MOUNT} -e TORCHINDUCTOR_CACHE_DIR=/work/{INDUCTOR_CACHE} "
               f"-v {cache}:{HF_MOUNT} -v {work}:/work -w /work {tag}")
     args = (f"--model {shlex.quote(size['model'])} --height {size['height']} "

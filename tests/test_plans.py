@@ -170,8 +170,8 @@ def test_docker_ce_on_ubuntu_noble_uses_the_signed_by_deb822_source(team: Invent
     fetch_key, sources, check = repo.actions
     assert 'curl -fsSL https://download.docker.com/linux/ubuntu/gpg -o "$backup/key.new"' \
         in fetch_key.command
-    assert "cp \"$backup/key.new\" /etc/apt/keyrings/docker.asc.provision-new" in \
-        fetch_key.command, "an .asc keyring stays ASCII-armored"
+    assert 'cp "$backup/key.new" "$tmp"\nchmod 0644 "$tmp"\nmv -f "$tmp" ' \
+        "/etc/apt/keyrings/docker.asc\n" in fetch_key.command, "an .asc keyring stays ASCII-armored"
     assert "Dir::Etc::SourceList=/etc/apt/sources.list.d/docker.sources" in check.command
     assert sources.path == "/etc/apt/sources.list.d/docker.sources"
     assert "URIs: https://download.docker.com/linux/ubuntu\nSuites: noble\n" in sources.content
@@ -212,8 +212,8 @@ def test_nvidia_toolkit_from_nvidias_repository_then_cdi_spec_and_runtime(team: 
     script = repo.script() + install.script()
     assert ('curl -fsSL https://nvidia.github.io/libnvidia-container/gpgkey -o "$backup/key.new"'
             in script)
-    assert ('gpg --batch --yes --dearmor -o '
-            '/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg.provision-new') in script
+    assert ('gpg --batch --yes --dearmor -o "$tmp" < "$backup/key.new"\nchmod 0644 "$tmp"\n'
+            'mv -f "$tmp" /usr/share/keyrings/nvidia-container-toolkit-keyring.gpg\n') in script
     (sources,) = [a for a in repo.actions if isinstance(a, WriteFile)]
     assert sources.path == "/etc/apt/sources.list.d/nvidia-container-toolkit.list"
     assert ("deb [signed-by=/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg] "

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from provision.changes import Change, Run, WriteFile
+from provision.changes import Change, Run, WriteFile, temporary_beside
 from provision.errors import ProvisionError
 from provision.facts import HostFacts
 from provision.inventory import SERVICE_HOME, SERVICE_NAME, AptKey, Inventory
@@ -129,6 +129,7 @@ def signed_repository(step: str, summary: str, *, what: str, uri: str, key: AptK
     fetch = render("host/apt-key.sh.j2", **shared, key_url=key.url, key_path=key.path,
                    key_base64=base64.b64encode(key.text.encode()).decode(),
                    keyring_dir=str(keyring_path.parent),
+                   temporary_keyring=temporary_beside(keyring),
                    dearmor=keyring_path.suffix != ".asc",
                    install_curl=apt_install("curl", "ca-certificates"),
                    install_gpg=apt_install("gnupg"))

@@ -15,6 +15,7 @@ import json
 from typing import Any
 
 from provision.changes import Change, Run, WriteFile, run
+from provision.contract import choose_source
 from provision.facts import DAEMON_JSON, HostFacts
 from provision.inventory import AptKey, Inventory
 from provision.steps import APT_UPDATE, Step, StepBlocked, apt_install, signed_repository
@@ -28,18 +29,6 @@ DOCKER_CE = ("docker-ce", "docker-ce-cli", "containerd.io", "docker-buildx-plugi
              "docker-compose-plugin")
 SUPPORTED = {"ubuntu": ("jammy", "noble"), "debian": ("bookworm", "trixie")}
 ENABLE = "systemctl enable --now docker.service"
-
-
-def choose_source(facts: HostFacts, inventory: Inventory) -> tuple[str, str]:
-    """(source, why): what installs Docker on this host."""
-    wanted = inventory.defaults.docker_source
-    if wanted != "auto":
-        return wanted, f"docker_source = {wanted!r}"
-    if inventory.mirrors.docker_apt:
-        return "docker-ce", "auto: [mirrors] docker_apt"
-    if facts.docker.repo_reachable:
-        return "docker-ce", "auto: download.docker.com answers"
-    return "distro", "auto: download.docker.com does not answer"
 
 
 def merge(current: dict[str, Any], wanted: dict[str, Any]) -> dict[str, Any]:

@@ -19,13 +19,7 @@ NAME = "keepalive"
 MAIN = "/etc/ssh/sshd_config"
 DROPIN = "/etc/ssh/sshd_config.d/01-provision-keepalive.conf"
 INCLUDE = "Include /etc/ssh/sshd_config.d/*.conf"
-RELOAD = f"""if sshd -t; then
-  systemctl reload ssh.service 2>/dev/null || systemctl reload sshd.service
-else
-  rm -f {DROPIN}
-  echo "sshd -t fails with the keepalive drop-in in place: removed it, sshd not reloaded" >&2
-  exit 4
-fi"""
+RELOAD = render("host/sshd-reload.sh.j2", dropin=DROPIN)
 
 
 def paths(inventory: Inventory) -> tuple[str, ...]:

@@ -54,11 +54,12 @@ from provision.gpu_access import (
     CDI_KIND,
     CDI_SPEC,
     FP8_TENSOR_CORES,
-    ROOTLESS_CDI_DOCKER,
+    ROOTLESS_GPU_REMEDY,
     docker_version,
     gpu_proof,
     gpu_run_args,
     host_gpu_path,
+    rootless_gpu_blocker,
     without_fp8_tensor_cores,
 )
 from provision.inventory import AptKey, Inventory
@@ -74,7 +75,7 @@ from provision.steps import (
     signed_repository,
 )
 from provision.steps.docker import merged_daemon_json
-from provision.steps.rootless import engine_source, user_manager
+from provision.steps.rootless import user_manager
 from provision.templating import render
 
 NAME = "nvidia"
@@ -164,28 +165,6 @@ def _system_daemon(facts: HostFacts) -> list[Change]:
     actions.append(Run("systemctl restart docker.service"))
     return [Change(NAME, "; ".join(what) + ", restart Docker", tuple(actions),
                    restarts_docker=True)]
-
-
-def rootless_gpu_blocker(facts: HostFacts, inventory: Inventory) -> str | None:
-    """Why members' rootless daemons cannot get GPUs on this host (None: through CDI, they can).
-
-    Docker not installed yet: Docker's repository gives its newest engine, which can; the
-    distribution's is judged once installed (the engine re-reads the facts between steps).
-    """
-    version = docker_version(facts)
-    if version is None:
-        if engine_source(facts, inventory) == "docker-ce":
-            return None
-        return "the distribution's Docker is not installed yet: its version decides"
-    if version < ROOTLESS_CDI_DOCKER:
-        return (f"Docker {version[0]}.{version[1]} cannot hand GPUs to a rootless daemon (CDI "
-                f"for rootless daemons needs Docker >= {ROOTLESS_CDI_DOCKER[0]}.0)")
-    return None
-
-
-ROOTLESS_GPU_REMEDY = ("set docker_source = \"docker-ce\" (Docker's repository; remove the "
-                       "distribution's docker.io first) and converge, or docker_mode = "
-                       "\"rootful\" (the docker group: root-equivalent)")
 
 
 def daemon_cdi(facts: HostFacts, name: str, *, restart: bool, step: str = NAME

@@ -27,10 +27,10 @@ from __future__ import annotations
 import shlex
 
 from provision.changes import Change, Run, WriteFile, as_member, run
+from provision.contract import engine_source
 from provision.facts import SUBGID, SUBUID, HostFacts, IdRange, MemberDaemon, read_ranges
 from provision.inventory import Inventory
 from provision.steps import Step, StepBlocked, apt_install, home_of
-from provision.steps.docker import choose_source
 from provision.templating import render
 
 NAME = "rootless"
@@ -79,15 +79,6 @@ ROOTLESSKIT = "/usr/bin/rootlesskit"
 
 def paths(inventory: Inventory) -> tuple[str, ...]:
     return (SUBUID, SUBGID, *LINKED, USERNS_RESTRICTED, SHIPPED_PROFILE, PROFILE)
-
-
-def engine_source(facts: HostFacts, inventory: Inventory) -> str:
-    """docker-ce or distro: what the engine on the host is (or will be, once installed)."""
-    if "docker-ce" in facts.docker.packages:
-        return "docker-ce"
-    if "docker.io" in facts.docker.packages:
-        return "distro"
-    return choose_source(facts, inventory)[0]
 
 
 def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:

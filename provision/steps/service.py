@@ -55,13 +55,20 @@ from provision.changes import Change, Run, WriteFile, as_member, run
 from provision.contract import (
     CONTAINER_PORT,
     HF_MOUNT,
+    HF_OFFLINE,
     SERVICE_UNIT,
     SHM_SIZE,
     account_args,
+    engine_source,
     in_service_daemon,
 )
 from provision.facts import HostFacts, Listener
-from provision.gpu_access import host_gpu_args, runs_on_gpu
+from provision.gpu_access import (
+    ROOTLESS_GPU_REMEDY,
+    host_gpu_args,
+    rootless_gpu_blocker,
+    runs_on_gpu,
+)
 from provision.image import build_script, host_image, image_tag
 from provision.inventory import SERVICE_HOME, SERVICE_NAME, Inventory, Member, Service
 from provision.models import debug_model
@@ -91,32 +98,9 @@ SYSTEM_IDS = range(999, 99, -1)
 # restarted it CRASH_RESTARTS times, or when it failed or was stopped.
 HEALTH_POLLS, HEALTH_POLL_SECONDS = 360, 5
 CRASH_RESTARTS = 3
-# Prints one line, the last state seen ("healthy", or why not), and its wait on stderr
-# (progress); safe under `sh -e`.
-HEALTH_POLL = f"""restarts() {{
-  n=$(systemctl show --property NRestarts --value {SERVICE_UNIT} 2>/dev/null) || n=
-  echo "${{n:-0}}"
-}}
-base=$(restarts) health= state= restarted=0 started=$(date +%s)
-for _ in $(seq {HEALTH_POLLS}); do
-  health=$(docker inspect --format '{{{{.State.Health.Status}}}}' {SERVICE_NAME} 2>/dev/null) \
-    || health=
-  [ "$health" = healthy ] && break
-  state=$(systemctl is-active {SERVICE_UNIT} 2>/dev/null) || true
-  restarted=$(( $(restarts) - base ))
-  [ "$restarted" -ge {CRASH_RESTARTS} ] && break
-  case $state in failed|inactive) break;; esac
-  echo "waiting for /health: ${{health:-no container yet}}, {SERVICE_UNIT} ${{state:-?}}" >&2
-  sleep {HEALTH_POLL_SECONDS}
-done
-if [ "$health" = healthy ]; then echo healthy
-elif [ "$restarted" -ge {CRASH_RESTARTS} ]; then
-  echo "{SERVICE_UNIT} is crash-looping: systemd restarted it $restarted times in" \
-    "$(( $(date +%s) - started )) s and it never answered /health"
-elif [ "$state" = failed ] || [ "$state" = inactive ]; then echo "{SERVICE_UNIT} is $state"
-else echo "health: ${{health:-no container}} after {HEALTH_POLLS * HEALTH_POLL_SECONDS // 60} min"
-fi
-"""
+HEALTH_POLL = render("host/health-poll.sh.j2", unit=SERVICE_UNIT, container=SERVICE_NAME,
+                     polls=HEALTH_POLLS, poll_seconds=HEALTH_POLL_SECONDS,
+                     crash_restarts=CRASH_RESTARTS)
 
 
 # The system daemon's userland proxy, which holds a rootful container's published port.
@@ -272,7 +256,7 @@ def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
     tag = image_tag(files)
     env = render("host/sd35-api.env.j2", name=SERVICE_NAME, model=chosen_model(facts, service),
                  fp8=service.fp8, max_queue=service.max_queue, container_port=CONTAINER_PORT,
-                 hf_home=HF_MOUNT)
+                 hf_home=HF_MOUNT, hf_offline=HF_OFFLINE)
     wanted = {**{f"{APP_DIR}/{name}": raw(template) for template, name in APP_FILES.items()},
               ENV_FILE: env, UNIT_FILE: unit_text(facts, inventory, service, tag)}
     definition: list[Change] = []
@@ -334,16 +318,16 @@ def _own_daemon(facts: HostFacts, inventory: Inventory, service: Service) -> lis
     changes = rootless.subordinate_ids(facts, [*(m.name for m in inventory.members),
                                                SERVICE_NAME], (SERVICE_NAME,), NAME)
     changes += rootless.own_daemon(facts, SERVICE_NAME,
-                                   rootless.engine_source(facts, inventory), NAME)
+                                   engine_source(facts, inventory), NAME)
     if facts.path(ROOTLESS_STATE).kind != "directory":
         changes.append(run(NAME, f"{ROOTLESS_STATE}: the container's /state (its compile "
                                  "cache), made as the account",
                            as_member(SERVICE_NAME, f"mkdir -p -m 0700 {ROOTLESS_STATE}")))
     if runs_on_gpu(facts, service.gpus):
-        blocker = nvidia.rootless_gpu_blocker(facts, inventory)
+        blocker = rootless_gpu_blocker(facts, inventory)
         if blocker is not None:
             raise StepBlocked(f"the service's GPUs in its own daemon: {blocker}",
-                              nvidia.ROOTLESS_GPU_REMEDY)
+                              ROOTLESS_GPU_REMEDY)
         changes += nvidia.daemon_cdi(facts, SERVICE_NAME, restart=False, step=NAME)
     return changes
 

@@ -1,0 +1,12 @@
+"""Run by doctor in the container of the generation service (python -c, the port as its
+argument): /health as the server itself answers it, 503 included, on one line."""
+
+import sys
+import urllib.error
+import urllib.request
+
+try:
+    print(urllib.request.urlopen("http://127.0.0.1:%s/health" % sys.argv[1], timeout=10).read()
+          .decode())
+except urllib.error.HTTPError as exc:
+    print(exc.read().decode())
