@@ -6,7 +6,7 @@ import urllib.error
 import urllib.request
 
 try:
-    print(urllib.request.urlopen("http://127.0.0.1:%s/health" % sys.argv[1], timeout=10).read()
+    print(urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/health", timeout=10).read()
           .decode())
 except urllib.error.HTTPError as exc:
     print(exc.read().decode())
