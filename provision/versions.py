@@ -374,12 +374,17 @@ def _torchvision(spec: ImageSpec, overrides: dict[str, str]) -> None:
                       f"{_minor(spec.torch)} pairs with torchvision {wanted})")
 
 
+def _cuda_only(key: str, spec: ImageSpec, overrides: dict[str, str], kernels: str) -> None:
+    """An attention package whose kernels need an NVIDIA GPU has no place in a CPU image."""
+    if spec.cuda == "cpu":
+        raise _refuse((key, "cuda"), spec, overrides,
+                      f"{kernels}: leave it out of a CPU image")
+
+
 def _xformers(spec: ImageSpec, overrides: dict[str, str]) -> None:
     if not spec.xformers:
         return
-    if spec.cuda == "cpu":
-        raise _refuse(("xformers", "cuda"), spec, overrides,
-                      "xformers' kernels are CUDA-only: leave it out of a CPU image")
+    _cuda_only("xformers", spec, overrides, "xformers' kernels are CUDA-only")
     if spec.xformers not in XFORMERS_TORCH:
         raise _refuse(("xformers",), spec, overrides,
                       f"not an xformers release provision knows the torch build of (known: "
@@ -396,9 +401,7 @@ def _xformers(spec: ImageSpec, overrides: dict[str, str]) -> None:
 def _flash_attn_3(spec: ImageSpec, overrides: dict[str, str]) -> None:
     if not spec.flash_attn_3:
         return
-    if spec.cuda == "cpu":
-        raise _refuse(("flash_attn_3", "cuda"), spec, overrides,
-                      "FlashAttention-3's kernels are for Hopper GPUs: leave it out of a CPU image")
+    _cuda_only("flash_attn_3", spec, overrides, "FlashAttention-3's kernels are for Hopper GPUs")
     if not spec.wheelhouse:
         raise _refuse(("flash_attn_3", "wheelhouse"), spec, overrides,
                       f"no index publishes FlashAttention-3 wheels for torch "

@@ -37,6 +37,9 @@ wheelhouse=/opt/provision-wheelhouse
 export PYTHONPATH=/tmp/site:$repo PYTHONUNBUFFERED=1 COLUMNS=160 TERM=dumb
 export PATH=/opt/node/bin:/opt/gpu-lab/bin:$PATH PROVISION_INVENTORY=$work/provision.toml
 export NCCL_NVLS_ENABLE=0
+ws=/home/dev/sd35-fp8  # her rendered workspace; .harness/ in it holds the bench's scripts
+as_dev=(runuser -u dev -- env HOME=/home/dev "PATH=$PATH")
+in_dev=("${as_dev[@]}" devcontainer exec --workspace-folder "$ws")
 
 step() {  # step TITLE COMMAND...: the command, its output, its exit code and wall time
   local title=$1 start rc
@@ -176,17 +179,10 @@ prove() {
   step "native: bench/fp8_generation.py --modes dq (same machine, same call)" \
     python3 "$repo/bench/fp8_generation.py" --model large --height 1024 --width 1024 --steps 28 \
     --modes dq --out "$out/native" --records "$out/native-records.json"
-  step "node 22 + @devcontainers/cli" sh -c "tar -C /opt -xJf $repo/.gpu/call2/devcontainer-node.tar.xz && devcontainer --version"
-  local ws=/home/dev/sd35-fp8 as_dev=(runuser -u dev -- env HOME=/home/dev "PATH=$PATH")
-  mkdir -p "$ws/.harness/bench" "$ws/.harness/tests"
-  cp "$repo/bench/debug_path.py" "$ws/.harness/bench/"
-  cp "$repo/tests/__init__.py" "$repo/tests/dap.py" "$ws/.harness/tests/"
-  chown -R dev:dev "$ws/.harness"
-  step "devcontainer up (as dev, her rendered workspace)" "${as_dev[@]}" devcontainer up --workspace-folder "$ws"
-  step "her GPUs inside her dev container" "${as_dev[@]}" devcontainer exec --workspace-folder "$ws" \
-    sh -c 'nvidia-smi -L; python -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.cuda.device_count(), torch.cuda.get_device_name(0))"; gcc --version | head -1'
+  dev_container_up || return 1
+  step "her GPUs inside her dev container" "${in_dev[@]}" sh -c 'nvidia-smi -L; python -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.cuda.device_count(), torch.cuda.get_device_name(0))"; gcc --version | head -1'
   step "debug path inside the dev container (3 launches; attention, scheduler step, decode)" \
-    "${as_dev[@]}" devcontainer exec --workspace-folder "$ws" python .harness/bench/debug_path.py \
+    "${in_dev[@]}" python .harness/bench/debug_path.py \
     --launch .vscode/launch.json --workspace . --configs debug --repeat 3 --out .harness/debug
   cp "$ws"/.harness/debug/results.* "$out/" 2>/dev/null
   step "GPU paths (gpu_access): CDI devices, the runtime with CDI names, and --gpus" gpu_paths
@@ -219,22 +215,26 @@ fa3() {
     env PYTHONPATH=/tmp/fa3 python3 "$repo/bench/fa3/attention.py" --out "$out/attention.json"
 }
 
+# Her dev container, up through the Dev Containers CLI (call2 carried), with the bench's
+# scripts in .harness/ (fp8_generation.py's atomic_write is provision's, stdlib only).
+dev_container_up() {
+  step "engine still up from prepare" docker info --format 'Docker {{.ServerVersion}}' || return 1
+  step "node 22 + @devcontainers/cli" sh -c "tar -C /opt -xJf $repo/.gpu/call2/devcontainer-node.tar.xz && devcontainer --version"
+  rm -rf "$ws/.harness" && mkdir -p "$ws/.harness/bench" "$ws/.harness/tests" "$ws/.harness/templates"
+  cp "$repo/bench/debug_path.py" "$repo/bench/fp8_generation.py" "$ws/.harness/bench/"
+  cp -r "$repo/provision" "$ws/.harness/"
+  cp -r "$repo/templates/workspace" "$ws/.harness/templates/"
+  cp "$repo/tests/__init__.py" "$repo/tests/dap.py" "$ws/.harness/tests/"
+  chown -R dev:dev "$ws/.harness"
+  step "devcontainer up (as dev, her rendered workspace)" "${as_dev[@]}" devcontainer up --workspace-folder "$ws"
+}
+
 # Issue 27 in the product's image: FA3 is in it when [image] flash_attn_3 is set (prepare sets
 # it when the wheel is carried). In her dev container: every FP8 mode of the bench, one run
 # each (dq cold and warm), then the debugger's stop in diffusers' attention processor.
 fp8() {
   { echo "gpu container harness, fp8, $(date -u +%Y-%m-%dT%H:%M:%SZ)"; } >"$t"
-  step "engine still up from prepare" docker info --format 'Docker {{.ServerVersion}}' || return 1
-  step "node 22 + @devcontainers/cli" sh -c "tar -C /opt -xJf $repo/.gpu/call2/devcontainer-node.tar.xz && devcontainer --version"
-  local ws=/home/dev/sd35-fp8 as_dev=(runuser -u dev -- env HOME=/home/dev "PATH=$PATH")
-  local in_dev=("${as_dev[@]}" devcontainer exec --workspace-folder "$ws")
-  rm -rf "$ws/.harness" && mkdir -p "$ws/.harness/bench" "$ws/.harness/tests" "$ws/.harness/templates"
-  cp "$repo/bench/debug_path.py" "$repo/bench/fp8_generation.py" "$ws/.harness/bench/"
-  cp -r "$repo/provision" "$ws/.harness/"  # fp8_generation.py's atomic_write (stdlib only)
-  cp -r "$repo/templates/workspace" "$ws/.harness/templates/"
-  cp "$repo/tests/__init__.py" "$repo/tests/dap.py" "$ws/.harness/tests/"
-  chown -R dev:dev "$ws/.harness"
-  step "devcontainer up (as dev, her rendered workspace)" "${as_dev[@]}" devcontainer up --workspace-folder "$ws"
+  dev_container_up || return 1
   step "container: FA3 and the versions" "${in_dev[@]}" python -c 'import torch, flash_attn_interface, importlib.metadata as m; print(torch.__version__, torch.cuda.get_device_name(0), m.version("flash_attn_3"))'
   step "container: bench/fp8_generation.py, all modes (Large, 1024², 28 steps)" \
     "${in_dev[@]}" python .harness/bench/fp8_generation.py --model large --height 1024 \
@@ -250,15 +250,7 @@ fp8() {
 
 decode() {
   { echo "gpu container harness, decode, $(date -u +%Y-%m-%dT%H:%M:%SZ)"; } >"$t"
-  step "engine still up from prepare" docker info --format 'Docker {{.ServerVersion}}' || return 1
-  step "node 22 + @devcontainers/cli" sh -c "tar -C /opt -xJf $repo/.gpu/call2/devcontainer-node.tar.xz && devcontainer --version"
-  local ws=/home/dev/sd35-fp8 as_dev=(runuser -u dev -- env HOME=/home/dev "PATH=$PATH")
-  local in_dev=("${as_dev[@]}" devcontainer exec --workspace-folder "$ws")
-  mkdir -p "$ws/.harness/bench" "$ws/.harness/tests"
-  cp "$repo/bench/debug_path.py" "$ws/.harness/bench/"
-  cp "$repo/tests/__init__.py" "$repo/tests/dap.py" "$ws/.harness/tests/"
-  chown -R dev:dev "$ws/.harness"
-  step "devcontainer up (as dev, her rendered workspace)" "${as_dev[@]}" devcontainer up --workspace-folder "$ws"
+  dev_container_up || return 1
   step "container: debug path, attention + scheduler step + decode (3 launches)" \
     "${in_dev[@]}" python .harness/bench/debug_path.py --launch .vscode/launch.json \
     --workspace . --configs debug --repeat 3 --out .harness/with-scheduler
