@@ -20,9 +20,8 @@ from typing import Annotated, NoReturn
 import typer
 from rich.console import Console
 
-from provision import team, views
+from provision import views
 from provision.connection import Connection, connect
-from provision.doctor import run_doctor
 from provision.engine import HostReport, RunOptions, converge_host, run_hosts
 from provision.errors import (
     ChecksFailed,
@@ -41,14 +40,12 @@ from provision.gpus import DEFAULT_IDLE_AFTER, GpuReport, parse_duration, read_u
 from provision.image import host_image
 from provision.inventory import Inventory, inventory_path, load_inventory
 from provision.models import debug_model
-from provision.onboard import bundle, merge_ssh_block
 from provision.progress import Board
 from provision.render import member_files, write_files
 from provision.steps import paths_of
 from provision.steps.order import select_steps
 from provision.target import resolve_target
 from provision.templating import render
-from provision.verify import verify, verify_service
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="Provision GPU servers for Stable Diffusion 3.5 FP8 team work, over SSH.")
@@ -241,6 +238,8 @@ def doctor(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document")] = False,
 ) -> None:
     """Check each known failure on HOST; print the evidence and a remedy for each."""
+    from provision.doctor import run_doctor  # imported where used: a converge never needs it
+
     settings: Settings = ctx.obj
     inventory = settings.load()
     members = (inventory.member(member),) if member else inventory.members
@@ -352,6 +351,8 @@ def onboard(
     ] = None,
 ) -> None:
     """A teammate's bundle: her ssh config block, workspace files and the three steps."""
+    from provision.onboard import bundle, merge_ssh_block  # likewise
+
     settings: Settings = ctx.obj
     inventory = settings.load()
     member = inventory.member(name)
@@ -384,6 +385,8 @@ def verify_command(
                           "connection instead: /health, then one image")] = False,
 ) -> None:
     """Build the dev-container image on HOST and generate in it, FP8 against bf16."""
+    from provision.verify import verify, verify_service  # likewise
+
     settings: Settings = ctx.obj
     if fp8 not in ("off", "storage", "dq"):
         raise InventoryError(f"--fp8 {fp8!r}", "use off, storage or dq")
@@ -449,6 +452,8 @@ def team_add(
         "--sudo", help="A command she may run with sudo (absolute path; repeatable)")] = None,
 ) -> None:
     """Add a member (comments and order of provision.toml are kept)."""
+    from provision import team  # tomlkit, which only edits need, costs every command ~15 ms
+
     member = team.add(ctx.obj.inventory, name, key, gpus, tuple(sudo or ()))
     err.print(f"added {member.name}; run 'provision host HOST' to create her account")
 
@@ -456,6 +461,8 @@ def team_add(
 @team_app.command("remove")
 def team_remove(ctx: typer.Context, name: str) -> None:
     """Remove a member; the next converge offboards her (locked, keys removed, home kept)."""
+    from provision import team
+
     team.remove(ctx.obj.inventory, name)
     err.print(f"removed {name}; run 'provision host HOST' to offboard her there")
 

@@ -75,6 +75,7 @@ MACHINERY = tuple(sorted(f"{GENERATION_PACKAGE}/{module.name}" for module in
                          (templates_dir() / "workspace" / GENERATION_PACKAGE).glob("*.py")))
 GENERATION = (INFERENCE, *MACHINERY)  # what running inference.py needs (verify, the service)
 COPIED = (INFERENCE, ATTENTION_MAPS, *MACHINERY)
+WORKSPACE_FILES = (*RENDERED, *COPIED)  # the paths `render_workspace` returns, in its order
 DEBUG_LAUNCH, RUN_LAUNCH = "Debug SD3.5 FP8", "Run SD3.5 FP8 (compiled)"
 VENV = "/opt/venv"  # the image's environment, root-owned: its pins change through a rebuild
 OUTPUTS = "outputs"  # inference.py's default output directory

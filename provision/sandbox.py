@@ -12,11 +12,11 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import tarfile
 import tempfile
-import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -229,15 +229,18 @@ def up(name: str, inventory: Path, log=print, *, try_it: bool = False,
     state_dir = state_dir_for(inventory, name)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     public_key = new_key_pair(state_dir)
+    # Journey 1 seeds an inventory it creates (`register` below says so too) with the CPU image's
+    # files; they go in through Docker, so while systemd boots.
+    seeding = try_it and not inventory.exists()
     progress.status("starting the sandbox")
     container = start_container(client, name, image, public_key, inventory)
     try:
+        if seeding:
+            seed_offline_image(client, container, base, log, progress)
         progress.status("waiting for systemd to start sshd")
         port = wait_for_sshd(client, container)
         write_known_hosts(client, container, port, state_dir / "known_hosts")
         created = register(inventory, name, port, state_dir, try_it, base)
-        if created and try_it:
-            seed_offline_image(client, container_name(name), inventory, base, log, progress)
     except BaseException:
         # Leave nothing half made: no container, no host table, no key files.
         _remove_container(client, container_name(name))
@@ -285,20 +288,27 @@ def start_container(client: docker.DockerClient, name: str, image: str, public_k
 
 
 def wait_for_sshd(client: docker.DockerClient, cname: str, timeout: float = BOOT_TIMEOUT) -> int:
-    """Wait (bounded) until systemd has started sshd; return the published loopback port."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        container = client.containers.get(cname)
-        if container.status == "exited":
-            raise ProvisionError(f"sandbox container {cname} exited while booting",
-                                 f"see 'docker logs {cname}'")
-        code, _ = container.exec_run(["systemctl", "is-active", "ssh.service"])
-        ports = container.attrs["NetworkSettings"]["Ports"].get("22/tcp") or []
-        if code == 0 and ports:
-            return int(ports[0]["HostPort"])
-        time.sleep(0.5)
-    raise ProvisionError(f"sandbox {cname}: sshd did not start within {timeout:g} s",
-                         f"see 'docker exec {cname} journalctl -u ssh'")
+    """Wait (bounded) until systemd has started sshd; return the published loopback port.
+
+    One exec asks systemd every 0.1 s from inside: a round of the Docker API each time (an exec
+    and an inspect) would cost more than the wait it shortens.
+    """
+    container = client.containers.get(cname)
+    try:
+        code, _ = container.exec_run(["timeout", f"{timeout:g}", "sh", "-c",
+                                      "until systemctl is-active -q ssh.service; do sleep 0.1; "
+                                      "done"])
+    except docker.errors.APIError:  # no longer running: said below
+        code = None
+    container.reload()
+    if container.status != "running":
+        raise ProvisionError(f"sandbox container {cname} exited while booting",
+                             f"see 'docker logs {cname}'")
+    ports = container.attrs["NetworkSettings"]["Ports"].get("22/tcp") or []
+    if code != 0 or not ports:
+        raise ProvisionError(f"sandbox {cname}: sshd did not start within {timeout:g} s",
+                             f"see 'docker exec {cname} journalctl -u ssh'")
+    return int(ports[0]["HostPort"])
 
 
 def write_known_hosts(client: docker.DockerClient, cname: str, port: int, path: Path) -> None:
@@ -365,46 +375,61 @@ def add_demo(document: tomlkit.TOMLDocument, state_dir: Path, base: str, root: P
     document["members"] = members
 
 
-def seed_offline_image(client: docker.DockerClient, cname: str, inventory: Path, base: str,
-                       log, progress: Task = QUIET) -> None:
+def cache_dir() -> Path:
+    """Where `up` keeps what every sandbox on this machine can reuse ($XDG_CACHE_HOME)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "provision"
+
+
+def seed_offline_image(client: docker.DockerClient, cname: str, base: str, log,
+                       progress: Task = QUIET) -> None:
     """Put the CPU image's wheels and base-image archive where the demo [image] says."""
+    seed = seed_archive(client, base, log, progress)
+    progress.status("copying the wheels and the base image into the sandbox")
+    container = client.containers.get(cname)
+    container.exec_run(["mkdir", "-p", str(Path(WHEELHOUSE).parent)])
+    with seed.open("rb") as data:
+        container.put_archive(str(Path(WHEELHOUSE).parent), data)
+    log(f"sandbox has the CPU image's wheels ({WHEELHOUSE}) and base ({BASE_ARCHIVE})")
+
+
+def seed_archive(client: docker.DockerClient, base: str, log, progress: Task = QUIET) -> Path:
+    """The wheels and the base image's archive as one tar, made once per machine: the pins, the
+    base image and its tag name it, so every later `up` only copies it in."""
     from provision.versions import resolve_image
 
     pins = "\n".join(resolve_image(demo_image(base)).pins()) + "\n"
-    wheels = inventory.resolve().parent / ".provision" / "wheelhouse" / \
-        hashlib.sha256(pins.encode()).hexdigest()[:12]
-    if not (wheels / "complete").exists():
-        log(f"downloading the CPU image's wheels into {wheels}")
+    image = client.images.get(base)
+    key = hashlib.sha256(f"{pins}{image.id} {base}".encode()).hexdigest()[:12]
+    seed = cache_dir() / f"sandbox-seed-{key}.tar"
+    if seed.is_file():
+        return seed
+    seed.parent.mkdir(parents=True, exist_ok=True)
+    # Made beside and renamed into place whole: a seed there is a complete one, also when two
+    # `up`s make it at once.
+    with tempfile.TemporaryDirectory(prefix=".seed-", dir=seed.parent) as tmp:
+        wheels, saved, archive = (Path(tmp) / name for name in ("wheels", "base", "seed.tar"))
+        log(f"downloading the CPU image's wheels (once: {seed} keeps them)")
         progress.status("downloading the CPU image's wheels")
-        wheels.mkdir(parents=True, exist_ok=True)
+        wheels.mkdir()
         (wheels / "requirements.txt").write_text(pins)
         run_streamed(["python3", "-m", "pip", "download", "--progress-bar", "off",
                       "--only-binary=:all:", "-d", str(wheels),
                       "-r", str(wheels / "requirements.txt")], progress)
-        (wheels / "complete").touch()
-    container = client.containers.get(cname)
-    with tempfile.TemporaryDirectory(prefix="provision-seed-") as tmp:
-        archive = Path(tmp) / "seed.tar"
-        saved = Path(tmp) / "base-image.tar"
         progress.status(f"saving {base} for the sandbox")
         with saved.open("wb") as out:
             # Named by the tag the [image] table uses: `named=True` would take the image's
             # first tag, which is another name once the same image is tagged twice.
-            for chunk in client.images.get(base).save(named=base):
+            for chunk in image.save(named=base):
                 megabytes = out.tell() // 2**20
                 out.write(chunk)
                 if out.tell() // 2**20 // 50 > megabytes // 50:
                     progress.output(f"{out.tell() // 2**20} MB saved")
         with tarfile.open(archive, "w") as tar:
             tar.add(wheels, arcname="wheelhouse",
-                    filter=lambda info: None if info.name.endswith(("complete", ".txt"))
-                    else info)
+                    filter=lambda info: None if info.name.endswith(".txt") else info)
             tar.add(saved, arcname=Path(BASE_ARCHIVE).name)
-        progress.status("copying the wheels and the base image into the sandbox")
-        container.exec_run(["mkdir", "-p", str(Path(WHEELHOUSE).parent)])
-        with archive.open("rb") as data:
-            container.put_archive(str(Path(WHEELHOUSE).parent), data)
-    log(f"sandbox has the CPU image's wheels ({WHEELHOUSE}) and base ({BASE_ARCHIVE})")
+        archive.replace(seed)
+    return seed
 
 
 def new_inventory() -> tomlkit.TOMLDocument:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from provision.doctor import Check
 from provision.engine import HostReport
 from provision.facts import HostFacts
 from provision.gpus import NO_GPU, GpuProcess, GpuReport
 from provision.inventory import Member
-from provision.verify import ServiceReport, VerifyReport
+
+if TYPE_CHECKING:  # only the commands that make these reports import their modules
+    from provision.doctor import Check
+    from provision.verify import ServiceReport, VerifyReport
 
 
 def facts_table(host: str, facts: HostFacts) -> Table:

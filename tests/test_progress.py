@@ -175,7 +175,7 @@ def test_verify_json_stays_parseable_while_progress_runs(tmp_path: Path,
         return VerifyReport(conn.name, member.name, "provision/sd35-fp8:stand-in", True,
                             "CPU", "cpu wheels", runs={fp8: {"step_ms_mean": 1.0}})
 
-    monkeypatch.setattr(cli, "verify", slow_verify)
+    monkeypatch.setattr("provision.verify.verify", slow_verify)  # the command imports it late
     result = CliRunner().invoke(cli.app, ["--inventory", str(inventory), "verify", "h",
                                           "--json", "--fp8", "storage"])
     assert result.exit_code == 0, result.output

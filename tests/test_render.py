@@ -25,6 +25,7 @@ from provision import render as workspace
 from provision.contract import INDUCTOR_CACHE, WHEELHOUSE
 from provision.errors import InventoryError
 from provision.inventory import Defaults, Inventory, Member, Service
+from provision.steps import workspace as steps_workspace
 from provision.target import Target
 from provision.templating import environment, raw
 from provision.versions import DEFAULT_IMAGE, ImageSpec, resolve_image
@@ -97,6 +98,16 @@ def test_every_rendered_file_matches_its_golden(member: Member) -> None:
                                                      f"~/.ssh/{member.name}_ed25519")
     stale = differences(files, GOLDEN / member.name, exact=True)
     assert not stale, f"differs from the golden: {stale} (PROVISION_UPDATE_GOLDEN=1 to accept)"
+
+
+@pytest.mark.parametrize("member", MEMBERS, ids=lambda m: m.name)
+def test_the_facts_read_asks_for_every_file_the_workspace_holds(member: Member) -> None:
+    """The workspace step names its files without rendering them (a no-op converge renders
+    each member's workspace once, for the plan): the names must be every file it writes."""
+    assert tuple(rendered(member)) == workspace.WORKSPACE_FILES
+    asked = steps_workspace.paths(INVENTORY)
+    base = f"~{member.name}/{INVENTORY.defaults.workspace_dir}"
+    assert {f"sha256:{base}/{path}" for path in rendered(member)} <= set(asked)
 
 
 def test_repository_devcontainer_is_the_rendered_one() -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
+from collections.abc import Iterable
 from pathlib import PurePosixPath
 
 from provision.changes import Change, Run, WriteFile, as_member, run
@@ -23,7 +24,7 @@ from provision.facts import HostFacts
 from provision.image import host_image
 from provision.inventory import Inventory, Member
 from provision.models import debug_model
-from provision.render import LAUNCH_JSON, render_for_host, render_workspace
+from provision.render import LAUNCH_JSON, WORKSPACE_FILES, render_for_host
 from provision.steps import Step, StepBlocked, home_of, primary_group
 from provision.versions import ImageSpec, resolve_image
 
@@ -34,23 +35,21 @@ def record_path(member: str) -> str:
     return f"/var/lib/provision/workspace-{member}.json"
 
 
-def _directories(files: dict[str, str]) -> list[str]:
+def _directories(files: Iterable[str]) -> list[str]:
     parents = {str(p) for path in files for p in PurePosixPath(path).parents if str(p) != "."}
     return ["", *sorted(parents)]
 
 
 def paths(inventory: Inventory) -> tuple[str, ...]:
     found: list[str] = []
-    # Which files, not their contents: the image of no particular host will do.
-    image = resolve_image(inventory.image)
+    # Which files, not their contents: naming them renders nothing (the plan renders them
+    # once, against the host's facts).
     for member in inventory.members:
         base = f"~{member.name}/{inventory.defaults.workspace_dir}"
-        files = render_workspace(inventory, member, host_alias=None, target=None, cache_gid=None,
-                                 image=image)
-        found += [f"{base}/{d}".rstrip("/") for d in _directories(files)]
-        found += [f"sha256:{base}/{path}" for path in files]
+        found += [f"{base}/{d}".rstrip("/") for d in _directories(WORKSPACE_FILES)]
+        found += [f"sha256:{base}/{path}" for path in WORKSPACE_FILES]
         found.append(record_path(member.name))
-    wheelhouse = image.wheelhouse
+    wheelhouse = resolve_image(inventory.image).wheelhouse
     if wheelhouse and inventory.members:
         found += [wheelhouse, *(f"~{m.name}/{inventory.defaults.workspace_dir}/{WHEELHOUSE}"
                                 for m in inventory.members)]
