@@ -154,15 +154,17 @@ rm -rf "$t"
 sec tools; for c in setfacl visudo flock sshd systemctl apt-get; do command -v "$c" >/dev/null && echo "$c"; done
 sec docker
 command -v docker
-info=$(docker info --format '{{.ServerVersion}} {{.ContainersRunning}}' 2>/dev/null)
-echo "${info% *}"
+# One `docker info` (a CLI start and an API call each): version, running containers, runtimes.
+info=$(docker info --format '{{.ServerVersion}} {{.ContainersRunning}} {{json .Runtimes}}' 2>/dev/null)
+version_running=${info%% \{*}
+echo "${version_running% *}"
 echo "active=$(systemctl is-active docker 2>/dev/null)"
 echo "enabled=$(systemctl is-enabled docker 2>/dev/null)"
-echo "running=${info#* }"
+echo "running=${version_running#* }"
 # provision's images and units (lines a host recorded before they were asked for lacks: none).
 docker image ls --format 'image={{.Repository}}:{{.Tag}}' 2>/dev/null | grep '^image=provision/'
 for u in $PROVISION_UNITS; do echo "unit=$u $(systemctl is-active "$u" 2>/dev/null) $(systemctl is-enabled "$u" 2>/dev/null)"; done
-sec docker-runtimes; docker info --format '{{json .Runtimes}}' 2>/dev/null
+sec docker-runtimes; [ -n "$info" ] && echo "{${info#* \{}"
 sec packages; dpkg-query -W -f '${Package} ${Version} ${db:Status-Status}\n' docker-ce docker.io containerd.io nvidia-container-toolkit docker-ce-rootless-extras rootlesskit uidmap slirp4netns dbus-user-session fuse-overlayfs 2>/dev/null | grep ' installed$'
 sec rootless
 # Per account of interest (the service account too): lingering, its daemon's unit and socket,
@@ -195,10 +197,14 @@ nvidia-smi --query-gpu=index,name,driver_version,compute_cap,memory.total,uuid -
 echo "exit=$?"
 sec nvidia-ctk; nvidia-ctk --version 2>/dev/null | head -n 1
 sec apt-locks
+inodes=
 for f in /var/lib/dpkg/lock-frontend /var/lib/dpkg/lock /var/lib/apt/lists/lock; do
-  [ -e "$f" ] && echo "inode $f $(stat -c %i "$f")"
+  [ -e "$f" ] && inode=$(stat -c %i "$f") && echo "inode $f $inode" && inodes="$inodes $inode"
 done
-awk '{print "lock " $5 " " $6}' /proc/locks 2>/dev/null | while read -r _ pid dev; do
-  echo "lock $pid ${dev##*:} $(cat "/proc/$pid/comm" 2>/dev/null)"
+# Only the locks on those inodes: a host's daemons hold many others, each a read of its comm.
+awk -v inodes="$inodes" 'BEGIN { n = split(inodes, list, " "); for (i = 1; i <= n; i++) want[list[i]] }
+  { k = split($6, dev, ":"); if (dev[k] in want) print $5, dev[k] }' /proc/locks 2>/dev/null |
+while read -r pid inode; do
+  echo "lock $pid $inode $(cat "/proc/$pid/comm" 2>/dev/null)"
 done
 sec end
