@@ -405,8 +405,8 @@ def _flash_attn_3(spec: ImageSpec, overrides: dict[str, str]) -> None:
     if not spec.wheelhouse:
         raise _refuse(("flash_attn_3", "wheelhouse"), spec, overrides,
                       f"no index publishes FlashAttention-3 wheels for torch "
-                      f"{_minor(spec.torch)}: build one with bench/fa3/build.py and put it in "
-                      "the wheelhouse")
+                      f"{_minor(spec.torch)}: build one (bench/fa3/build.py in provision's "
+                      "source) into the wheelhouse")
     if _release(_minor(spec.torch)) < (2, 9):
         raise _refuse(("flash_attn_3", "torch"), spec, overrides,
                       "bench/fa3/build.py builds on torch's stable ABI, new in torch 2.9")
