@@ -32,6 +32,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the GPU machine runs this from a checkout, provision not installed
+from provision.service_client import send  # noqa: E402  (stdlib only: nothing to install there)
+
 SERVER = ROOT / "templates" / "service" / "sd35_api.py"
 WORKSPACE = ROOT / "templates" / "workspace"  # inference.py: beside the server on a host
 LOAD_WAIT = 3600  # seconds: real weights plus a cold FP8 compile
@@ -60,17 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def call(port: int, method: str, path: str, body: dict[str, Any] | None = None,
          timeout: float = 1800) -> tuple[int, dict[str, str], bytes]:
-    """One request to the local server. The same few lines as `provision.verify.service_call`,
-    which sends them through an SSH channel: importing provision here would need fabric and
-    paramiko on the GPU machine, which has neither."""
-    client = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        client.request(method, path, body=json.dumps(body) if body is not None else None,
-                       headers={"Content-Type": "application/json"})
-        answer = client.getresponse()
-        return answer.status, {k.lower(): v for k, v in answer.getheaders()}, answer.read()
-    finally:
-        client.close()
+    """One request to the local server, as `provision verify --service` sends it (through an SSH
+    channel there)."""
+    return send(http.client.HTTPConnection("127.0.0.1", port, timeout=timeout), method, path, body)
 
 
 def wait_ready(port: int, server: subprocess.Popen[bytes]) -> dict[str, Any]:

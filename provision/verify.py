@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from provision import service_client
 from provision.changes import as_member
 from provision.connection import Connection
 from provision.contract import (
@@ -258,13 +259,7 @@ def service_call(conn: Connection, address: str, port: int, method: str, path: s
     client = http.client.HTTPConnection(address, port, timeout=timeout)
     client.sock = conn.tunnel(address, port)
     client.sock.settimeout(timeout)
-    try:
-        client.request(method, path, body=json.dumps(body) if body is not None else None,
-                       headers={"Content-Type": "application/json"})
-        answer = client.getresponse()
-        return answer.status, {k.lower(): v for k, v in answer.getheaders()}, answer.read()
-    finally:
-        client.close()
+    return service_client.send(client, method, path, body)
 
 
 def verify_service(conn: Connection, inventory: Inventory, *, out: Path,

@@ -241,15 +241,26 @@ SNAPSHOT = ("getent passwd; getent group; getent shadow | cut -d: -f1,8; "
             "-printf '%p %u %g %m %s %l\\n' 2>/dev/null | sort; md5sum /etc/ssh/sshd_config")
 
 
-def converge(host: Host, *args: str) -> dict:
-    """`provision host NAME --json ARGS`: its report, exit code and stderr."""
-    result = host.cli("host", host.name, "--json", *args)
+def converge(host: Host, *args: str, timeout: float = 600) -> dict:
+    """`provision host NAME --json ARGS`: its report, exit code and stderr. `timeout`: a
+    converge that builds an image (the service's) takes longer than the default."""
+    result = host.cli("host", host.name, "--json", *args, timeout=timeout)
     assert result.stdout, result.stderr
     return {"exit": result.exit_code, "stderr": result.stderr, **json.loads(result.stdout)}
 
 
 def changes_of(report: dict) -> list[str]:
     return [c["summary"] for step in report["hosts"][0]["steps"] for c in step["changes"]]
+
+
+def assert_nothing_to_do(host: Host, *args: str, timeout: float = 600) -> dict:
+    """Converge a host that already matches and expect success with no change: the promise a
+    re-run rests on (each step plans nothing when the host is as it would make it). Returns
+    the report, for what a test checks beyond that."""
+    report = converge(host, *args, timeout=timeout)
+    assert report["exit"] == 0, report["stderr"][-3000:]
+    assert changes_of(report) == [], changes_of(report)
+    return report
 
 
 def step_of(report: dict, name: str) -> dict:

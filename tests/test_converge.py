@@ -17,7 +17,7 @@ from provision.connection import connect
 from provision.engine import LOCK_EXCLUSIVE
 from provision.inventory import load_inventory
 from provision.target import resolve_target
-from tests.conftest import SNAPSHOT, Host, changes_of, converge
+from tests.conftest import SNAPSHOT, Host, assert_nothing_to_do, changes_of, converge
 
 pytestmark = pytest.mark.sandbox
 
@@ -36,9 +36,7 @@ def team_host(make_host) -> tuple[Host, dict]:
 
 def test_a_ten_member_team_converges_then_nothing_is_left(team_host) -> None:
     host, _ = team_host
-    again = converge(host)
-    assert again["exit"] == 0, again["stderr"]
-    assert changes_of(again) == []
+    assert_nothing_to_do(host)
     assert host.cli("host", host.name, "--check").exit_code == 0
     for name in TEAM:
         user = host.testinfra.user(name)
@@ -352,8 +350,7 @@ def test_workspace_is_seeded_and_a_members_edit_is_drift_left_alone(make_host) -
 
     code, _ = host.ssh("alice", keys["alice"], f"echo '// mine' >> {settings}")
     assert code == 0
-    report = converge(host, "--only", "workspace")
-    assert report["exit"] == 0 and changes_of(report) == []
+    report = assert_nothing_to_do(host, "--only", "workspace")
     message = report["hosts"][0]["steps"][0]["message"]
     assert "was edited by alice: drifted, left alone" in message
     assert host.testinfra.file(settings).content_string.endswith("// mine\n")

@@ -13,7 +13,7 @@ import pytest
 import tomlkit
 
 from provision.sandbox import new_key_pair
-from tests.conftest import SNAPSHOT, Host, changes_of, converge
+from tests.conftest import SNAPSHOT, Host, assert_nothing_to_do, changes_of, converge
 
 pytestmark = pytest.mark.sandbox
 
@@ -143,8 +143,7 @@ def test_the_connecting_login_is_never_offboarded(own_host: Host) -> None:
     # She still logs in and runs sudo; the next run has nothing to say about her.
     assert host.exec("getent shadow lead | cut -d: -f8")[1].strip() == ""
     assert host.cli("facts", host.name).exit_code == 0
-    third = converge(host, "--only", "users")
-    assert third["exit"] == 0 and changes_of(third) == [], changes_of(third)
+    assert_nothing_to_do(host, "--only", "users")
 
 
 def test_a_system_group_or_changed_cache_group(own_host: Host) -> None:

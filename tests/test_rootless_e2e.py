@@ -15,7 +15,7 @@ import pytest
 import tomlkit
 
 from provision.sandbox import BASE_IMPORTED
-from tests.conftest import Host, changes_of, converge, doctor
+from tests.conftest import Host, assert_nothing_to_do, changes_of, converge, doctor
 
 pytestmark = pytest.mark.sandbox
 
@@ -54,9 +54,7 @@ def rootless_host(make_host) -> tuple[Host, dict[str, Path]]:
 
 def test_switching_to_rootless_converges_and_a_rerun_is_a_no_op(rootless_host) -> None:
     host, _ = rootless_host
-    again = converge(host)
-    assert again["exit"] == 0, again["stderr"]
-    assert changes_of(again) == []
+    assert_nothing_to_do(host)
     for name in ("alice", "bob"):
         assert "docker" not in host.testinfra.user(name).groups
         assert host.testinfra.file(f"/var/lib/systemd/linger/{name}").exists

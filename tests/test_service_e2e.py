@@ -25,7 +25,7 @@ import pytest
 import tomlkit
 
 from provision.sandbox import DEMO_MEMBER
-from tests.conftest import Host, require_modules
+from tests.conftest import Host, assert_nothing_to_do, converge, require_modules
 
 require_modules("httpx")
 
@@ -35,6 +35,7 @@ from PIL import Image  # noqa: E402
 pytestmark = pytest.mark.sandbox
 
 PORT = 8000
+BUILD_TIMEOUT = 2400  # seconds: a converge here builds the service's image
 SERVICE = """
 [service]
 port = 8000
@@ -95,10 +96,6 @@ class Forward:
         self.client.close()
 
 
-def converge(host: Host) -> dict:
-    result = host.cli("host", host.name, "--json", timeout=2400)
-    assert result.stdout, result.stderr
-    return {"exit": result.exit_code, "stderr": result.stderr, **json.loads(result.stdout)}
 
 
 @contextlib.contextmanager
@@ -120,7 +117,7 @@ def served(make_host) -> Iterator[tuple[Host, dict, httpx.Client]]:
     host: Host = make_host(try_it=True)
     with host.inventory.open("a") as inventory:
         inventory.write(SERVICE)
-    report = converge(host)
+    report = converge(host, timeout=BUILD_TIMEOUT)
     assert report["exit"] == 0, report["stderr"][-3000:]
     with client_through_ssh(host) as client:
         yield host, report, client
@@ -267,9 +264,7 @@ def test_a_killed_server_is_restarted_by_systemd(served) -> None:
 
 def test_a_second_converge_changes_nothing(served) -> None:
     host, _, client = served
-    again = converge(host)
-    assert again["exit"] == 0, again["stderr"][-3000:]
-    assert [c["summary"] for s in again["hosts"][0]["steps"] for c in s["changes"]] == []
+    assert_nothing_to_do(host, timeout=BUILD_TIMEOUT)
     assert ready(client)["status"] == "ready"
 
 
@@ -289,14 +284,14 @@ def served_rootless(make_host) -> Iterator[tuple[Host, dict, httpx.Client]]:
     host: Host = make_host(try_it=True, docker_mode="rootful")
     with host.inventory.open("a") as inventory:
         inventory.write(SERVICE)
-    rootful = converge(host)
+    rootful = converge(host, timeout=BUILD_TIMEOUT)
     assert rootful["exit"] == 0, rootful["stderr"][-3000:]
     assert host.exec("docker ps --filter name=^sd35-api$ --format '{{.Names}}'")[1].strip() \
         == "sd35-api"
     document = tomlkit.parse(host.inventory.read_text())
     document["defaults"]["docker_mode"] = "rootless"
     host.inventory.write_text(tomlkit.dumps(document))
-    switched = converge(host)
+    switched = converge(host, timeout=BUILD_TIMEOUT)
     assert switched["exit"] == 0, switched["stderr"][-3000:]
     with client_through_ssh(host) as client:
         yield host, switched, client
@@ -371,7 +366,5 @@ def test_rootless_killed_server_is_restarted_by_systemd(served_rootless) -> None
 
 def test_rootless_second_converge_changes_nothing(served_rootless) -> None:
     host, _, client = served_rootless
-    again = converge(host)
-    assert again["exit"] == 0, again["stderr"][-3000:]
-    assert [c["summary"] for s in again["hosts"][0]["steps"] for c in s["changes"]] == []
+    assert_nothing_to_do(host, timeout=BUILD_TIMEOUT)
     assert ready(client)["status"] == "ready"

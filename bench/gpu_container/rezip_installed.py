@@ -55,6 +55,7 @@ import os
 import sys
 import sysconfig
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from packaging.markers import default_environment
@@ -274,6 +275,16 @@ class WheelWriter:
         self.zf.close()
 
 
+def on_disk(name: str, files: list[tuple[Path, str]]) -> Iterator[tuple[Path, str]]:
+    """The (source, archive name) pairs of `files` whose source is still there: RECORD can
+    outlive a file deleted by hand, and one missing file should not cost the whole wheel."""
+    for src, arc in files:
+        if src.is_file():
+            yield src, arc
+        else:
+            warn(f"{name}: {arc} listed in RECORD is missing; skipped")
+
+
 def rezip(dist: im.Distribution, out_dir: Path) -> tuple[Path, int, int, list[str]] | None:
     name = dist.metadata["Name"]
     ver_s = dist.version
@@ -346,7 +357,8 @@ def rezip(dist: im.Distribution, out_dir: Path) -> tuple[Path, int, int, list[st
                 warn(f"{name}: {rel} is outside site-packages and not in a bin/; dropped")
             continue
         if parts[0] == info_name:
-            if len(parts) == 2 and parts[1] in INSTALLER_FILES:
+            # The installer's own files are not the wheel's; WHEEL is written anew from wheel_txt.
+            if len(parts) == 2 and (parts[1] in INSTALLER_FILES or parts[1] == "WHEEL"):
                 continue
             distinfo.append((base / rel, "/".join(parts)))
             continue
@@ -362,12 +374,7 @@ def rezip(dist: im.Distribution, out_dir: Path) -> tuple[Path, int, int, list[st
     size = 0
     nfiles = 0
     try:
-        for src, arc in main:
-            if arc == f"{info_name}/WHEEL":
-                continue  # written below from wheel_txt
-            if not src.is_file():
-                warn(f"{name}: {arc} listed in RECORD is missing; skipped")
-                continue
+        for src, arc in on_disk(name, main):
             size += w.add_file(src, arc)
             nfiles += 1
         for src, arc in scripts:
@@ -377,12 +384,7 @@ def rezip(dist: im.Distribution, out_dir: Path) -> tuple[Path, int, int, list[st
             data = src.read_bytes()
             size += w.add_bytes(fix_shebang(data), arc, mode=0o755)
             nfiles += 1
-        for src, arc in distinfo:  # .dist-info last, as the wheel spec recommends
-            if arc == f"{info_name}/WHEEL":
-                continue  # written below from wheel_txt
-            if not src.is_file():
-                warn(f"{name}: {arc} listed in RECORD is missing; skipped")
-                continue
+        for src, arc in on_disk(name, distinfo):  # .dist-info last, as the wheel spec recommends
             size += w.add_file(src, arc)
             nfiles += 1
         size += w.add_bytes(wheel_txt.encode(), f"{info_name}/WHEEL")
