@@ -154,17 +154,15 @@ rm -rf "$t"
 sec tools; for c in setfacl visudo flock sshd systemctl apt-get; do command -v "$c" >/dev/null && echo "$c"; done
 sec docker
 command -v docker
-# One `docker info` (a CLI start and an API call each): version, running containers, runtimes.
-info=$(docker info --format '{{.ServerVersion}} {{.ContainersRunning}} {{json .Runtimes}}' 2>/dev/null)
-version_running=${info%% \{*}
-echo "${version_running% *}"
+info=$(docker info --format '{{.ServerVersion}} {{.ContainersRunning}}' 2>/dev/null)
+echo "${info% *}"
 echo "active=$(systemctl is-active docker 2>/dev/null)"
 echo "enabled=$(systemctl is-enabled docker 2>/dev/null)"
-echo "running=${version_running#* }"
+echo "running=${info#* }"
 # provision's images and units (lines a host recorded before they were asked for lacks: none).
 docker image ls --format 'image={{.Repository}}:{{.Tag}}' 2>/dev/null | grep '^image=provision/'
 for u in $PROVISION_UNITS; do echo "unit=$u $(systemctl is-active "$u" 2>/dev/null) $(systemctl is-enabled "$u" 2>/dev/null)"; done
-sec docker-runtimes; [ -n "$info" ] && echo "{${info#* \{}"
+sec docker-runtimes; docker info --format '{{json .Runtimes}}' 2>/dev/null
 sec packages; dpkg-query -W -f '${Package} ${Version} ${db:Status-Status}\n' docker-ce docker.io containerd.io nvidia-container-toolkit docker-ce-rootless-extras rootlesskit uidmap slirp4netns dbus-user-session fuse-overlayfs 2>/dev/null | grep ' installed$'
 sec rootless
 # Per account of interest (the service account too): lingering, its daemon's unit and socket,
