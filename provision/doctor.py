@@ -45,7 +45,7 @@ from provision.image import host_image, image_tag
 from provision.inventory import SERVICE_NAME, Inventory, Member
 from provision.render import render_workspace
 from provision.templating import raw
-from provision.versions import FLOAT8_TORCH, SCALED_MM_TORCH
+from provision.versions import FLOAT8_TORCH, SCALED_MM_TORCH, ImageSpec
 
 WATCHED = ("**/.git/objects/**",)
 SYSTEM_SOCKET = "/var/run/docker.sock"
@@ -130,12 +130,20 @@ def _as(name: str, command: str) -> str:
             "printf '%s\\n' \"$out\" | tail -n 1")
 
 
-def verify_image(facts: HostFacts, inventory: Inventory, member: Member) -> str | None:
+def decide_image(facts: HostFacts, inventory: Inventory) -> ImageSpec | InventoryError:
+    """The team image for this host, decided once per doctor call: the probe looks inside it
+    and the image check reports it, or the reason this host's driver cannot run it."""
+    try:
+        return host_image(facts, inventory)
+    except InventoryError as exc:
+        return exc
+
+
+def verify_image(image: ImageSpec | InventoryError, inventory: Inventory,
+                 member: Member) -> str | None:
     """The tag `verify` builds on this host (None when its driver cannot run the image: the
     image check says why)."""
-    try:
-        image = host_image(facts, inventory)
-    except InventoryError:
+    if isinstance(image, InventoryError):
         return None
     return image_tag(render_workspace(inventory, member, host_alias=None, target=None,
                                       cache_gid=None, image=image))
@@ -147,8 +155,9 @@ def _exit_ok(lines: list[str]) -> tuple[bool, str]:
 
 
 def checks(facts: HostFacts, probe: str, inventory: Inventory, members: tuple[Member, ...],
-           min_free_gb: float, workspace_settings: dict[str, str | None]) -> list[Check]:
-    """Pure: facts + probe transcript → verdicts."""
+           min_free_gb: float, workspace_settings: dict[str, str | None],
+           image: ImageSpec | InventoryError) -> list[Check]:
+    """Pure: facts + probe transcript (+ the image `decide_image` chose) → verdicts."""
     sections = split_sections(probe)
     defaults = inventory.defaults
     found: list[Check] = []
@@ -197,7 +206,7 @@ def checks(facts: HostFacts, probe: str, inventory: Inventory, members: tuple[Me
         "" if free_gb >= min_free_gb else "free space there, or move cache_dir to a larger "
                                           "volume (SD3.5 Large needs about 30 GB)"))
     found.extend(_gpu_checks(facts, sections))
-    found.append(_image_vs_driver(facts, inventory))
+    found.append(_image_vs_driver(facts, image))
     found.extend(_image_checks(facts, sections))
     if inventory.service is not None:
         found.extend(_service_checks(sections))
@@ -328,15 +337,14 @@ def _shared_cache(facts: HostFacts, inventory: Inventory) -> Check:
     return Check("shared cache", "pass", f"{where}, default ACLs for {group}")
 
 
-def _image_vs_driver(facts: HostFacts, inventory: Inventory) -> Check:
+def _image_vs_driver(facts: HostFacts, image: ImageSpec | InventoryError) -> Check:
     """The team image's CUDA (flavour and base) against this host's driver."""
     name = "image's CUDA vs the driver"
     if facts.nvidia.driver is None:
         return Check(name, "skip", "no NVIDIA driver answers on this host")
-    try:
-        return Check(name, "pass", host_image(facts, inventory).choice)
-    except InventoryError as exc:
-        return Check(name, "fail", exc.problem, exc.remedy)
+    if isinstance(image, InventoryError):
+        return Check(name, "fail", image.problem, image.remedy)
+    return Check(name, "pass", image.choice)
 
 
 def _gpu_checks(facts: HostFacts, sections: dict[str, list[str]]) -> list[Check]:
@@ -401,13 +409,14 @@ def run_doctor(conn: Connection, inventory: Inventory, members: tuple[Member, ..
     workspace = inventory.defaults.workspace_dir
     settings_paths = {m.name: f"~{m.name}/{workspace}/{SETTINGS}" for m in members}
     facts = gather_facts(conn, inventory, (*settings_paths.values(), SUBUID, SUBGID))
+    decided = decide_image(facts, inventory)
     if image is None and members:
-        image = verify_image(facts, inventory, members[0])
+        image = verify_image(decided, inventory, members[0])
     gpu_args = host_gpu_args(facts, "all", rootless=inventory.defaults.rootless)
     probe = conn.run(probe_script(inventory, members, image, gpu_args),
                      what="doctor probe", check=False)
     settings = {name: facts.text(path) for name, path in settings_paths.items()}
-    found = checks(facts, probe.stdout, inventory, members, min_free_gb, settings)
+    found = checks(facts, probe.stdout, inventory, members, min_free_gb, settings, decided)
     # Only where nvidia-smi answers: a GPU it cannot read is the GPU checks' failure.
     usage = read_usage(conn, inventory, conn.name, parse_duration(DEFAULT_IDLE_AFTER)
                        ) if facts.nvidia.gpus else None

@@ -16,8 +16,8 @@ import pytest
 
 from provision import doctor
 from provision.errors import InventoryError
-from provision.facts import IdRange, MemberDaemon, PathState, read_ranges
-from provision.inventory import load_inventory, parse_inventory
+from provision.facts import HostFacts, IdRange, MemberDaemon, PathState, read_ranges
+from provision.inventory import Inventory, Member, load_inventory, parse_inventory
 from provision.render import render_workspace
 from provision.sandbox import new_inventory
 from provision.steps import hf_cache, nvidia, rootless, users
@@ -224,18 +224,26 @@ Got permission denied while trying to connect to the Docker daemon socket
 """
 
 
+def verdicts(facts: HostFacts, probe: str, inventory: Inventory,
+             members: tuple[Member, ...]) -> dict[str, doctor.Check]:
+    """Doctor's verdicts on these facts and probe transcript, by check name."""
+    found = doctor.checks(facts, probe, inventory, members, 1, {},
+                          doctor.decide_image(facts, inventory))
+    return {check.name: check for check in found}
+
+
 def test_doctor_checks_her_daemon_the_system_socket_ranges_and_lingering() -> None:
     facts = facts_of(ROOTLESS)
     inventory = load_inventory(FIXTURES / "facts" / f"{ROOTLESS}.toml")
     members = (inventory.member("alice"),)
-    found = {c.name: c for c in doctor.checks(facts, PROBE, inventory, members, 1, {})}
+    found = verdicts(facts, PROBE, inventory, members)
     for name in ("alice's own daemon", "alice is refused the system socket",
                  "alice's lingering", "subordinate ranges"):
         assert found[name].status == "pass", found[name]
     assert found["alice's GPU runtime"].status == "skip"
     reached = PROBE.replace("exit=1\nGot permission denied while trying to connect to the "
                             "Docker daemon socket", "exit=0\n20.10.24+dfsg1")
-    found = {c.name: c for c in doctor.checks(facts, reached, inventory, members, 1, {})}
+    found = verdicts(facts, reached, inventory, members)
     assert found["alice is refused the system socket"].status == "fail"
     daemons = {**facts.member_daemons, "alice": dataclasses.replace(
         facts.member_daemons["alice"], linger=False)}
@@ -243,7 +251,7 @@ def test_doctor_checks_her_daemon_the_system_socket_ranges_and_lingering() -> No
                                  content="dev:165536:65536\nalice:200000:65536\n")
     broken = dataclasses.replace(facts, member_daemons=daemons,
                                  paths={**facts.paths, "/etc/subuid": subuid})
-    found = {c.name: c for c in doctor.checks(broken, PROBE, inventory, members, 1, {})}
+    found = verdicts(broken, PROBE, inventory, members)
     assert found["alice's lingering"].status == "fail"
     assert found["subordinate ranges"].status == "fail"
     assert "overlaps dev 165536-231071" in found["subordinate ranges"].evidence
@@ -361,8 +369,7 @@ def test_debians_docker_io_gives_rootless_members_no_gpu_and_says_so() -> None:
            "daemon" in note
     assert 'docker_source = "docker-ce"' in note and 'docker_mode = "rootful"' in note
     members = (rootless_inventory().member("alice"),)
-    found = {c.name: c for c in doctor.checks(facts, PROBE, rootless_inventory(), members, 1,
-                                              {})}
+    found = verdicts(facts, PROBE, rootless_inventory(), members)
     assert found["alice's GPU runtime"].status == "fail"
     assert 'docker_source = "docker-ce"' in found["alice's GPU runtime"].remedy
 
@@ -384,9 +391,9 @@ def test_doctor_passes_her_gpu_check_when_her_daemon_reads_etc_cdi() -> None:
     probe = PROBE.replace("@@@provision:end", "@@@provision:cdi-alice\nexit=0\n"
                                               '["/etc/cdi","/var/run/cdi"]\n@@@provision:end')
     members = (inventory.member("alice"),)
-    found = {c.name: c for c in doctor.checks(facts, probe, inventory, members, 1, {})}
+    found = verdicts(facts, probe, inventory, members)
     assert found["alice's GPU runtime"].status == "pass"
-    off = {c.name: c for c in doctor.checks(facts, PROBE, inventory, members, 1, {})}
+    off = verdicts(facts, PROBE, inventory, members)
     assert off["alice's GPU runtime"].status == "fail"
     script = doctor.probe_script(inventory, members, "img", ["--device=nvidia.com/gpu=all"])
     assert "run --rm --device=nvidia.com/gpu=all ubuntu:24.04 nvidia-smi -L" in script
@@ -413,3 +420,24 @@ def test_the_rootless_devcontainer_asks_for_her_gpus_as_cdi_devices(gpus, device
                                           image=resolve_image(inventory.image))[
         ".devcontainer/devcontainer.json"])
     assert rootful["runArgs"] == [*devices, "--shm-size=16g"]  # the same CDI devices
+
+
+def test_doctor_decides_the_image_once_and_says_why_an_old_driver_cannot_run_it() -> None:
+    """The image check and the tag the probe looks inside come from one decision: on the
+    H200's facts with the driver made too old by hand (SYNTHESIZED), no tag to look inside and
+    the refusal as the check's evidence; on its own driver, the flavour chosen."""
+    facts = gpu_host("docker-ce", "28.5.1")
+    inventory = rootless_inventory()
+    members = (inventory.member("alice"),)
+    decided = doctor.decide_image(facts, inventory)
+    assert doctor.verify_image(decided, inventory, members[0]).startswith("provision/sd35-fp8:")
+    assert verdicts(facts, PROBE, inventory, members)[
+        "image's CUDA vs the driver"].status == "pass"
+    gpus = tuple(dataclasses.replace(gpu, driver="520.61.05") for gpu in facts.nvidia.gpus)
+    old = dataclasses.replace(facts, nvidia=dataclasses.replace(facts.nvidia, gpus=gpus))
+    refused = doctor.decide_image(old, inventory)
+    assert isinstance(refused, InventoryError)
+    assert doctor.verify_image(refused, inventory, members[0]) is None
+    check = verdicts(old, PROBE, inventory, members)["image's CUDA vs the driver"]
+    assert (check.status, check.evidence) == ("fail", refused.problem)
+    assert "NVIDIA driver 520.61.05" in check.evidence

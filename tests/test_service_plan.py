@@ -156,10 +156,10 @@ def doctor_probe(unit: str, health: str, restarts: str) -> str:
 ])
 def test_doctor_reads_the_unit_the_health_and_the_restarts(tmp_path: Path, probe: str,
                                                           verdicts: dict[str, str]) -> None:
-    from provision.doctor import checks
+    from provision.doctor import checks, decide_image
 
-    inv = inventory(tmp_path, model="tiny")
-    found = {c.name: c for c in checks(facts_of(SANDBOX), probe, inv, (), 1.0, {})}
+    inv, facts = inventory(tmp_path, model="tiny"), facts_of(SANDBOX)
+    found = {c.name: c for c in checks(facts, probe, inv, (), 1.0, {}, decide_image(facts, inv))}
     assert {name: found[name].status for name in verdicts} == verdicts
     if verdicts["service health"] == "pass":
         assert found["service health"].evidence == ("ready: tiny on cpu, --fp8 storage, "
@@ -169,12 +169,12 @@ def test_doctor_reads_the_unit_the_health_and_the_restarts(tmp_path: Path, probe
 
 
 def test_doctor_has_no_service_checks_without_a_service_table(tmp_path: Path) -> None:
-    from provision.doctor import checks, probe_script
+    from provision.doctor import checks, decide_image, probe_script
 
-    inv = parse_inventory({}, tmp_path / "provision.toml")
+    inv, facts = parse_inventory({}, tmp_path / "provision.toml"), facts_of(SANDBOX)
     assert "sd35-api" not in probe_script(inv, (), None, [])
-    names = [c.name for c in checks(facts_of(SANDBOX), "\n@@@provision:end\n", inv, (), 1.0,
-                                    {})]
+    names = [c.name for c in checks(facts, "\n@@@provision:end\n", inv, (), 1.0, {},
+                                    decide_image(facts, inv))]
     assert not [n for n in names if n.startswith("service")]
 
 
