@@ -2,9 +2,9 @@
 `[service]`, run by systemd in the team image, reached as a member reaches it, through an SSH
 port forward to the host's loopback.
 
-Twice: in the system daemon (docker_mode rootful), and on a second sandbox first rootful and
-then switched to docker_mode rootless, where the container moves into the sd35-api account's
-own rootless daemon."""
+Twice on one sandbox: in the system daemon (docker_mode rootful), then switched to
+docker_mode rootless, where the container, and the image by its tag, move into the sd35-api
+account's own rootless daemon."""
 
 from __future__ import annotations
 
@@ -278,14 +278,11 @@ def as_service(host: Host, command: str) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="module")
-def served_rootless(make_host) -> Iterator[tuple[Host, dict, httpx.Client]]:
-    """A second sandbox: the service converged rootful (in the system daemon, proven healthy),
-    then docker_mode switched to rootless and converged again."""
-    host: Host = make_host(try_it=True, docker_mode="rootful")
-    with host.inventory.open("a") as inventory:
-        inventory.write(SERVICE)
-    rootful = converge(host, timeout=BUILD_TIMEOUT)
-    assert rootful["exit"] == 0, rootful["stderr"][-3000:]
+def served_rootless(served) -> Iterator[tuple[Host, dict, httpx.Client]]:
+    """The rootful tests' sandbox, after them (the tests above ran there): docker_mode switched
+    to rootless and converged again, so the service moves into the sd35-api account's own
+    daemon, and its image with it (copied from the system daemon, not built again)."""
+    host: Host = served[0]
     assert host.exec("docker ps --filter name=^sd35-api$ --format '{{.Names}}'")[1].strip() \
         == "sd35-api"
     document = tomlkit.parse(host.inventory.read_text())
@@ -306,8 +303,12 @@ def test_rootless_switch_moves_the_service_into_the_accounts_own_daemon(served_r
     assert any(s.startswith("sd35-api: subordinate uids ") for s in summaries), summaries
     assert "sd35-api: lingering on (her daemon runs while she is logged out)" in summaries
     assert any(s.startswith("sd35-api: her own Docker daemon") for s in summaries)
-    assert any(s.startswith("build the team image provision/sd35-fp8:") and
-               "in its own daemon, as sd35-api" in s for s in summaries), summaries
+    # The system daemon's image, by its tag, copied into the account's daemon: no build.
+    (copied,) = [s for s in summaries if s.startswith("copy the team image ")]
+    assert "from the system daemon into its own daemon, as sd35-api" in copied, copied
+    tag = copied.split()[4]
+    assert not [s for s in summaries if s.startswith("build the team image")], summaries
+    assert as_service(host, f"docker image inspect --format ok {tag}")[1].strip() == "ok"
     assert summaries[-1].endswith("(docker_mode switched: its container moves to its own "
                                   "daemon)"), summaries
     assert host.exec("systemctl is-active sd35-api.service")[1].strip() == "active"

@@ -272,14 +272,24 @@ def test_rootless_converged_plans_nothing_and_images_come_from_its_daemon() -> N
     inv = rootless_inventory(model="tiny")
     done = converged_rootless(facts, inv)
     assert service.plan(done, inv) == []
-    # The tag in the system daemon does not count: the unit runs in the account's own one.
+    # The tag in the system daemon does not count: the unit runs in the account's own one,
+    # where the image is copied from the system daemon (a build's result, by its tag) ...
     (tag,) = done.member_daemons["sd35-api"].images
-    elsewhere = dataclasses.replace(done, images=(tag,), member_daemons={
-        **done.member_daemons, "sd35-api": dataclasses.replace(
-            done.member_daemons["sd35-api"], images=())})
-    assert [c.summary.split(" (")[0] for c in service.plan(elsewhere, inv)] == [
-        f"build the team image {tag} for the service in its own daemon, as sd35-api",
+    own = dataclasses.replace(done.member_daemons["sd35-api"], images=())
+    elsewhere = dataclasses.replace(done, images=(tag,),
+                                    member_daemons={**done.member_daemons, "sd35-api": own})
+    copy, restart = service.plan(elsewhere, inv)
+    assert [copy.summary, restart.summary.split(" (")[0]] == [
+        f"copy the team image {tag} for the service from the system daemon into its own "
+        "daemon, as sd35-api (the same build inputs: no build)",
         "(re)start sd35-api.service on 127.0.0.1:8000: its definition changed"]
+    script = copy.script().strip()
+    assert script.startswith(f"docker save {tag} | runuser -u sd35-api -- ")
+    assert script.endswith("docker load'")
+    # ... and built there when no daemon of the host has it.
+    nowhere = dataclasses.replace(elsewhere, images=())
+    assert service.plan(nowhere, inv)[0].summary.startswith(
+        f"build the team image {tag} for the service in its own daemon, as sd35-api (")
 
 
 def test_switching_rootful_to_rootless_moves_the_container_between_daemons() -> None:
@@ -311,9 +321,14 @@ def test_switching_rootless_to_rootful_stops_the_accounts_daemon_after_the_move(
     assert leave.startswith("runuser -u sd35-api -- ") and "docker rm --force sd35-api" in leave
     assert summaries[-1].startswith("sd35-api: stop her rootless daemon (its images and data "
                                     "stay in /var/lib/sd35-api/.local/share/docker)")
-    # Its system-daemon image is built again only if the system daemon lacks it.
-    assert any(s.startswith("build the team image") and "in the system daemon" in s
-               for s in summaries)
+    # The system daemon lacks the image: it is copied from the account's, which has it.
+    (tag,) = done.member_daemons["sd35-api"].images
+    copy = next(c for c in changes if c.summary.startswith("copy the team image"))
+    assert copy.summary.startswith(f"copy the team image {tag} for the service from its own "
+                                   "daemon into the system daemon")
+    script = copy.script().strip()
+    assert script.startswith("runuser -u sd35-api -- ")
+    assert script.endswith(f"docker save {tag}' | docker load")
 
 
 def test_rootless_scripts_parse_as_posix_sh(tmp_path: Path) -> None:

@@ -266,13 +266,7 @@ def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
             verb = "write" if current is None else "update"
             definition.append(Change(NAME, f"{verb} {path}", (WriteFile(path, content, current),)))
     if tag not in images_of(facts, inventory):
-        daemon = "in its own daemon, as sd35-api" if mode_rootless else "in the system daemon"
-        build = (as_member(SERVICE_NAME, build_script(files, tag, image, ROOTLESS_BUILD_ROOT))
-                 if mode_rootless else
-                 # A subshell: the script's own `exit` ends the build only.
-                 f"(\n{build_script(files, tag, image)})")
-        definition.append(run(NAME, f"build the team image {tag} for the service {daemon} "
-                                    f"({image.choice}; minutes the first time)", build))
+        definition.append(_team_image(facts, mode_rootless, files, tag, image))
     changes += definition
     state = facts.units.get(SERVICE_UNIT)
     where = f"{service.bind}:{service.port}"
@@ -295,6 +289,28 @@ def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
     if not mode_rootless and (stop := rootless.stop_daemon(facts, SERVICE_NAME, NAME)):
         changes.append(stop)  # after the restart: its container has left that daemon
     return changes
+
+
+def _team_image(facts: HostFacts, mode_rootless: bool, files: dict[str, str], tag: str,
+                image: ImageSpec) -> Change:
+    """The team image in the daemon the service uses. Where the other daemon already holds
+    this tag (a docker_mode switch), the image is copied across (`docker save | docker load`):
+    the tag is the hash of its build inputs, so it is the image a build would make, without
+    the build's minutes (its CUDA wheels' downloads, on a GPU host). Otherwise it is built."""
+    own = "its own daemon, as sd35-api" if mode_rootless else "the system daemon"
+    daemon = facts.member_daemons.get(SERVICE_NAME)
+    if tag in (facts.images if mode_rootless else daemon.images if daemon else ()):
+        save, load = (f"docker save {tag}", as_member(SERVICE_NAME, "docker load")) \
+            if mode_rootless else (as_member(SERVICE_NAME, f"docker save {tag}"), "docker load")
+        other = "the system daemon" if mode_rootless else "its own daemon"
+        return run(NAME, f"copy the team image {tag} for the service from {other} into {own} "
+                         "(the same build inputs: no build)", f"{save.strip()} | {load.strip()}")
+    build = (as_member(SERVICE_NAME, build_script(files, tag, image, ROOTLESS_BUILD_ROOT))
+             if mode_rootless else
+             # A subshell: the script's own `exit` ends the build only.
+             f"(\n{build_script(files, tag, image)})")
+    return run(NAME, f"build the team image {tag} for the service in {own} "
+                     f"({image.choice}; minutes the first time)", build)
 
 
 def _leave_other_daemon(facts: HostFacts, mode_rootless: bool) -> tuple[str, ...]:
