@@ -33,13 +33,15 @@ The container runs in the Docker that `docker_mode` says:
 The unit restarts only when its definition changed (unit, environment, API files or image);
 an unchanged inventory leaves a running service alone, and a stopped one is only started.
 A switch of docker_mode is such a change: the unit is stopped, the container left in the
-other daemon removed, and the unit started in the new one; the image and compile cache of the
-old mode stay where they were (rootless to rootful also stops the account's daemon, keeping
-its data). The port is published on `bind` (loopback unless the inventory says otherwise):
-members reach it through their SSH connection. Before anything, the port is checked against
-the host: sshd's port, or one something else listens on, blocks the step (a unit that cannot
-publish its port restarts for ever); any other bind is open to the network, and the API has no
-authentication: the plan warns.
+other daemon removed, and the unit started in the new one. The new daemon gets the image by
+copy from the old one (`docker save | docker load`: the same tag is the same build inputs)
+rather than by a build; the old mode's image and compile cache stay where they were (rootless
+to rootful also stops the account's daemon, keeping its data).
+
+The port is published on `bind` (loopback unless the inventory says otherwise): members reach it
+through their SSH connection. Before anything, the port is checked against the host: sshd's port,
+or one something else listens on, blocks the step (a unit that cannot publish its port restarts for
+ever); any other bind is open to the network, and the API has no authentication: the plan warns.
 
 A `[service]` table removed from the inventory stops and disables the unit and removes it; the
 account, its state (the compile cache) and the image stay.
