@@ -232,9 +232,9 @@ def unit_text(facts: HostFacts, inventory: Inventory, service: Service, tag: str
                   shm_size=SHM_SIZE, hf_home=HF_MOUNT, gpu_args=gpu_args)
 
 
-def images_of(facts: HostFacts, inventory: Inventory) -> tuple[str, ...]:
-    """provision's images in the daemon the service uses (the account's own when rootless)."""
-    if not inventory.defaults.rootless:
+def images_of(facts: HostFacts, rootless: bool) -> tuple[str, ...]:
+    """provision's images in the daemon of that mode (the account's own when rootless)."""
+    if not rootless:
         return facts.images
     daemon = facts.member_daemons.get(SERVICE_NAME)
     return daemon.images if daemon else ()
@@ -267,7 +267,7 @@ def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
         if current != content:
             verb = "write" if current is None else "update"
             definition.append(Change(NAME, f"{verb} {path}", (WriteFile(path, content, current),)))
-    if tag not in images_of(facts, inventory):
+    if tag not in images_of(facts, mode_rootless):
         definition.append(_team_image(facts, mode_rootless, files, tag, image))
     changes += definition
     state = facts.units.get(SERVICE_UNIT)
@@ -300,8 +300,7 @@ def _team_image(facts: HostFacts, mode_rootless: bool, files: dict[str, str], ta
     the tag is the hash of its build inputs, so it is the image a build would make, without
     the build's minutes (its CUDA wheels' downloads, on a GPU host). Otherwise it is built."""
     own = "its own daemon, as sd35-api" if mode_rootless else "the system daemon"
-    daemon = facts.member_daemons.get(SERVICE_NAME)
-    if tag in (facts.images if mode_rootless else daemon.images if daemon else ()):
+    if tag in images_of(facts, not mode_rootless):
         save, load = (f"docker save {tag}", as_member(SERVICE_NAME, "docker load")) \
             if mode_rootless else (as_member(SERVICE_NAME, f"docker save {tag}"), "docker load")
         other = "the system daemon" if mode_rootless else "its own daemon"
