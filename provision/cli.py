@@ -417,12 +417,18 @@ NameOption = Annotated[str, typer.Option("--name", help="The sandbox's name and 
 
 
 @sandbox_app.command("up")
-def sandbox_up(ctx: typer.Context, name: NameOption = "sandbox") -> None:
+def sandbox_up(ctx: typer.Context, name: NameOption = "sandbox",
+               one_filesystem: Annotated[bool, typer.Option(
+                   "--one-filesystem",
+                   help="Homes on the sandbox's root filesystem, as on a one-disk server "
+                        "(members' rootless Docker then runs fuse-overlayfs: slower builds)",
+               )] = False) -> None:
     """Start a local target host (systemd + sshd on 127.0.0.1) and add it to the inventory."""
     from provision import sandbox as sandboxes  # the Docker SDK costs every other command 0.1 s
 
     with ctx.obj.board() as board, board.task(name) as task:
-        sandboxes.up(name, ctx.obj.inventory, log=board.echo, try_it=True, progress=task)
+        sandboxes.up(name, ctx.obj.inventory, log=board.echo, try_it=True,
+                     one_filesystem=one_filesystem, progress=task)
 
 
 @sandbox_app.command("down")

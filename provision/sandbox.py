@@ -51,17 +51,20 @@ HOST_CONFIG = {
     "tmpfs": {"/run": "", "/run/lock": ""},
 }
 UNMASKED_PATHS = {"MaskedPaths": [], "ReadonlyPaths": []}
-# The system daemon's data lives on a named volume: its overlay2 cannot sit on the sandbox
-# container's own overlay root. /home stays on that root (a member's rootless daemon there runs
-# fuse-overlayfs): a /home volume would be another filesystem than /etc, and the hard links a
-# member plants to root's files (tests/test_planted_links_e2e.py, as on a real server's one
-# filesystem) could not exist.
-ENGINE_DATA = "/var/lib/docker"
+# Named volumes, by the path each holds in the sandbox. /var/lib/docker: the system daemon's
+# overlay2 cannot sit on the container's own overlay root. /home: nor can a member's rootless
+# daemon's (~/.local/share/docker); on that root it falls back to fuse-overlayfs, and building
+# the team image in her daemon took twice as long (bench/results/main-job/). Homes on a
+# filesystem of their own are a server whose /home is its own disk. `one_filesystem` leaves
+# /home on the root, one filesystem with /etc as on a one-disk server: only there can a member
+# plant a hard link to root's files (tests/test_planted_links_e2e.py).
+VOLUMES = {"docker": "/var/lib/docker", "home": "/home"}
 
 
-def engine_volume(name: str) -> str:
-    """The named volume that holds sandbox `name`'s Docker data."""
-    return f"{container_name(name)}-docker"
+def volume_names(name: str, one_filesystem: bool = False) -> dict[str, str]:
+    """Sandbox `name`'s named volumes, each to the path it is mounted at."""
+    return {f"{container_name(name)}-{suffix}": path for suffix, path in VOLUMES.items()
+            if not (one_filesystem and path == "/home")}
 
 
 # Copied into the host image beside its Dockerfile (templates/sandbox/).
@@ -210,12 +213,13 @@ def new_key_pair(directory: Path) -> str:
 
 
 def up(name: str, inventory: Path, log=print, *, try_it: bool = False,
-       progress: Task = QUIET) -> Sandbox:
+       one_filesystem: bool = False, progress: Task = QUIET) -> Sandbox:
     """Start sandbox `name` (or return it if it runs) and register it in the inventory.
 
     `try_it` (journey 1, `provision sandbox up`): an inventory this creates also gets a demo
     member and the CPU image, and the sandbox gets that image's base and wheels, so that
     `provision host NAME` and `provision verify NAME` work next with no registry in reach.
+    `one_filesystem`: /home on the sandbox's root, not a volume (VOLUMES says why).
     """
     client = docker_client()
     existing = find(name, inventory)
@@ -233,7 +237,8 @@ def up(name: str, inventory: Path, log=print, *, try_it: bool = False,
     # files; they go in through Docker, so while systemd boots.
     seeding = try_it and not inventory.exists()
     progress.status("starting the sandbox")
-    container = start_container(client, name, image, public_key, inventory)
+    container = start_container(client, name, image, public_key, inventory,
+                                one_filesystem)
     try:
         if seeding:
             seed_offline_image(client, container, base, log, progress)
@@ -244,7 +249,7 @@ def up(name: str, inventory: Path, log=print, *, try_it: bool = False,
     except BaseException:
         # Leave nothing half made: no container, no host table, no key files.
         _remove_container(client, container_name(name))
-        _remove_volume(client, name)
+        _remove_volumes(client, name)
         created_text = state_dir / "inventory-as-created.toml"
         unregister(inventory, name, created_text.read_text() if created_text.exists() else None)
         shutil.rmtree(state_dir, ignore_errors=True)
@@ -257,13 +262,14 @@ def up(name: str, inventory: Path, log=print, *, try_it: bool = False,
 
 
 def start_container(client: docker.DockerClient, name: str, image: str, public_key: str,
-                    inventory: Path) -> str:
+                    inventory: Path, one_filesystem: bool = False) -> str:
     """Create, put the admin key in place, start: sshd accepts the key from its first breath."""
     cname = container_name(name)
+    binds = {volume: {"bind": path, "mode": "rw"}
+             for volume, path in volume_names(name, one_filesystem).items()}
     host_config = client.api.create_host_config(
         port_bindings={22: ("127.0.0.1", None)},
-        binds={engine_volume(name): {"bind": ENGINE_DATA, "mode": "rw"},
-               "/sys/fs/cgroup": {"bind": "/sys/fs/cgroup", "mode": "rw"}},
+        binds={**binds, "/sys/fs/cgroup": {"bind": "/sys/fs/cgroup", "mode": "rw"}},
         **HOST_CONFIG,
     )
     host_config.update(UNMASKED_PATHS)
@@ -483,11 +489,11 @@ def status(name: str, inventory: Path) -> dict[str, object]:
 
 
 def down(name: str, inventory: Path, log=print) -> bool:
-    """Remove the container, its Docker volume, its key files and its inventory entry."""
+    """Remove the container, its Docker volumes, its key files and its inventory entry."""
     sandbox = find(name, inventory)
     client = docker_client()
     removed = _remove_container(client, container_name(name))
-    _remove_volume(client, name)
+    _remove_volumes(client, name)
     if sandbox is None:
         return removed
     as_created = Path(sandbox.state_dir) / "inventory-as-created.toml"
@@ -516,9 +522,10 @@ def unregister(inventory: Path, name: str, as_created: str | None) -> None:
         atomic_write(inventory, text)
 
 
-def _remove_volume(client: docker.DockerClient, name: str) -> None:
-    with contextlib.suppress(docker.errors.NotFound):
-        client.volumes.get(engine_volume(name)).remove(force=True)
+def _remove_volumes(client: docker.DockerClient, name: str) -> None:
+    for volume in volume_names(name):
+        with contextlib.suppress(docker.errors.NotFound):
+            client.volumes.get(volume).remove(force=True)
 
 
 def _remove_container(client: docker.DockerClient, cname: str) -> bool:

@@ -191,17 +191,19 @@ def make_host(docker_engine, tmp_path_factory) -> Iterator[Callable[..., Host]]:
 
     `docker_mode` is written into the sandbox's inventory (rootful unless asked otherwise).
     `try_it=True` is `provision sandbox up` for journey 1: its own inventory with a demo member
-    and the CPU image, whose base and wheels the sandbox then holds.
+    and the CPU image, whose base and wheels the sandbox then holds. `one_filesystem=True`:
+    /home on the sandbox's root, with /etc (a one-disk server).
     """
     made: list[Host] = []
 
-    def make(try_it: bool = False, docker_mode: str = "rootful") -> Host:
+    def make(try_it: bool = False, docker_mode: str = "rootful",
+             one_filesystem: bool = False) -> Host:
         name = f"t{os.getpid()}-{next(_names)}"
         base = tmp_path_factory.mktemp(name)
         inventory, home = base / "provision.toml", base / "home"
         home.mkdir()
-        host = Host(sandboxes.up(name, inventory, log=lambda *_: None, try_it=try_it),
-                    inventory, home)
+        host = Host(sandboxes.up(name, inventory, log=lambda *_: None, try_it=try_it,
+                                 one_filesystem=one_filesystem), inventory, home)
         # `sandbox up` writes docker_mode = "rootless"; the tests written before the mode
         # existed exercise the docker group, and ask for rootful. Rootless tests ask for it.
         document = tomlkit.parse(inventory.read_text())

@@ -35,16 +35,18 @@ def test_the_base_archive_is_named_as_the_inventory_names_it(make_host) -> None:
     assert json.loads(manifest)[0]["RepoTags"] == [wanted]
 
 
-def test_the_engine_lies_on_a_volume_that_down_removes(own_host) -> None:
-    """The system daemon's data (/var/lib/docker) is a named volume, so its overlay2 does not
-    sit on the sandbox container's own overlay root; homes stay on that root, one filesystem
-    with /etc as on a real server. `sandbox down` leaves no volume behind."""
-    code, fstype = own_host.exec("findmnt -n -o FSTYPE --target /var/lib/docker")
-    assert code == 0 and fstype.strip() not in ("overlay", "fuse.fuse-overlayfs"), fstype
-    code, fstype = own_host.exec("findmnt -n -o FSTYPE --target /home")
-    assert code == 0 and fstype.strip() == "overlay", fstype
-    volume = sandboxes.engine_volume(own_host.name)
+def test_the_engine_and_the_homes_lie_on_volumes_that_down_removes(own_host) -> None:
+    """The system daemon's data (/var/lib/docker) and the homes are named volumes, so neither
+    the system daemon's overlay2 nor a member's rootless one sits on the sandbox container's
+    own overlay root (there hers fell back to fuse-overlayfs). `sandbox down` leaves no volume
+    behind."""
+    for path in ("/var/lib/docker", "/home"):
+        code, fstype = own_host.exec(f"findmnt -n -o FSTYPE --target {path}")
+        assert code == 0 and fstype.strip() not in ("overlay", "fuse.fuse-overlayfs"), fstype
+    volumes = set(sandboxes.volume_names(own_host.name))
+    assert len(volumes) == 2
     client = sandboxes.docker_client()
-    assert volume in {v.name for v in client.volumes.list()}
+    assert volumes <= {v.name for v in client.volumes.list()}
     assert sandboxes.down(own_host.name, own_host.inventory, log=lambda _: None)
-    assert volume not in {v.name for v in client.volumes.list()}
+    assert not volumes & {v.name for v in client.volumes.list()}
+
