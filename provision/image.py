@@ -63,4 +63,10 @@ def build_script(files: dict[str, str], tag: str, image: ImageSpec, root: str = 
                    f"exit 3; }}\nmkdir -p {context}/{WHEELHOUSE}\n"
                    f"cp -al {quoted}/. {context}/{WHEELHOUSE}/ 2>/dev/null || "
                    f"cp -a {quoted}/. {context}/{WHEELHOUSE}/\n")
-    return script + f"docker build -t {tag} {context}/.devcontainer 2>&1\n"
+    return script + build_command(tag, f"{context}/.devcontainer") + " 2>&1\n"
+
+
+def build_command(tag: str, context: str, *, cache: bool = True) -> str:
+    """`docker build` of `context` as `tag`. --force-rm: a failed build leaves no stopped
+    container behind (the legacy builder keeps the failed step's, and its layer, otherwise)."""
+    return f"docker build -t {tag} --force-rm{'' if cache else ' --no-cache'} {context}"

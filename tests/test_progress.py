@@ -12,6 +12,7 @@ import io
 import itertools
 import json
 import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from typer.testing import CliRunner
 from provision import cli, progress
 from provision.connection import LocalConnection
 from provision.errors import RemoteCommandFailed
+from provision.image import build_command
 from provision.progress import Board, Line, read_line
 from provision.sandbox import new_key_pair
 from provision.target import Target
@@ -89,6 +91,13 @@ def base() -> str:
     return sandbox.base_image(sandbox.docker_client(), log=lambda _: None)
 
 
+def containers_of(image: str) -> set[str]:
+    """Every container, running or stopped, made from `image` or an image built on it."""
+    listed = subprocess.run(["docker", "ps", "-aq", "--no-trunc", "--filter", f"ancestor={image}"],
+                            capture_output=True, text=True, check=True).stdout
+    return set(listed.split())
+
+
 def build(directory: Path, base: str, steps: list[str], board: Board) -> float:
     """Build a stand-in image through a LocalConnection with a task on `board`; the time it
     ended."""
@@ -99,7 +108,7 @@ def build(directory: Path, base: str, steps: list[str], board: Board) -> float:
     try:
         with board, board.task("stand-in") as task:
             task.status(f"building {tag}")
-            conn.run(f"docker build --no-cache -t {tag} {directory} 2>&1", root=False,
+            conn.run(f"{build_command(tag, str(directory), cache=False)} 2>&1", root=False,
                      what="image build", timeout=120, on_line=task.output)
         return time.monotonic()
     finally:
@@ -133,6 +142,7 @@ def test_plain_progress_is_never_silent_for_long(base: str, tmp_path: Path,
 def test_a_failed_build_ends_with_its_own_last_lines(base: str, tmp_path: Path) -> None:
     out = io.StringIO()
     board = Board(Console(file=out, width=200), mode="off")  # not a terminal: no progress
+    before = containers_of(base)
     with pytest.raises(RemoteCommandFailed):
         build(tmp_path, base, ["for i in $(seq 40); do echo line $i; done; exit 3"], board)
     first, *lines = out.getvalue().splitlines()
@@ -140,6 +150,8 @@ def test_a_failed_build_ends_with_its_own_last_lines(base: str, tmp_path: Path) 
     # The builder's own last lines: the step's output, then its verdict.
     assert len(lines) == 20 and any(ln.endswith("line 40") for ln in lines), out.getvalue()
     assert "code: 3" in " ".join(lines[-12:]), out.getvalue()
+    # The failed step's container went with the build (the product's --force-rm).
+    assert containers_of(base) <= before
 
 
 def test_verbose_streams_every_line(base: str, tmp_path: Path) -> None:
