@@ -6,7 +6,25 @@
 set +e
 export LC_ALL=C PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH"
 sec() { printf '\n@@@provision:%s\n' "$1"; }
-home_of() { getent passwd "$1" | cut -d: -f6; }
+passwd_db="
+$(getent passwd)"
+# Sets home and uid of account $1 (empty: none) from the passwd database read once, not a getent
+# and a cut per call (a team's accounts ask often); looked up by name where enumeration leaves
+# the account out (NSS).
+home_of() {
+  case $passwd_db in
+    *"
+$1:"*) _l=${passwd_db#*"
+$1:"}; _l=${_l%%"
+"*} ;;
+    *) _l=$(getent passwd "$1" | cut -d: -f2-) ;;
+  esac
+  _ifs=$IFS; IFS=:; set -f
+  # shellcheck disable=SC2086 # split on ":" on purpose: password, uid, gid, gecos, home, shell
+  set -- $_l
+  IFS=$_ifs; set +f
+  uid=${2-} home=${5-}
+}
 # Root never looks through a member's link (to the admin's ~/.ssh, to /root) and never opens
 # her FIFO or other special file (it would hold the read forever).
 # True when no component of her path $2 below her home $1 is a symbolic link.
@@ -31,14 +49,19 @@ sec os-release; cat /etc/os-release 2>/dev/null
 sec uname; uname -m; uname -r; hostname
 sec init; cat /proc/1/comm 2>/dev/null; systemctl is-system-running 2>/dev/null
 sec identity; echo "uid=$(id -u)"; echo "sudo_user=${SUDO_USER:-}"
-sec passwd; getent passwd
+sec passwd; printf '%s\n' "${passwd_db#?}"
 sec group; getent group
 sec account-status
 today=$(( $(date +%s) / 86400 ))
-for u in $PROVISION_ACCOUNTS; do
-  k=$(member_file "$u" "$(home_of "$u")" .ssh/authorized_keys grep -cE '^[^#[:space:]]')
-  getent shadow "$u" | awk -F: -v t="$today" -v k="${k:-0}" '{print $1, ($8 != "" && $8 <= t) ? "expired" : "active", k}'
-done
+# Each account's key count ("NAME COUNT"), then one shadow lookup of them all (getent takes many
+# names; none would list every account, which the join below leaves out anyway).
+# shellcheck disable=SC2086 # names, split on purpose
+{ for u in $PROVISION_ACCOUNTS; do
+    home_of "$u"; echo "$u $(member_file "$u" "$home" .ssh/authorized_keys grep -cE '^[^#[:space:]]')"
+  done
+  getent shadow $PROVISION_ACCOUNTS; } |
+  awk -v t="$today" 'index($0, ":") == 0 { keys[$1] = $2 == "" ? 0 : $2; next }
+    { split($0, f, ":"); if (f[1] in keys) print f[1], (f[8] != "" && f[8] <= t) ? "expired" : "active", keys[f[1]] }'
 sec sudoers-d; ls -1 /etc/sudoers.d 2>/dev/null
 sec sshd-test; sshd -t 2>&1; echo "exit=$?"
 sec sshd-effective; sshd -T 2>/dev/null | grep -iE '^(clientalive|port |permitrootlogin|passwordauthentication|authorizedkeysfile)'
@@ -67,7 +90,7 @@ p="$PROVISION_CACHE_DIR"; while [ ! -e "$p" ]; do p=$(dirname "$p"); done
 df -P -B1 "$p" 2>/dev/null | tail -n 1
 sec member-caches
 for u in $PROVISION_ACCOUNTS; do
-  h=$(home_of "$u"); [ -n "$h" ] || continue; l="$h/.cache/huggingface"
+  home_of "$u"; h=$home; [ -n "$h" ] || continue; l="$h/.cache/huggingface"
   # Her ~/.cache a link: where it leads is said, never looked into.
   if ! unlinked "$h" .cache; then echo "$u|symlink|$(readlink "$h/.cache")/huggingface"
   elif [ -L "$l" ]; then echo "$u|symlink|$(readlink "$l")"
@@ -85,7 +108,7 @@ sec paths
 # the files it did not see for missing.
 t=$(mktemp -d); : > "$t/dirs"; : > "$t/her"; : > "$t/late"; limit=30
 bounded() { _l=$1; shift; timeout $limit "$@"; [ $? -ne 124 ] || echo "timed-out|$_l|$limit" >> "$t/late"; }
-getent passwd > "$t/passwd"
+printf '%s\n' "${passwd_db#?}" > "$t/passwd"
 # asked: request, path (and for one in a home: its account, the home); dirs: every directory
 # between a home and an asked path.
 printf '%s\n' "$PROVISION_PATHS" | awk -F: -v OFS='\t' -v dirs="$t/dirs" '
@@ -154,22 +177,25 @@ rm -rf "$t"
 sec tools; for c in setfacl visudo flock sshd systemctl apt-get; do command -v "$c" >/dev/null && echo "$c"; done
 sec docker
 command -v docker
-info=$(docker info --format '{{.ServerVersion}} {{.ContainersRunning}}' 2>/dev/null)
-echo "${info% *}"
+# One `docker info` (a CLI start and an API call, ~25 ms): version|running|runtimes. A daemon
+# that is down answers "|0|null"; no CLI, nothing.
+info=$(docker info --format '{{.ServerVersion}}|{{.ContainersRunning}}|{{json .Runtimes}}' 2>/dev/null)
+rest=${info#*|}
+echo "${info%%|*}"
 echo "active=$(systemctl is-active docker 2>/dev/null)"
 echo "enabled=$(systemctl is-enabled docker 2>/dev/null)"
-echo "running=${info#* }"
+echo "running=${rest%%|*}"
 # provision's images and units (lines a host recorded before they were asked for lacks: none).
 docker image ls --format 'image={{.Repository}}:{{.Tag}}' 2>/dev/null | grep '^image=provision/'
 for u in $PROVISION_UNITS; do echo "unit=$u $(systemctl is-active "$u" 2>/dev/null) $(systemctl is-enabled "$u" 2>/dev/null)"; done
-sec docker-runtimes; docker info --format '{{json .Runtimes}}' 2>/dev/null
+sec docker-runtimes; case $rest in *"|{"*) echo "${rest#*|}";; esac
 sec packages; dpkg-query -W -f '${Package} ${Version} ${db:Status-Status}\n' docker-ce docker.io containerd.io nvidia-container-toolkit docker-ce-rootless-extras rootlesskit uidmap slirp4netns dbus-user-session fuse-overlayfs 2>/dev/null | grep ' installed$'
 sec rootless
 # Per account of interest (the service account too): lingering, its daemon's unit and socket,
 # its docker context; for the service account also provision's images in its own daemon,
 # asked as that account (root never talks to a socket an account controls).
 for u in $PROVISION_ACCOUNTS $PROVISION_SERVICE_ACCOUNT; do
-  id=$(id -u "$u" 2>/dev/null) || continue; h=$(home_of "$u")
+  home_of "$u"; id=$uid h=$home; [ -n "$id" ] || continue
   linger=no; [ -e "/var/lib/systemd/linger/$u" ] && linger=yes
   unit=no; member_file "$u" "$h" .config/systemd/user/docker.service && unit=yes
   sock=no; [ -S "/run/user/$id/docker.sock" ] && sock=yes
