@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import stat
+import tomllib
 from pathlib import Path
 
 import jinja2
@@ -280,36 +281,19 @@ def test_cpu_table_of_the_test_machines_is_accepted() -> None:
         resolve_image({**CPU_IMAGE, "cuda": "cu130", "base": DEFAULT_IMAGE["base"]})
 
 
-@pytest.mark.parametrize(("override", "named", "reason"), [
-    ({"torch": "2.0.1"}, "torch = '2.0.1'", "float8_e4m3fn"),
-    ({"torch": "2.4.1"}, "torch = '2.4.1'", "_scaled_mm"),
-    ({"torchao": "0.16.0"}, "torchao = '0.16.0'", "built against torch 2.10"),
-    ({"torch": "2.10.0"}, "torchao = '0.17.0' (default)", 'for torch 2.10: torchao "0.16.0"'),
-    ({"torchvision": "0.25.0"}, "torchvision = '0.25.0'", "torchvision 0.26"),
-    ({"xformers": "0.0.33.post2"}, "xformers = '0.0.33.post2'", "built for torch 2.9"),
-    ({**CPU_IMAGE, "xformers": "0.0.35"}, "xformers = '0.0.35'", "CUDA-only"),
-    ({"diffusers": "0.32.2"}, "diffusers = '0.32.2'", "layerwise casting"),
-    ({"flash_attn_3": "3.0.0"}, "wheelhouse = '' (default)", "no index publishes"),
-    ({**CPU_IMAGE, "flash_attn_3": "3.0.0"}, "cuda = 'cpu'", "Hopper GPUs"),
-    ({"flash_attn_3": "3.0.0", "wheelhouse": "/w", "torch": "2.8.0", "torchao": "0.14.0",
-      "torchvision": "0.23.0", "cuda": "cu128", "base": "nvidia/cuda:12.8.1-base-ubuntu24.04"},
-     "torch = '2.8.0'", "stable ABI"),
-    ({"cuda": "cu128", "base": DEFAULT_IMAGE["base"]}, "cuda = 'cu128'",
-     "base image is CUDA 13.0"),
-    ({"cuda": "cu124"}, "cuda = 'cu124'", "no cu124 wheels of torch 2.11"),
-    ({"torch": ">=2.5"}, "torch = '>=2.5'", "exact public version"),
-    ({"torch": "2.11.0+cu130"}, "torch = '2.11.0+cu130'", "flavour comes from `cuda`"),
-    ({"python": "3.9"}, "python = '3.9'", "3.10 or newer"),
-    ({"wheelhouse": "wheels"}, "wheelhouse = 'wheels'", "absolute directory"),
-    ({"base_archive": "base.tar"}, "base_archive = 'base.tar'", "absolute file"),
-    ({"tourch": "2.11.0"}, "tourch", "unknown key"),
-])
+# Synthesized: the [image] overrides the table must refuse, as data.
+IMAGE_REFUSALS = tomllib.loads((FIXTURES / "image-refusals.toml").read_text())["refusal"]
+
+
+@pytest.mark.parametrize("refusal", IMAGE_REFUSALS, ids=lambda refusal: refusal["named"])
 def test_an_override_that_breaks_the_table_is_refused_with_its_reason(
-        override: dict[str, str], named: str, reason: str) -> None:
+        refusal: dict) -> None:
+    override = {**(CPU_IMAGE if refusal.get("on_cpu_table") else {}), **refusal["override"]}
     with pytest.raises(InventoryError) as caught:
         resolve_image(override)
     assert caught.value.problem.startswith("[image] ")
-    assert named in caught.value.problem and reason in caught.value.problem
+    assert refusal["named"] in caught.value.problem, caught.value.problem
+    assert refusal["reason"] in caught.value.problem, caught.value.problem
 
 
 @pytest.mark.parametrize(("override", "driver", "cuda", "base"), [
