@@ -12,7 +12,8 @@ fraction of bytes that differ) and timed by CUDA events (median of 50 after 10 w
 GB/s counts one read of x and one write of q and the scales. "Fast division": sigmoid's
 reciprocal by the hardware's approximate division and the row's scale applied as one
 reciprocal, not an IEEE division per element.
-Needs a GPU and Triton (the lent H200).
+Needs a GPU and Triton (a dependency of torch's CUDA builds, so not in pyproject's extras: the CPU
+build CI installs has none).
 
     python3 bench/fp8_gelu_quant.py --out "$OUT/gelu-quant.json"
 """
