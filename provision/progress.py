@@ -33,7 +33,7 @@ from rich.text import Text
 
 ENVIRONMENT = "PROVISION_PROGRESS"  # auto (default) | plain | off
 TAIL_LINES = 20
-HEARTBEAT_S = 10.0
+HEARTBEAT_S = 8.0  # checked each second: no gap in a plain log reaches 10 s
 LONG_PHASE_S = 5.0  # a phase this long is reported with its time when it ends
 WIDTH = 100  # of a step or a detail as shown; the full line is in -v and the failure tail
 
