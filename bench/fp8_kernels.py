@@ -44,24 +44,6 @@ def family_of(name: str) -> str:
     return next((family for family, pattern in FAMILIES if pattern.search(name)), "other")
 
 
-def step_inputs(transformer: Any, device: Any, seed: int) -> dict[str, Any]:
-    """One denoising step's transformer inputs at the model's sample size, with CFG."""
-    import torch
-    from sd35.pipelines import random_prompt_embeds
-
-    embeds = random_prompt_embeds(transformer.config, device, seed)
-    side = transformer.config.sample_size
-    g = torch.Generator().manual_seed(seed + 1)
-    return {
-        "hidden_states": torch.randn(2, 16, side, side, generator=g).to(device, torch.bfloat16),
-        "encoder_hidden_states": torch.cat([embeds["negative_prompt_embeds"],
-                                            embeds["prompt_embeds"]]),
-        "pooled_projections": torch.cat([embeds["negative_pooled_prompt_embeds"],
-                                         embeds["pooled_prompt_embeds"]]),
-        "timestep": torch.full((2,), 500.0, device=device),
-    }
-
-
 def kernel_times(transformer: Any, inputs: dict[str, Any], calls: int) -> tuple[dict, list]:
     """{kernel name: (GPU ms per call, launches per call)}, and each call's wall ms."""
     import torch
@@ -103,10 +85,11 @@ def main() -> int:
     sys.path.insert(0, str(args.workspace.resolve()))
     import inference
     import torch
+    from sd35.pipelines import random_step_inputs
 
     loaded = inference.load_pipeline(inference.parse_args(["--model", args.model, "--fp8", "dq"]))
     transformer = loaded.pipe.transformer
-    inputs = step_inputs(transformer, loaded.device, 0)
+    inputs = random_step_inputs(transformer, loaded.device, 0, 1)
     with torch.inference_mode():
         for _ in range(2):  # compile, then one warm call
             transformer(**inputs, return_dict=False)

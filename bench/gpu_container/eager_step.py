@@ -93,24 +93,14 @@ def main() -> int:
     sys.path.insert(0, str(args.workspace.resolve()))
     import torch
     from sd35.fp8 import apply_fp8, eager_fp8_linears
-    from sd35.pipelines import import_diffusers, random_pipeline, random_prompt_embeds
+    from sd35.pipelines import import_diffusers, random_pipeline, random_step_inputs
 
     import_diffusers()
     device = torch.device(args.device)
     pipe = random_pipeline(args.model, device, 0)
     transformer = pipe.transformer
     apply_fp8(transformer, "dq", compiled=True)  # torchao's path first; eager all the same
-    embeds = random_prompt_embeds(transformer.config, device, 0)
-    g = torch.Generator().manual_seed(2)
-    side = transformer.config.sample_size  # latents of a 1024² image for Large
-    inputs = {
-        "hidden_states": torch.randn(2, 16, side, side, generator=g).to(device, torch.bfloat16),
-        "encoder_hidden_states": torch.cat([embeds["negative_prompt_embeds"],
-                                            embeds["prompt_embeds"]]),
-        "pooled_projections": torch.cat([embeds["negative_pooled_prompt_embeds"],
-                                         embeds["pooled_prompt_embeds"]]),
-        "timestep": torch.full((2,), 500.0, device=device),
-    }
+    inputs = random_step_inputs(transformer, device, 0, 2)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     record: dict[str, Any] = {"gpu": gpu, "torch": torch.__version__,
                               "python": sys.version.split()[0]}

@@ -237,3 +237,21 @@ def random_prompt_embeds(config: Any, device: torch.device, seed: int) -> dict[s
         name: torch.randn(shape, generator=g).to(device=device, dtype=DTYPE)
         for name, shape in shapes.items()
     }
+
+
+def random_step_inputs(transformer: Any, device: torch.device, embeds_seed: int,
+                       latents_seed: int) -> dict[str, torch.Tensor]:
+    """One denoising step's transformer inputs with guidance ([negative, prompt]): seeded random
+    latents at the model's sample size and `random_prompt_embeds`. What the benches time a
+    transformer call on (bench/fp8_kernels.py, bench/gpu_container/eager_step.py)."""
+    embeds = random_prompt_embeds(transformer.config, device, embeds_seed)
+    side = transformer.config.sample_size  # latents of a 1024² image for Large
+    g = torch.Generator().manual_seed(latents_seed)
+    return {
+        "hidden_states": torch.randn(2, 16, side, side, generator=g).to(device, DTYPE),
+        "encoder_hidden_states": torch.cat([embeds["negative_prompt_embeds"],
+                                            embeds["prompt_embeds"]]),
+        "pooled_projections": torch.cat([embeds["negative_pooled_prompt_embeds"],
+                                         embeds["pooled_prompt_embeds"]]),
+        "timestep": torch.full((2,), 500.0, device=device),
+    }
