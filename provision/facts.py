@@ -310,7 +310,7 @@ def parse_facts(transcript: str, cache_dir: str) -> HostFacts:
 def _parse_sections(s: dict[str, list[str]], cache_dir: str) -> HostFacts:
     paths = _paths(s.get("paths", []))
     state_text = paths[STATE_FILE].content if STATE_FILE in paths else None
-    accounts = _accounts(s.get("passwd", []), s.get("account-status", []))
+    accounts = _accounts(s.get("passwd", []), s.get("account-status", []), paths)
     identity = _key_values(s.get("identity", []), "=")
     init_lines = s.get("init", [])
     return HostFacts(
@@ -362,7 +362,8 @@ def _os(s: dict[str, list[str]]) -> OSInfo:
     )
 
 
-def _accounts(passwd: list[str], status: list[str]) -> dict[str, Account]:
+def _accounts(passwd: list[str], status: list[str],
+              paths: dict[str, PathState]) -> dict[str, Account]:
     asked = {p[0]: p for p in (ln.split() for ln in status) if len(p) == 3}
     accounts = {}
     for line in passwd:
@@ -370,10 +371,23 @@ def _accounts(passwd: list[str], status: list[str]) -> dict[str, Account]:
         if len(parts) < 7:
             continue
         status = asked.get(parts[0])
+        keys = None
+        if status and status[2] == "-":  # her authorized_keys was read as an asked path
+            keys = key_lines(paths.get(f"~{parts[0]}/.ssh/authorized_keys"))
+        elif status and status[2].isdigit():
+            keys = int(status[2])
         accounts[parts[0]] = Account(parts[0], int(parts[2]), int(parts[3]), parts[5], parts[6],
-                                     status[1] == "expired" if status else None,
-                                     int(status[2]) if status and status[2].isdigit() else None)
+                                     status[1] == "expired" if status else None, keys)
     return accounts
+
+
+def key_lines(path: PathState | None) -> int:
+    """Key lines of an authorized_keys file read as a path, counted as the facts script's grep
+    counts them elsewhere (a line that starts with neither '#' nor blank space); 0 when it is
+    no regular file (a link she planted is never read)."""
+    content = path.content if path is not None and path.kind == "file" else None
+    return sum(1 for line in (content or "").split("\n")
+               if line and line[0] not in "# \t\r\f\v")
 
 
 def _groups(lines: list[str]) -> dict[str, Group]:

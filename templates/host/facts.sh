@@ -53,11 +53,20 @@ sec passwd; printf '%s\n' "${passwd_db#?}"
 sec group; getent group
 sec account-status
 today=$(( $(date +%s) / 86400 ))
-# Each account's key count ("NAME COUNT"), then one shadow lookup of them all (getent takes many
+# Each account's key count ("NAME COUNT"; "-" where her authorized_keys is an asked path, read
+# below: the parser counts it there), then one shadow lookup of them all (getent takes many
 # names; none would list every account, which the join below leaves out anyway).
 # shellcheck disable=SC2086 # names, split on purpose
 { for u in $PROVISION_ACCOUNTS; do
-    home_of "$u"; echo "$u $(member_file "$u" "$home" .ssh/authorized_keys grep -cE '^[^#[:space:]]')"
+    case "
+$PROVISION_PATHS
+" in
+      *"
+~$u/.ssh/authorized_keys
+"*) echo "$u -" ;;
+      *) home_of "$u"
+         echo "$u $(member_file "$u" "$home" .ssh/authorized_keys grep -cE '^[^#[:space:]]')" ;;
+    esac
   done
   getent shadow $PROVISION_ACCOUNTS; } |
   awk -v t="$today" 'index($0, ":") == 0 { keys[$1] = $2 == "" ? 0 : $2; next }
