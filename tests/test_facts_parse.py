@@ -26,6 +26,8 @@ from provision.facts import (
     Gpu,
     Group,
     HostFacts,
+    PathState,
+    key_lines,
     parse_facts,
 )
 from provision.gather import FACTS_SCRIPT
@@ -568,3 +570,19 @@ def test_the_facts_script_passes_shellcheck() -> None:
     done = subprocess.run([shellcheck, "-s", "sh", str(templates_dir() / "host" / "facts.sh")],
                           capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout
+
+
+def test_key_lines_counts_as_the_facts_scripts_grep_does() -> None:
+    """A member's key count comes from her authorized_keys read as a path (where it was asked)
+    or from grep on the host (former members): both must give the same number. Synthesized
+    content, counted by the real grep the script runs."""
+    content = ("ssh-ed25519 AAAA one\n# a comment\n\n  indented-key AAAA\n\tx\n"
+               "ecdsa-sha2-nistp256 BBBB two\r\nno-newline-at-the-end")
+    grep = subprocess.run(["grep", "-cE", "^[^#[:space:]]"], input=content,
+                          capture_output=True, text=True, check=False).stdout.strip()
+    assert key_lines(PathState("~a/.ssh/authorized_keys", "file", content=content)) \
+        == int(grep) == 3
+    # A link she planted is never read; no file, no keys.
+    assert key_lines(PathState("~a/.ssh/authorized_keys", "link", target="/root/.ssh/x")) == 0
+    assert key_lines(None) == 0
+
