@@ -151,7 +151,7 @@ def _run_steps(conn: Connection, inventory: Inventory, steps: tuple[Step, ...],
                paths: tuple[str, ...], options: RunOptions, report: HostReport,
                progress: Task) -> None:
     progress.status("reading facts")
-    facts = gather_facts(conn, inventory, paths)
+    facts = planned_on = gather_facts(conn, inventory, paths)
     applied: list[str] = []
     unconverged: set[str] = set()  # steps that failed, or did not run because of one
     for step in steps:
@@ -199,6 +199,10 @@ def _run_steps(conn: Connection, inventory: Inventory, steps: tuple[Step, ...],
     record = state_change(facts, inventory, applied)
     if record is not None:
         conn.run(apply_script("state", [record]), what="state record")
+    if facts is planned_on:
+        # Nothing changed the host since it was read, and plans are pure: every step's re-plan
+        # would repeat the empty plan it just made (a no-op run's case).
+        return
     progress.status("confirming")
     report.drift = [c for step in steps if step.name not in unconverged
                     for c in _replan(step, facts, inventory, options)]

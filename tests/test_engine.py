@@ -8,10 +8,12 @@ import dataclasses
 
 import pytest
 
+from provision.changes import Change
 from provision.connection import Connection, Held, LineSink, Result
 from provision.engine import HostReport, RunOptions, converge_host
 from provision.inventory import Inventory, parse_inventory
 from provision.sandbox import new_key_pair
+from provision.steps import Step
 from provision.steps.order import STEPS
 from provision.target import Target
 from tests.conftest import FIXTURES, synthesized_h100_transcript
@@ -24,10 +26,12 @@ class ScriptedHost(Connection):
         super().__init__(Target(alias=alias))
         self.transcript, self.failing = transcript, failing or {}
         self.applied: list[str] = []
+        self.facts_reads = 0
 
     def _execute(self, command: str, stdin: str, timeout: float | None,
                  on_line: LineSink) -> Result:
         if "@@@provision:os-release" in stdin or "sec os-release" in stdin:
+            self.facts_reads += 1
             return Result(self.transcript, "", 0)
         step = next((s.name for s in STEPS if f"apply-{s.name}.log" in stdin), None)
         if step in self.failing:
@@ -109,3 +113,32 @@ def test_the_recorded_lent_h200_plans_all_but_keepalive(team: Inventory) -> None
     assert messages["workspace"] == ("image for this host: driver 580.159.04 → cu130 wheels, "
                                      "base nvidia/cuda:13.0.0-base-ubuntu24.04")
     assert report.error is None
+
+
+def test_a_run_that_changes_nothing_plans_once_and_one_that_applies_confirms(
+        team: Inventory) -> None:
+    """Plans are pure: with nothing applied the facts are those every step planned on, so the
+    confirming re-plan is skipped; after an apply the host is read again and every step is
+    re-planned (this scripted host never changes, so the applied step shows as drift)."""
+    facts = (FIXTURES / "facts" / "ubuntu-24.04-h200.txt").read_text()
+    plans: list[str] = []
+
+    def counted(step: Step) -> Step:
+        def plan(*args: object) -> list[Change]:
+            plans.append(step.name)
+            return step.plan(*args)
+        return dataclasses.replace(step, plan=plan)
+
+    unchanged = tuple(counted(s) for s in STEPS if s.name in ("rootless", "service"))
+    host = ScriptedHost("@local", facts)
+    report = converge_host(host, team, unchanged, RunOptions(apply=True))
+    assert set(statuses(report).values()) == {"unchanged"} and report.error is None
+    assert plans == ["rootless", "service"] and host.facts_reads == 1 and report.drift == []
+
+    plans.clear()
+    docker = tuple(counted(s) for s in STEPS if s.name == "docker")
+    host = ScriptedHost("@local", facts)
+    report = converge_host(host, team, unchanged + docker, RunOptions(apply=True))
+    assert host.applied == ["docker"] and host.facts_reads == 2
+    assert plans == ["rootless", "service", "docker"] * 2
+    assert report.drift and all(change.step == "docker" for change in report.drift)

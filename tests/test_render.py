@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import stat
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import paramiko
 import pytest
 
 from provision import render as workspace
+from provision import templating
 from provision.contract import INDUCTOR_CACHE, WHEELHOUSE
 from provision.errors import InventoryError
 from provision.inventory import Defaults, Inventory, Member, Service
@@ -360,6 +362,29 @@ def test_a_missing_template_variable_raises(template: str, variable: str) -> Non
     del context[variable]
     with pytest.raises(jinja2.UndefinedError, match=variable):
         environment().get_template(template).render(**context)
+
+
+def test_compiled_templates_are_kept_in_a_private_directory_and_never_in_a_planted_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bytecode cache (compiled templates between runs) lives in Jinja2's per-user 0700
+    directory; where that name is taken by a link (another user's trap in /tmp) the cache is
+    refused and templates still render, compiled each run."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    cache = templating._bytecode_cache()
+    assert cache is not None
+    private = tmp_path / f"_jinja2-cache-{os.getuid()}"
+    assert stat.S_IMODE(private.stat().st_mode) == 0o700
+    env = jinja2.Environment(loader=environment().loader, bytecode_cache=cache)
+    env.get_template("workspace/ssh_config.j2")
+    assert [p.suffix for p in private.iterdir()] == [".cache"]
+
+    for entry in private.iterdir():
+        entry.unlink()
+    private.rmdir()
+    (tmp_path / "theirs").mkdir()
+    private.symlink_to(tmp_path / "theirs")
+    assert templating._bytecode_cache() is None
+    assert not any((tmp_path / "theirs").iterdir())
 
 
 def test_ssh_config_block_reads_back_as_the_member_login() -> None:

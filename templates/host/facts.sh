@@ -45,12 +45,11 @@ member_file() { _u=$1 _f="$2/$3"
 # Members a previous run managed stay of interest after they leave the inventory (offboarding).
 # shellcheck disable=SC2046,SC2086 # both lists are names, split on purpose
 PROVISION_ACCOUNTS=$(printf '%s\n' $PROVISION_ACCOUNTS $(sed -n 's/.*"members": *\[\([^]]*\)\].*/\1/p' /var/lib/provision/state.json 2>/dev/null | tr -d '",') | sort -u)
-sec os-release; cat /etc/os-release 2>/dev/null
-sec uname; uname -m; uname -r; hostname
-sec init; cat /proc/1/comm 2>/dev/null; systemctl is-system-running 2>/dev/null
-sec identity; echo "uid=$(id -u)"; echo "sudo_user=${SUDO_USER:-}"
-sec passwd; printf '%s\n' "${passwd_db#?}"
-sec group; getent group
+# The slow sections (the docker CLI, a team's homes, keys and paths, sshd's checks, the
+# driver) are functions run side by side, each into a file of its own, while the quick ones print
+# below: on a host's several cores the read takes about its slowest section, not their sum.
+# Each prints its own section markers; the order of sections in the transcript is free.
+facts_accounts() {
 sec account-status
 today=$(( $(date +%s) / 86400 ))
 # Each account's key count ("NAME COUNT"; "-" where her authorized_keys is an asked path, read
@@ -71,10 +70,12 @@ $PROVISION_PATHS
   getent shadow $PROVISION_ACCOUNTS; } |
   awk -v t="$today" 'index($0, ":") == 0 { keys[$1] = $2 == "" ? 0 : $2; next }
     { split($0, f, ":"); if (f[1] in keys) print f[1], (f[8] != "" && f[8] <= t) ? "expired" : "active", keys[f[1]] }'
-sec sudoers-d; ls -1 /etc/sudoers.d 2>/dev/null
+}
+facts_sshd() {
 sec sshd-test; sshd -t 2>&1; echo "exit=$?"
 sec sshd-effective; sshd -T 2>/dev/null | grep -iE '^(clientalive|port |permitrootlogin|passwordauthentication|authorizedkeysfile)'
-sec sshd-include; grep -iE '^[[:space:]]*Include' /etc/ssh/sshd_config 2>/dev/null
+}
+facts_listening() {
 sec listening
 # TCP listeners and who holds them (process names, uid): ss, else (no iproute2) the kernel's
 # tables joined to each process's sockets, as "proc ADDRESS:PORT UID NAME,…" (kernel hex).
@@ -89,14 +90,8 @@ if command -v ss >/dev/null; then ss -ltnpe 2>/dev/null | grep '^LISTEN'; else
         names[ino] = names[ino] (names[ino] == "" ? "" : ",") name }
     END { for (i in addr) print "proc", addr[i], uid[i], names[i] }'
 fi
-sec cache-dir; stat -c '%F|%U|%G|%a' "$PROVISION_CACHE_DIR" 2>/dev/null
-sec cache-acl; getfacl -cp "$PROVISION_CACHE_DIR" 2>/dev/null
-sec cache-tokens; find "$PROVISION_CACHE_DIR" -maxdepth 2 -name token -type f 2>/dev/null
-sec cache-models
-for d in "$PROVISION_CACHE_DIR"/hub/models--*; do [ -d "$d" ] && echo "${d##*/}"; done
-sec disk
-p="$PROVISION_CACHE_DIR"; while [ ! -e "$p" ]; do p=$(dirname "$p"); done
-df -P -B1 "$p" 2>/dev/null | tail -n 1
+}
+facts_member_caches() {
 sec member-caches
 for u in $PROVISION_ACCOUNTS; do
   home_of "$u"; h=$home; [ -n "$h" ] || continue; l="$h/.cache/huggingface"
@@ -107,6 +102,8 @@ for u in $PROVISION_ACCOUNTS; do
   elif [ -e "$l" ]; then echo "$u|file|"
   else echo "$u|missing|"; fi
 done
+}
+facts_paths() {
 sec paths
 # Every asked path in a handful of processes (a team asks for hundreds): awk expands "~name/…"
 # through the passwd database; one stat, one sha256sum and one reader serve them all.
@@ -183,7 +180,8 @@ cut -f1 "$t/her" | sort -u | while IFS= read -r u; do
 done
 cat "$t/late"
 rm -rf "$t"
-sec tools; for c in setfacl visudo flock sshd systemctl apt-get; do command -v "$c" >/dev/null && echo "$c"; done
+}
+facts_docker() {
 sec docker
 command -v docker
 # One `docker info` (a CLI start and an API call, ~25 ms): version|running|runtimes. A daemon
@@ -198,7 +196,8 @@ echo "running=${rest%%|*}"
 docker image ls --format 'image={{.Repository}}:{{.Tag}}' 2>/dev/null | grep '^image=provision/'
 for u in $PROVISION_UNITS; do echo "unit=$u $(systemctl is-active "$u" 2>/dev/null) $(systemctl is-enabled "$u" 2>/dev/null)"; done
 sec docker-runtimes; case $rest in *"|{"*) echo "${rest#*|}";; esac
-sec packages; dpkg-query -W -f '${Package} ${Version} ${db:Status-Status}\n' docker-ce docker.io containerd.io nvidia-container-toolkit docker-ce-rootless-extras rootlesskit uidmap slirp4netns dbus-user-session fuse-overlayfs 2>/dev/null | grep ' installed$'
+}
+facts_rootless() {
 sec rootless
 # Per account of interest (the service account too): lingering, its daemon's unit and socket,
 # its docker context; for the service account also provision's images in its own daemon,
@@ -215,20 +214,14 @@ for u in $PROVISION_ACCOUNTS $PROVISION_SERVICE_ACCOUNT; do
   fi
   echo "$u|$linger|$unit|$sock|$ctx|$images"
 done
-sec docker-repo
-# Only when Docker is missing and the inventory lets the tool choose its source (auto).
-if [ -n "$PROVISION_PROBE_DOCKER_REPO" ] && ! command -v docker >/dev/null; then
-  timeout 5 bash -c 'exec 3<>/dev/tcp/download.docker.com/443' 2>/dev/null && echo reachable || echo unreachable
-fi
-sec nvidia-pci
-for d in /sys/bus/pci/devices/*; do
-  [ "$(cat "$d/vendor" 2>/dev/null)" = 0x10de ] || continue
-  case "$(cat "$d/class" 2>/dev/null)" in 0x03*) echo "${d##*/}";; esac
-done
+}
+facts_nvidia() {
 sec nvidia-smi
 nvidia-smi --query-gpu=index,name,driver_version,compute_cap,memory.total,uuid --format=csv,noheader,nounits 2>&1
 echo "exit=$?"
 sec nvidia-ctk; nvidia-ctk --version 2>/dev/null | head -n 1
+}
+facts_apt_locks() {
 sec apt-locks
 inodes=
 for f in /var/lib/dpkg/lock-frontend /var/lib/dpkg/lock /var/lib/apt/lists/lock; do
@@ -240,4 +233,39 @@ awk -v inodes="$inodes" 'BEGIN { n = split(inodes, list, " "); for (i = 1; i <= 
 while read -r pid inode; do
   echo "lock $pid $inode $(cat "/proc/$pid/comm" 2>/dev/null)"
 done
+}
+slow=$(mktemp -d)
+for section in facts_accounts facts_sshd facts_listening facts_member_caches facts_paths \
+  facts_docker facts_rootless facts_nvidia facts_apt_locks; do "$section" > "$slow/$section" & done
+sec os-release; cat /etc/os-release 2>/dev/null
+sec uname; uname -m; uname -r; hostname
+sec init; cat /proc/1/comm 2>/dev/null; systemctl is-system-running 2>/dev/null
+sec identity; echo "uid=$(id -u)"; echo "sudo_user=${SUDO_USER:-}"
+sec passwd; printf '%s\n' "${passwd_db#?}"
+sec group; getent group
+sec sudoers-d; ls -1 /etc/sudoers.d 2>/dev/null
+sec sshd-include; grep -iE '^[[:space:]]*Include' /etc/ssh/sshd_config 2>/dev/null
+sec cache-dir; stat -c '%F|%U|%G|%a' "$PROVISION_CACHE_DIR" 2>/dev/null
+sec cache-acl; getfacl -cp "$PROVISION_CACHE_DIR" 2>/dev/null
+sec cache-tokens; find "$PROVISION_CACHE_DIR" -maxdepth 2 -name token -type f 2>/dev/null
+sec cache-models
+for d in "$PROVISION_CACHE_DIR"/hub/models--*; do [ -d "$d" ] && echo "${d##*/}"; done
+sec disk
+p="$PROVISION_CACHE_DIR"; while [ ! -e "$p" ]; do p=$(dirname "$p"); done
+df -P -B1 "$p" 2>/dev/null | tail -n 1
+sec tools; for c in setfacl visudo flock sshd systemctl apt-get; do command -v "$c" >/dev/null && echo "$c"; done
+sec packages; dpkg-query -W -f '${Package} ${Version} ${db:Status-Status}\n' docker-ce docker.io containerd.io nvidia-container-toolkit docker-ce-rootless-extras rootlesskit uidmap slirp4netns dbus-user-session fuse-overlayfs 2>/dev/null | grep ' installed$'
+sec docker-repo
+# Only when Docker is missing and the inventory lets the tool choose its source (auto).
+if [ -n "$PROVISION_PROBE_DOCKER_REPO" ] && ! command -v docker >/dev/null; then
+  timeout 5 bash -c 'exec 3<>/dev/tcp/download.docker.com/443' 2>/dev/null && echo reachable || echo unreachable
+fi
+sec nvidia-pci
+for d in /sys/bus/pci/devices/*; do
+  [ "$(cat "$d/vendor" 2>/dev/null)" = 0x10de ] || continue
+  case "$(cat "$d/class" 2>/dev/null)" in 0x03*) echo "${d##*/}";; esac
+done
+wait
+cat "$slow"/*
+rm -rf "$slow"
 sec end
