@@ -24,6 +24,7 @@ SECTION_FUNCTION = f"sec() {{ printf '\\n{SECTION}%s\\n' \"$1\"; }}"
 STATE_FILE = "/var/lib/provision/state.json"
 DAEMON_JSON = "/etc/docker/daemon.json"
 SUBUID, SUBGID = "/etc/subuid", "/etc/subgid"  # subordinate ids: rootless daemons' ranges
+DOCKER_CONFIG = ".docker/config.json"  # an account's docker CLI config, below its home
 DPKG_LOCKS = ("/var/lib/dpkg/lock-frontend", "/var/lib/dpkg/lock", "/var/lib/apt/lists/lock")
 # The line the paths section prints for a batch that ran past its time limit.
 TIMED_OUT = "timed-out"
@@ -340,7 +341,7 @@ def _parse_sections(s: dict[str, list[str]], cache_dir: str) -> HostFacts:
                for parts in (ln.strip().removeprefix("unit=").split()
                              for ln in s.get("docker", []) if ln.startswith("unit="))
                if len(parts) >= 2},
-        member_daemons=_member_daemons(s.get("rootless", [])),
+        member_daemons=_member_daemons(s.get("rootless", []), paths),
         listeners=tuple(_listener(ln) for ln in s.get("listening", [])),
     )
 
@@ -457,15 +458,29 @@ def _member_caches(lines: list[str]) -> dict[str, MemberCache]:
     return caches
 
 
-def _member_daemons(lines: list[str]) -> dict[str, MemberDaemon]:
+def _member_daemons(lines: list[str], paths: dict[str, PathState]) -> dict[str, MemberDaemon]:
     daemons = {}
     for line in lines:
         name, linger, unit, socket, context, images = ([*line.split("|", 5), "", "", "", "",
                                                         ""])[:6]
+        if context.strip() == "-":  # her docker config was read as an asked path
+            context = docker_context(paths.get(f"~{name}/{DOCKER_CONFIG}"))
         daemons[name] = MemberDaemon(name, linger == "yes", unit == "yes", socket == "yes",
                                      context.strip(),
                                      tuple(i for i in images.strip().split(",") if i))
     return daemons
+
+
+_CURRENT_CONTEXT = re.compile(r'.*"currentContext": *"([^"]*)"')
+
+
+def docker_context(path: PathState | None) -> str:
+    """The current context of a docker CLI config read as a path, found as the facts script's
+    sed finds it elsewhere (on the first line that names one, its last mention there); "" when
+    none, or when it is no regular file (a link she planted is never read)."""
+    content = path.content if path is not None and path.kind == "file" else None
+    found = (_CURRENT_CONTEXT.match(line) for line in (content or "").split("\n"))
+    return next((m.group(1) for m in found if m), "")
 
 
 def _disk(lines: list[str]) -> Disk | None:

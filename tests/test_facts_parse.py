@@ -27,6 +27,7 @@ from provision.facts import (
     Group,
     HostFacts,
     PathState,
+    docker_context,
     key_lines,
     parse_facts,
 )
@@ -588,3 +589,22 @@ def test_key_lines_counts_as_the_facts_scripts_grep_does() -> None:
     assert key_lines(PathState("~a/.ssh/authorized_keys", "link", target="/root/.ssh/x")) == 0
     assert key_lines(None) == 0
 
+
+@pytest.mark.parametrize("content", [
+    '{\n  "auths": {},\n  "currentContext": "rootless"\n}\n',
+    '{"currentContext":"a", "x": {"currentContext": "b"}}\n{"currentContext": "c"}',
+    '{\n  "auths": {}\n}\n',
+    '{"currentContext": "rootless"',  # cut short: sed still finds it
+    "",
+])
+def test_docker_context_is_found_as_the_facts_scripts_sed_finds_it(content: str) -> None:
+    """A member's docker context comes from her config read as a path (where it was asked) or
+    from sed on the host (former members, the service account): both must agree. Synthesized
+    content, read by the script's own sed command."""
+    command = "sed -n 's/.*\"currentContext\": *\"\\([^\"]*\\)\".*/\\1/p' | head -n 1"
+    assert command in FACTS_SCRIPT
+    sed = subprocess.run(command, shell=True, input=content, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert docker_context(PathState("~a/.docker/config.json", "file", content=content)) == sed
+    assert docker_context(PathState("~a/.docker/config.json", "link", target="/root/x")) == ""
+    assert docker_context(None) == ""

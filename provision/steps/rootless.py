@@ -28,7 +28,15 @@ import shlex
 
 from provision.changes import Change, Run, WriteFile, as_member, run
 from provision.contract import engine_source
-from provision.facts import SUBGID, SUBUID, HostFacts, IdRange, MemberDaemon, read_ranges
+from provision.facts import (
+    DOCKER_CONFIG,
+    SUBGID,
+    SUBUID,
+    HostFacts,
+    IdRange,
+    MemberDaemon,
+    read_ranges,
+)
 from provision.inventory import Inventory
 from provision.steps import Step, StepBlocked, apt_install, home_of
 from provision.templating import render
@@ -78,7 +86,10 @@ ROOTLESSKIT = "/usr/bin/rootlesskit"
 
 
 def paths(inventory: Inventory) -> tuple[str, ...]:
-    return (SUBUID, SUBGID, *LINKED, USERNS_RESTRICTED, SHIPPED_PROFILE, PROFILE)
+    """Each member's docker config too: its context read with the paths, not by a process of
+    its own for each member."""
+    return (SUBUID, SUBGID, *LINKED, USERNS_RESTRICTED, SHIPPED_PROFILE, PROFILE,
+            *(f"~{member.name}/{DOCKER_CONFIG}" for member in inventory.members))
 
 
 def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:

@@ -42,6 +42,13 @@ regular_in='f=$1; shift; [ -f "$f" ] && [ ! -L "$f" ] && { [ $# -eq 0 ] ||
 member_file() { _u=$1 _f="$2/$3"
   if unlinked "$2" "$3"; then shift 3; set -- "$_f" "$@"; eval "$regular_in"
   else shift 3; (cd / && timeout 5 runuser -u "$_u" -- sh -c "$regular_in" sh "$_f" "$@"); fi; }
+# True when path $1 is one of the asked paths (read in the paths section: parsed there, no
+# process more here).
+asked() { case "
+$PROVISION_PATHS
+" in *"
+$1
+"*) return 0;; esac; return 1; }
 # Members a previous run managed stay of interest after they leave the inventory (offboarding).
 # shellcheck disable=SC2046,SC2086 # both lists are names, split on purpose
 PROVISION_ACCOUNTS=$(printf '%s\n' $PROVISION_ACCOUNTS $(sed -n 's/.*"members": *\[\([^]]*\)\].*/\1/p' /var/lib/provision/state.json 2>/dev/null | tr -d '",') | sort -u)
@@ -57,15 +64,8 @@ today=$(( $(date +%s) / 86400 ))
 # names; none would list every account, which the join below leaves out anyway).
 # shellcheck disable=SC2086 # names, split on purpose
 { for u in $PROVISION_ACCOUNTS; do
-    case "
-$PROVISION_PATHS
-" in
-      *"
-~$u/.ssh/authorized_keys
-"*) echo "$u -" ;;
-      *) home_of "$u"
-         echo "$u $(member_file "$u" "$home" .ssh/authorized_keys grep -cE '^[^#[:space:]]')" ;;
-    esac
+    if asked "~$u/.ssh/authorized_keys"; then echo "$u -"; else home_of "$u"
+      echo "$u $(member_file "$u" "$home" .ssh/authorized_keys grep -cE '^[^#[:space:]]')"; fi
   done
   getent shadow $PROVISION_ACCOUNTS; } |
   awk -v t="$today" 'index($0, ":") == 0 { keys[$1] = $2 == "" ? 0 : $2; next }
@@ -200,14 +200,16 @@ sec docker-runtimes; case $rest in *"|{"*) echo "${rest#*|}";; esac
 facts_rootless() {
 sec rootless
 # Per account of interest (the service account too): lingering, its daemon's unit and socket,
-# its docker context; for the service account also provision's images in its own daemon,
-# asked as that account (root never talks to a socket an account controls).
+# its docker context ("-" where her config is an asked path: the parser reads it there); for
+# the service account also provision's images in its own daemon, asked as that account (root
+# never talks to a socket an account controls).
 for u in $PROVISION_ACCOUNTS $PROVISION_SERVICE_ACCOUNT; do
   home_of "$u"; id=$uid h=$home; [ -n "$id" ] || continue
   linger=no; [ -e "/var/lib/systemd/linger/$u" ] && linger=yes
   unit=no; member_file "$u" "$h" .config/systemd/user/docker.service && unit=yes
   sock=no; [ -S "/run/user/$id/docker.sock" ] && sock=yes
-  ctx=$(member_file "$u" "$h" .docker/config.json sed -n 's/.*"currentContext": *"\([^"]*\)".*/\1/p' | head -n 1)
+  if asked "~$u/.docker/config.json"; then ctx=-; else
+    ctx=$(member_file "$u" "$h" .docker/config.json sed -n 's/.*"currentContext": *"\([^"]*\)".*/\1/p' | head -n 1); fi
   images=
   if [ "$u" = "$PROVISION_SERVICE_ACCOUNT" ] && [ "$sock" = yes ]; then
     images=$(cd / && timeout 30 runuser -u "$u" -- env -i HOME="$h" PATH="$PATH" XDG_RUNTIME_DIR="/run/user/$id" docker -H "unix:///run/user/$id/docker.sock" image ls --format '{{.Repository}}:{{.Tag}}' 2>/dev/null | grep '^provision/' | paste -sd, -)
