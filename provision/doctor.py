@@ -13,7 +13,19 @@ import shlex
 from dataclasses import asdict, dataclass
 
 from provision.connection import Connection
-from provision.contract import CONTAINER_PORT, SERVICE_UNIT, in_service_daemon, wanted_acl
+from provision.contract import (
+    CDI_SPEC,
+    CONTAINER_PORT,
+    FP8_TENSOR_CORES,
+    ROOTLESS_GPU_REMEDY,
+    SERVICE_UNIT,
+    gpu_proof,
+    host_gpu_args,
+    in_service_daemon,
+    rootless_gpu_blocker,
+    wanted_acl,
+    without_fp8_tensor_cores,
+)
 from provision.errors import InventoryError
 from provision.facts import (
     SECTION_FUNCTION,
@@ -24,15 +36,6 @@ from provision.facts import (
     split_sections,
 )
 from provision.gather import gather_facts
-from provision.gpu_access import (
-    CDI_SPEC,
-    FP8_TENSOR_CORES,
-    ROOTLESS_GPU_REMEDY,
-    gpu_proof,
-    host_gpu_args,
-    rootless_gpu_blocker,
-    without_fp8_tensor_cores,
-)
 from provision.gpus import (
     DEFAULT_IDLE_AFTER,
     NO_GPU,
@@ -71,7 +74,7 @@ class Check:
 def probe_script(inventory: Inventory, members: tuple[Member, ...], image: str | None,
                  gpu_args: list[str]) -> str:
     """One script: per member docker access and cache writes, then the GPU and image probes
-    (`gpu_args`: how a container gets every GPU of the host, `gpu_access`; empty: no GPU)."""
+    (`gpu_args`: how a container gets every GPU of the host, `contract`; empty: no GPU)."""
     cache = shlex.quote(inventory.defaults.cache_dir)
     lines = [SECTION_FUNCTION]
     for member in members:

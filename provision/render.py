@@ -9,11 +9,11 @@ Decisions a reader would otherwise have to rediscover:
 
 - GPUs reach the container through `runArgs` only, as CDI devices (`--device=nvidia.com/gpu=N`)
   or, on a rootful Docker older than 25, the nvidia runtime asked for the same CDI names
-  (`provision.gpu_access`, which says why not `--gpus`). The container then sees exactly her
+  (`provision.contract`, which says why not `--gpus`). The container then sees exactly her
   GPUs, numbered from 0, so CUDA_VISIBLE_DEVICES inside it (the debug launch) is "0,1" for gpus
   "1,2": the host's indexes would pick another GPU, or none.
 - No `hostRequirements.gpu`: with it, the Dev Containers CLI appends `--gpus all` whenever the
-  daemon lists an nvidia runtime, which would hand her every GPU (gpu_access again).
+  daemon lists an nvidia runtime, which would hand her every GPU (the contract again).
 - The Hugging Face token never enters the shared cache: HF_TOKEN_PATH points into her own
   `~/.config/huggingface` (0700 on the host, made by the hf-cache step, where her login shells
   keep the token too), bind-mounted into the container; one `hf auth login` serves both.
@@ -43,12 +43,14 @@ from provision.contract import (
     SHM_SIZE,
     TOKEN_DIR,
     WHEELHOUSE,
+    container_cuda_devices,
+    gpu_run_args,
+    host_gpu_path,
     reach_address,
 )
 from provision.errors import InventoryError
 from provision.facts import HostFacts
 from provision.files import atomic_write
-from provision.gpu_access import container_cuda_devices, gpu_run_args, host_gpu_path
 from provision.inventory import Inventory, Member
 from provision.models import debug_model
 from provision.target import Target

@@ -31,12 +31,13 @@ from provision.contract import (
     INDUCTOR_CACHE,
     SHM_SIZE,
     account_args,
+    host_gpu_args,
     reach_address,
+    runs_on_gpu,
 )
 from provision.errors import InventoryError, ProvisionError, RemoteCommandFailed
 from provision.facts import SECTION_FUNCTION, HostFacts, split_sections
 from provision.gather import gather_facts
-from provision.gpu_access import host_gpu_args, runs_on_gpu
 from provision.image import ROOT, build_script, host_image, image_tag, upload_script
 from provision.inventory import Inventory, Member
 from provision.models import cached_weights, debug_model

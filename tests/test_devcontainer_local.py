@@ -77,7 +77,7 @@ def local_image() -> str:
         raise
 
 
-# The CDI devices each member's container must get (gpu_access), and no --gpus even when the
+# The CDI devices each member's container must get (contract), and no --gpus even when the
 # CLI believes a GPU runtime is there (--gpu-availability all): it adds `--gpus all` only for
 # hostRequirements.gpu, which the rendered file never sets.
 GPU_DEVICES = {"alice": {"nvidia.com/gpu=0"}, "bob": {"nvidia.com/gpu=1", "nvidia.com/gpu=2"},

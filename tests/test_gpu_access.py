@@ -1,4 +1,4 @@
-"""How containers get GPUs (`provision.gpu_access`), decided once and used by the dev container,
+"""How containers get GPUs (`provision.contract`), decided once and used by the dev container,
 verify, the nvidia step's proof, doctor and the service.
 
 Why: `--gpus` needs libnvidia-container, which a toolkit built from source lacks (on the lent
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from provision.contract import gpu_path, gpu_run_args, host_gpu_path
 from provision.facts import DAEMON_JSON, PathState, parse_facts
-from provision.gpu_access import gpu_path, gpu_run_args, host_gpu_path
 from provision.image import host_image
 from provision.inventory import Defaults, Inventory, Member
 from provision.render import render_for_host

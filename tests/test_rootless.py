@@ -360,7 +360,7 @@ def test_a_spec_for_the_running_driver_is_kept_and_a_stale_one_generated_again()
 def test_debians_docker_io_gives_rootless_members_no_gpu_and_says_so() -> None:
     facts = gpu_host("docker.io", "20.10.24+dfsg1-1+deb12u1")
     changes = nvidia.plan(facts, rootless_inventory())
-    # The spec is for the system daemon's nvidia runtime (gpu_access); her daemon gets nothing.
+    # The spec is for the system daemon's nvidia runtime (contract); her daemon gets nothing.
     assert [c.summary for c in changes if "CDI" in c.summary] == [
         f"{nvidia.CDI_SPEC}: the GPUs as CDI devices (nvidia.com/gpu=N), generated for "
         "containers' GPUs"]

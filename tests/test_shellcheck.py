@@ -22,8 +22,8 @@ import jinja2
 import pytest
 
 from provision import doctor, gpus
+from provision.contract import host_gpu_args
 from provision.engine import apply_script
-from provision.gpu_access import host_gpu_args
 from provision.inventory import AptKey, Inventory, parse_inventory
 from provision.steps import StepBlocked, StepSkipped, keepalive, service
 from provision.steps.order import STEPS

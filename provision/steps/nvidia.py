@@ -11,7 +11,7 @@ the mirror's copy of NVIDIA's key) must be accepted by `apt-get update` with its
 stays (`signed_repository`). A pinned `nvidia_toolkit_version` pins the toolkit's four packages
 together, as NVIDIA's install guide does: each requires the others at exactly its version.
 
-Containers get GPUs through CDI in every docker mode (`provision.gpu_access` says how and why
+Containers get GPUs through CDI in every docker mode (`provision.contract` says how and why
 not `--gpus`): the step writes the spec, turns CDI on in the system daemon where its Docker
 needs the flag, registers the nvidia runtime (Docker < 25 asks it for CDI names), and for
 rootless members turns CDI on in each one's own daemon.
@@ -38,7 +38,7 @@ container-toolkit cdi-support.html). What each piece rests on:
   backports to 25.0/26.1/27.x name no release we could check, so 28.0 is the floor here).
 - The container: `--device=nvidia.com/gpu=<index>` per GPU, or `=all` (the names `nvidia-ctk
   cdi generate` gives by default), in place of `--gpus`; on a rootful Docker < 25 the nvidia
-  runtime with those names in NVIDIA_VISIBLE_DEVICES (`gpu_access.gpu_run_args`).
+  runtime with those names in NVIDIA_VISIBLE_DEVICES (`contract.gpu_run_args`).
 
 Older Docker (Debian 12's docker.io is 20.10): rootless members get no GPU; the plan says so
 with the remedy (Docker's repository, or docker_mode = "rootful"), and doctor fails the check.
@@ -47,8 +47,7 @@ with the remedy (Docker's repository, or docker_mode = "rootful"), and doctor fa
 from __future__ import annotations
 
 from provision.changes import Change, Run, WriteFile, as_member
-from provision.facts import DAEMON_JSON, HostFacts
-from provision.gpu_access import (
+from provision.contract import (
     CDI_BY_DEFAULT,
     CDI_DOCKER,
     CDI_KIND,
@@ -62,6 +61,7 @@ from provision.gpu_access import (
     rootless_gpu_blocker,
     without_fp8_tensor_cores,
 )
+from provision.facts import DAEMON_JSON, HostFacts
 from provision.inventory import AptKey, Inventory
 from provision.steps import (
     APT_UPDATE,
@@ -129,7 +129,7 @@ def plan(facts: HostFacts, inventory: Inventory) -> list[Change]:
 
 
 def _cdi_spec(facts: HostFacts) -> list[Change]:
-    """/etc/cdi/nvidia.yaml, which both GPU paths read (`provision.gpu_access`): generated when
+    """/etc/cdi/nvidia.yaml, which both GPU paths read (`provision.contract`): generated when
     missing, and again when it does not name the running driver (it names the driver's
     libraries by their versioned file names)."""
     spec = facts.path(CDI_SPEC)
@@ -143,7 +143,7 @@ def _cdi_spec(facts: HostFacts) -> list[Change]:
 
 
 def _system_daemon(facts: HostFacts) -> list[Change]:
-    """The system daemon hands GPUs over its way (`gpu_access.gpu_path`): CDI on where its
+    """The system daemon hands GPUs over its way (`contract.gpu_path`): CDI on where its
     Docker needs the flag (25 <= version < 28.2; merged into daemon.json, other keys kept),
     and the nvidia runtime registered (`nvidia-ctk` merges it; the GPU path of Docker < 25,
     and what NVIDIA's guide sets up). One restart for both."""
@@ -211,7 +211,7 @@ def notes(facts: HostFacts, inventory: Inventory) -> list[str]:
 
 
 def proof(facts: HostFacts, inventory: Inventory) -> Proof:
-    """A container of the system daemon given every GPU (the way `gpu_access` hands them
+    """A container of the system daemon given every GPU (the way `contract` hands them
     over) sees exactly the GPUs the host lists."""
     expected = sorted(g.uuid for g in facts.nvidia.gpus)
     args = gpu_run_args("all", host_gpu_path(facts, rootless=False))

@@ -14,7 +14,7 @@ With a `[service]` table in the inventory each host gets:
 The container runs in the Docker that `docker_mode` says:
 - rootful: the system daemon (the docker step's). The unit is root's; the container runs as
   the account's uid with the cache group added, its GPUs as a member's are
-  (`provision.gpu_access`: CDI devices, or the nvidia runtime asked for CDI names on Docker
+  (`provision.contract`: CDI devices, or the nvidia runtime asked for CDI names on Docker
   < 25).
 - rootless: the account's own rootless daemon, made exactly as a member's is (the rootless
   step's functions: subordinate ranges allocated after the members' and never changed,
@@ -58,19 +58,17 @@ from provision.contract import (
     CONTAINER_PORT,
     HF_MOUNT,
     HF_OFFLINE,
+    ROOTLESS_GPU_REMEDY,
     SERVICE_UNIT,
     SHM_SIZE,
     account_args,
     engine_source,
-    in_service_daemon,
-)
-from provision.facts import HostFacts, Listener
-from provision.gpu_access import (
-    ROOTLESS_GPU_REMEDY,
     host_gpu_args,
+    in_service_daemon,
     rootless_gpu_blocker,
     runs_on_gpu,
 )
+from provision.facts import HostFacts, Listener
 from provision.image import build_script, host_image, image_tag
 from provision.inventory import SERVICE_HOME, SERVICE_NAME, Inventory, Member, Service
 from provision.models import debug_model
