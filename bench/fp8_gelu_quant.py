@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
+from cuda_timing import median_ms  # bench/, beside this script
 from triton.language.extra import libdevice
 
 ROWS, COLS = 2 * 4429, 9728
@@ -104,20 +104,6 @@ def launch(kernel, x: torch.Tensor, num_warps: int, **block) -> tuple[torch.Tens
     return q, s
 
 
-def timed_ms(fn, calls: int = 50) -> float:
-    for _ in range(10):
-        fn()
-    times = []
-    for _ in range(calls):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
@@ -143,7 +129,7 @@ def main() -> int:
               "triton": triton.__version__, "rows": ROWS, "cols": COLS, "variants": {}}
     for name, fn in variants.items():
         q, s = fn()
-        ms = timed_ms(fn)
+        ms = median_ms(fn, calls=50, warmup=10)
         differ = float((q.view(torch.uint8) != want_q.view(torch.uint8)).float().mean())
         scales_differ = float((s != want_s).float().mean())
         record["variants"][name] = {"ms": round(ms, 4), "GB/s": round(moved / ms / 1e6),

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,22 +20,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, run as a script
+from cuda_timing import median_ms
+
 BATCH, TOKENS, HEADS, HEAD_DIM = 2, 4096 + 333, 38, 64
 FP8_MAX = 448.0
-
-
-def timed(fn: Any, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def quantized(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +81,7 @@ def main() -> int:
         runs["fp8 quantisation of q, k, v (eager)"] = lambda: (quantized(q), quantized(k),
                                                                 quantized(v))
     for name, fn in runs.items():
-        ms = timed(fn, args.iters)
+        ms = median_ms(fn, args.iters)
         entry: dict[str, Any] = {"ms": round(ms, 4)}
         if "quantisation" not in name:
             out = fn()
