@@ -575,6 +575,39 @@ def test_the_facts_script_passes_shellcheck() -> None:
     assert done.returncode == 0, done.stdout
 
 
+def run_facts_script(tmp_path: Path, limit: str = "") -> subprocess.CompletedProcess[str]:
+    """The facts script on this machine, as root runs it on a host (`limit`: shell run first)."""
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "TMPDIR": str(tmp_path),
+           "PROVISION_CACHE_DIR": CACHE_DIR, "PROVISION_ACCOUNTS": "", "PROVISION_PATHS": "",
+           "PROVISION_UNITS": "", "PROVISION_SERVICE_ACCOUNT": ""}
+    script = templates_dir() / "host" / "facts.sh"
+    return subprocess.run(["sh", "-c", f"{limit}\nexec sh {script}"], capture_output=True,
+                          text=True, env=env, timeout=120, check=False)
+
+
+def test_the_facts_script_prints_every_section_once_its_slow_ones_are_done(
+        tmp_path: Path) -> None:
+    done = run_facts_script(tmp_path)
+    assert done.returncode == 0, done.stderr
+    printed = re.findall(r"^@@@provision:(.*)$", done.stdout, re.M)
+    assert sorted(printed) == sorted(re.findall(r"\bsec ([a-z-]+)", FACTS_SCRIPT))
+    assert printed[-1] == "end" and "section-done" not in done.stdout
+    assert list(tmp_path.iterdir()) == [], "its temporary files are removed"
+
+
+@pytest.mark.parametrize(("limit", "why"), [
+    ("export TMPDIR=\"$TMPDIR/absent\"", "no temporary directory"),  # mktemp -d fails
+    ("ulimit -f 0", "a section was cut short"),  # every write to a file fails
+])
+def test_a_facts_script_that_cannot_keep_its_sections_fails_rather_than_read_them_absent(
+        tmp_path: Path, limit: str, why: str) -> None:
+    """A full or read-only /tmp would leave the slow sections (Docker, accounts, the asked
+    paths) empty: read as absent, a plan would "fix" what is there. The read fails instead."""
+    done = run_facts_script(tmp_path, limit)
+    assert done.returncode == 1 and why in done.stderr, done.stderr
+    assert "@@@provision:end" not in done.stdout
+
+
 def test_key_lines_counts_as_the_facts_scripts_grep_does() -> None:
     """A member's key count comes from her authorized_keys read as a path (where it was asked)
     or from grep on the host (former members): both must give the same number. Synthesized

@@ -112,7 +112,9 @@ sec paths
 # (or through "..") is looked at as her, with her rights: root never reads through her link.
 # Each batch is bounded in time; one that ran out says so, and the read fails rather than take
 # the files it did not see for missing.
-t=$(mktemp -d); : > "$t/dirs"; : > "$t/her"; : > "$t/late"; limit=30
+# No temporary directory: this section ends unfinished (the whole read then fails, below).
+t=$(mktemp -d) || exit 1
+: > "$t/dirs"; : > "$t/her"; : > "$t/late"; limit=30
 bounded() { _l=$1; shift; timeout $limit "$@"; [ $? -ne 124 ] || echo "timed-out|$_l|$limit" >> "$t/late"; }
 printf '%s\n' "${passwd_db#?}" > "$t/passwd"
 # asked: request, path (and for one in a home: its account, the home); dirs: every directory
@@ -236,9 +238,14 @@ while read -r pid inode; do
   echo "lock $pid $inode $(cat "/proc/$pid/comm" 2>/dev/null)"
 done
 }
-slow=$(mktemp -d)
-for section in facts_accounts facts_sshd facts_listening facts_member_caches facts_paths \
-  facts_docker facts_rootless facts_nvidia facts_apt_locks; do "$section" > "$slow/$section" & done
+# Each slow section's file ends with a line of its own once the section is done: one cut short
+# (a full disk, a section that ended early) fails the whole read rather than have its facts read
+# as absent (no Docker, no accounts, files missing: a plan would "fix" them).
+slow=$(mktemp -d) || { echo "facts: no temporary directory (mktemp -d failed: /tmp full or read-only?)" >&2; exit 1; }
+sections="facts_accounts facts_sshd facts_listening facts_member_caches facts_paths facts_docker
+  facts_rootless facts_nvidia facts_apt_locks"
+done_line="@@@provision-section-done"
+for section in $sections; do { "$section"; echo "$done_line"; } > "$slow/$section" & done
 sec os-release; cat /etc/os-release 2>/dev/null
 sec uname; uname -m; uname -r; hostname
 sec init; cat /proc/1/comm 2>/dev/null; systemctl is-system-running 2>/dev/null
@@ -268,6 +275,15 @@ for d in /sys/bus/pci/devices/*; do
   case "$(cat "$d/class" 2>/dev/null)" in 0x03*) echo "${d##*/}";; esac
 done
 wait
-cat "$slow"/*
+# shellcheck disable=SC2086 # the names, split on purpose
+set -- $sections
+awk -v done="$done_line" -v want=$# '
+  FNR == 1 { files++; if (NR > 1 && last != done) cut = 1 }
+  { last = $0 } $0 != done { print }
+  END { exit (cut || last != done || files != want) }' "$slow"/facts_*
+written=$?
 rm -rf "$slow"
+if [ $written -ne 0 ]; then
+  echo "facts: a section was cut short writing to a temporary file (/tmp full?)" >&2; exit 1
+fi
 sec end
