@@ -164,7 +164,7 @@ ROOTLESS_GPU_REMEDY = ("set docker_source = \"docker-ce\" (Docker's repository; 
 
 
 def gpu_path(version: tuple[int, int] | None, *, rootless: bool) -> GpuPath:
-    """How the daemon of this Docker version hands GPUs over (see the module docstring).
+    """How the daemon of this Docker version hands GPUs over (the rule above).
 
     An engine not known yet (no host read, Docker not installed) is taken to be a current one.
     A rootless daemon always asks by CDI device: where her Docker cannot, the nvidia step says

@@ -386,9 +386,14 @@ def key_lines(path: PathState | None) -> int:
     """Key lines of an authorized_keys file read as a path, counted as the facts script's grep
     counts them elsewhere (a line that starts with neither '#' nor blank space); 0 when it is
     no regular file (a link she planted is never read)."""
+    return sum(1 for line in _file_lines(path) if line and line[0] not in "# \t\r\f\v")
+
+
+def _file_lines(path: PathState | None) -> list[str]:
+    """The lines of a regular file read as an asked path; none for anything else (a link she
+    planted is never read, a missing file has no lines)."""
     content = path.content if path is not None and path.kind == "file" else None
-    return sum(1 for line in (content or "").split("\n")
-               if line and line[0] not in "# \t\r\f\v")
+    return (content or "").split("\n")
 
 
 def _groups(lines: list[str]) -> dict[str, Group]:
@@ -478,8 +483,7 @@ def docker_context(path: PathState | None) -> str:
     """The current context of a docker CLI config read as a path, found as the facts script's
     sed finds it elsewhere (on the first line that names one, its last mention there); "" when
     none, or when it is no regular file (a link she planted is never read)."""
-    content = path.content if path is not None and path.kind == "file" else None
-    found = (_CURRENT_CONTEXT.match(line) for line in (content or "").split("\n"))
+    found = (_CURRENT_CONTEXT.match(line) for line in _file_lines(path))
     return next((m.group(1) for m in found if m), "")
 
 
