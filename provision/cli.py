@@ -405,8 +405,10 @@ def verify_command(
     chosen = inventory.member(member) if member else inventory.members[0]
     with settings.connect(host, inventory) as conn, settings.board() as board, \
             board.task(host) as task:
-        report = verify(conn, inventory, chosen, model=model, fp8=fp8, out=out_dir,
-                        progress=task)
+        task.status("reading facts")
+        facts = gather_facts(conn, inventory)
+        report = verify(conn, inventory, chosen, facts, host_image(facts, inventory), model=model,
+                        fp8=fp8, out=out_dir, progress=task)
     if as_json:
         print(json.dumps(report.to_json(), indent=2))
     else:

@@ -16,7 +16,7 @@ from pathlib import PurePosixPath
 from provision.contract import WHEELHOUSE
 from provision.facts import HostFacts
 from provision.inventory import Inventory
-from provision.versions import ImageSpec, resolve_image
+from provision.versions import PYTORCH_INDEX, ImageSpec, resolve_image
 
 ROOT = "/var/lib/provision"
 IMAGE_REPOSITORY = "provision/sd35-fp8"
@@ -25,10 +25,11 @@ CONTEXT_FILES = (".devcontainer/Dockerfile", ".devcontainer/requirements.txt")
 
 def host_image(facts: HostFacts | None, inventory: Inventory) -> ImageSpec:
     """The image for this host: its NVIDIA driver picks the CUDA flavour and base (None: no
-    host read, the defaults). Decided once where a host is read (the workspace and service
-    steps' plans, `render`, `onboard`, `verify`, `doctor`) and handed to what renders or
-    builds it."""
-    return resolve_image(inventory.image, facts.nvidia.driver if facts else None)
+    host read, the defaults), the inventory's `[mirrors] pytorch` where its wheels come from.
+    Decided once where a host is read (the workspace and service steps' plans, the `render`
+    and `verify` commands, `onboard`, `doctor`) and handed to what renders or builds it."""
+    return resolve_image(inventory.image, facts.nvidia.driver if facts else None,
+                         inventory.mirrors.pytorch or PYTORCH_INDEX)
 
 
 def image_tag(files: dict[str, str]) -> str:

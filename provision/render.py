@@ -18,8 +18,8 @@ Decisions a reader would otherwise have to rediscover:
   `~/.config/huggingface` (0700 on the host, made by the hf-cache step, where her login shells
   keep the token too), bind-mounted into the container; one `hf auth login` serves both.
 - pip installs from PyTorch's index for the flavour and PyPI, or from the inventory's
-  `[mirrors]` pytorch and pypi (a plain-http mirror is named a trusted host: pip refuses it
-  otherwise), unless the image builds from a wheelhouse.
+  `[mirrors]` pytorch (decided with the image) and pypi (a plain-http mirror is named a trusted
+  host: pip refuses it otherwise), unless the image builds from a wheelhouse.
 - The Inductor cache lives in the workspace (`.cache/torchinductor`): on the host's disk, so it
   survives image rebuilds (a cold FP8 compile takes minutes), and private to her; the file
   watcher, search and git all skip it.
@@ -55,7 +55,7 @@ from provision.inventory import Inventory, Member
 from provision.models import debug_model
 from provision.target import Target
 from provision.templating import raw, render, templates_dir
-from provision.versions import PYPI_INDEX, PYTORCH_INDEX, ImageSpec, resolve_image
+from provision.versions import PYPI_INDEX, ImageSpec, resolve_image
 
 LAUNCH_JSON = ".vscode/launch.json"
 # Rendered from `templates/workspace/<path>.j2`, in this order; COPIED as they are.
@@ -129,7 +129,6 @@ def workspace_context(inventory: Inventory, member: Member, image: ImageSpec, *,
     pixels, steps, fp8 = ("1024", "28", "dq") if on_gpu else ("256", "8", "storage")
     shared = [("--prompt", PROMPT), ("--height", pixels), ("--width", pixels),
               ("--steps", steps), ("--model", model.model), ("--fp8", fp8)]
-    torch_index = image.index_url(inventory.mirrors.pytorch or PYTORCH_INDEX)
     return {
         "name": f"SD3.5 FP8 ({member.name} on {where})" if where else f"SD3.5 FP8 ({member.name})",
         "user": member.name,
@@ -140,10 +139,10 @@ def workspace_context(inventory: Inventory, member: Member, image: ImageSpec, *,
         "image": image,
         "venv": VENV,
         "wheelhouse": Path(WHEELHOUSE).name,  # relative to the build context
-        "torch_index": torch_index,
+        "torch_index": image.torch_index,
         # Offline, pip sees only the wheelhouse copied into the build context.
         "pip_source": f"--no-index --find-links /{Path(WHEELHOUSE).name}" if image.wheelhouse
-        else pip_indexes(torch_index, inventory.mirrors.pypi or PYPI_INDEX),
+        else pip_indexes(image.torch_index, inventory.mirrors.pypi or PYPI_INDEX),
         "run_args": [*gpu_run_args(member.gpus, host_gpu_path(facts, rootless=rootless)),
                      f"--shm-size={SHM_SIZE}",
                      *([f"--group-add={cache_gid}"] if cache_gid is not None and not rootless

@@ -1,10 +1,11 @@
 """`provision verify`: build the member's dev-container image on the host, run inference.py in
 it (on her GPUs when the host has any) in FP8 and in bf16, and report what it did.
 
-Round trips: facts, then one script that uploads the build context and builds (streamed, for
-progress), then one script that runs both generations and compares their images, then one
-that reads the PNG back. The image is tagged by the hash of what it is built from, so a second
-verify (or doctor) finds it; the Inductor compile cache persists beside the runs.
+Round trips, after the facts the command read: one script that uploads the build context and
+builds (streamed, for progress), then one that runs both generations and reports them as one
+JSON document (their metrics, how alike their images are), then one that reads the PNG back.
+The image is tagged by the hash of what it is built from, so a second verify (or doctor) finds
+it; the Inductor compile cache persists beside the runs.
 
 `verify --service` instead calls the host's generation service ([service]) as a member does:
 HTTP through the SSH connection (a direct-tcpip channel to where it listens), /health until
@@ -36,28 +37,33 @@ from provision.contract import (
     runs_on_gpu,
 )
 from provision.errors import InventoryError, ProvisionError, RemoteCommandFailed
-from provision.facts import SECTION_FUNCTION, HostFacts, split_sections
-from provision.gather import gather_facts
-from provision.image import ROOT, build_script, host_image, image_tag, upload_script
+from provision.facts import HostFacts
+from provision.image import ROOT, build_script, image_tag, upload_script
 from provision.inventory import Inventory, Member
 from provision.models import cached_weights, debug_model
 from provision.progress import QUIET, Task, follow_log
 from provision.render import GENERATION, INFERENCE, render_for_host
+from provision.versions import ImageSpec
 
 GPU_DEFAULTS = {"height": 1024, "width": 1024, "steps": 28}
 CPU_DEFAULTS = {"model": "tiny", "height": 128, "width": 128, "steps": 4}
 
-# Runs in the image: how alike the FP8 and bf16 images are (pixels, not latents).
-COMPARE = """
+# Runs in the image after both generations: their metrics and how alike their images are
+# (pixels, not latents), as the one JSON document the run script prints.
+REPORT = """
 import json, sys
 import numpy as np
 from PIL import Image
-a, b = (np.asarray(Image.open(p).convert("RGB"), dtype=np.float64) for p in sys.argv[1:3])
+fp8 = sys.argv[1]
+runs = {mode: json.load(open(f"{mode}.json")) for mode in dict.fromkeys((fp8, "off"))}
+a, b = (np.asarray(Image.open(f"{mode}.png").convert("RGB"), dtype=np.float64)
+        for mode in (fp8, "off"))
 mse = float(((a - b) ** 2).mean())
 psnr = float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
 x, y = (a - 127.5).ravel(), (b - 127.5).ravel()
 cosine = float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y) or 1.0))
-print(json.dumps({"psnr_db": round(psnr, 2), "cosine": round(cosine, 6)}))
+print(json.dumps({"runs": runs, "compare": {"psnr_db": round(psnr, 2),
+                                            "cosine": round(cosine, 6)}}))
 """
 
 
@@ -123,7 +129,7 @@ def run_script(inventory: Inventory, member: Member, facts: HostFacts, files: di
               f"-v {cache}:{HF_MOUNT} -v {work}:/work -w /work {tag}")
     args = (f"--model {shlex.quote(size['model'])} --height {size['height']} "
             f"--width {size['width']} --steps {size['steps']} --seed 0")
-    script = (f"{SECTION_FUNCTION}\nmkdir -p {work}/.cache\nrm -f {work}/*.png {work}/*.json\n"
+    script = (f"mkdir -p {work}/.cache\nrm -f {work}/*.png {work}/*.json\n"
               + upload_script({path: files[path] for path in GENERATION}, f"{work}.src")
               + f"cp -R {work}.src/. {work}/\nrm -rf {work}.src\n"
               + ("" if place.member else f"chown -R {account.uid}:{account.gid} {work}\n"))
@@ -135,17 +141,15 @@ def run_script(inventory: Inventory, member: Member, facts: HostFacts, files: di
         generate = (f"{docker} python {INFERENCE} {args} --fp8 {mode}{compile_flag} "
                     f"--output {mode}.png --metrics {mode}.json 2>&1 >/dev/null")
         script += (follow_log(generate, f"{work}/{mode}.log", to_stderr=True).rstrip()
-                   + f" || {{ tail -n 5 {work}/{mode}.log >&2; exit 4; }}\n"
-                   f"sec run-{mode}\ncat {work}/{mode}.json; echo\n")
-    script += (f"sec compare\n{docker} python -c {shlex.quote(COMPARE)} {fp8}.png off.png\n"
-               "sec end\n")
-    return script
+                   + f" || {{ tail -n 5 {work}/{mode}.log >&2; exit 4; }}\n")
+    return script + f"{docker} python -c {shlex.quote(REPORT)} {fp8}\n"
 
 
-def verify(conn: Connection, inventory: Inventory, member: Member, *, model: str | None,
-           fp8: str, out: Path, progress: Task = QUIET) -> VerifyReport:
-    progress.status("reading facts")
-    facts = gather_facts(conn, inventory)
+def verify(conn: Connection, inventory: Inventory, member: Member, facts: HostFacts,
+           image: ImageSpec, *, model: str | None, fp8: str, out: Path,
+           progress: Task = QUIET) -> VerifyReport:
+    """`facts` were read from the host and `image` decided from them once, by the caller
+    (`image.host_image`, which refuses a driver that cannot run it before any build)."""
     if not facts.docker.installed:
         raise ProvisionError(f"{conn.name}: Docker is not installed",
                              f"run 'provision host {conn.name}' first")
@@ -159,8 +163,6 @@ def verify(conn: Connection, inventory: Inventory, member: Member, *, model: str
             f"CPU: no NVIDIA GPU {'for ' + member.name if facts.nvidia.gpus else 'on this host'}"
             f"; the {size['model']} model at {size['height']}x{size['width']}, "
             f"{size['steps']} steps")
-    # Refused here, before a multi-GB build, when the host's driver cannot run the image.
-    image = host_image(facts, inventory)
     files = render_for_host(inventory, member, facts, image, host_alias=conn.name, target=None)
     tag = image_tag(files)
     place = place_of(facts, inventory, member)
@@ -186,19 +188,19 @@ def verify(conn: Connection, inventory: Inventory, member: Member, *, model: str
 
 
 def read_runs(stdout: str, logs: str) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """The run script's output → (metrics per FP8 mode, image comparison). Output cut short or
-    garbled (a killed container, a full disk) is one clear error, never a KeyError."""
+    """The run script's report (`REPORT`) → (metrics per FP8 mode, image comparison). Output
+    cut short or garbled (a killed container, a full disk) is one clear error, never a
+    KeyError."""
     try:
-        sections = {name: "\n".join(lines) for name, lines in split_sections(stdout).items()}
-        runs = {m.removeprefix("run-"): json.loads(v) for m, v in sections.items()
-                if m.startswith("run-")}
-        return runs, json.loads(sections["compare"])
-    except ProvisionError as exc:
-        reason = exc.problem
-    except KeyError as exc:
-        reason = f"no {exc.args[0]} section"
+        report = json.loads(stdout)
     except ValueError as exc:
-        reason = f"a section is not JSON: {exc}"
+        reason = "no report" if not stdout.strip() else f"the report is not JSON: {exc}"
+    else:
+        missing = [key for key in ("runs", "compare")
+                   if not isinstance(report, dict) or not isinstance(report.get(key), dict)]
+        if not missing:
+            return report["runs"], report["compare"]
+        reason = f"no {missing[0]} in the report"
     raise RemoteCommandFailed(f"the generation's report could not be read ({reason})", logs,
                               detail=stdout)
 

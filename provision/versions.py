@@ -173,11 +173,13 @@ class ImageSpec:
     wheelhouse: str
     base_archive: str
     driver: str = ""  # the host's NVIDIA driver the flavour and base were chosen for, if known
+    torch_root: str = PYTORCH_INDEX  # PyTorch's own index root, or the inventory's mirror of it
 
-    def index_url(self, root: str = PYTORCH_INDEX) -> str:
+    @property
+    def torch_index(self) -> str:
         """PyTorch's index for the wheel flavour (where torch+cu130 or torch+cpu lives), under
         PyTorch's own root or a mirror of it."""
-        return f"{root.rstrip('/')}/{self.cuda}"
+        return f"{self.torch_root.rstrip('/')}/{self.cuda}"
 
     @property
     def choice(self) -> str:
@@ -211,8 +213,10 @@ class ImageSpec:
         )
 
 
-def resolve_image(image_table: dict[str, str], driver: str | None = None) -> ImageSpec:
-    """The inventory's `[image]` overrides over the defaults, checked as a whole.
+def resolve_image(image_table: dict[str, str], driver: str | None = None,
+                  torch_root: str = PYTORCH_INDEX) -> ImageSpec:
+    """The inventory's `[image]` overrides over the defaults, checked as a whole; its torch
+    wheels come from `torch_root` (PyTorch's index, or a mirror of it).
 
     `driver` is the host's NVIDIA driver version (`nvidia-smi`), when the image is for a host
     with one: the flavour (unless `cuda` is overridden) is then the newest it runs natively,
@@ -237,7 +241,7 @@ def resolve_image(image_table: dict[str, str], driver: str | None = None) -> Ima
         table["base"] = CUDA_RELEASES[release].base
         if "python" not in image_table:
             table["python"] = CUDA_RELEASES[release].python
-    spec = ImageSpec(**table, driver=(driver or "") if running else "")
+    spec = ImageSpec(**table, driver=(driver or "") if running else "", torch_root=torch_root)
     for check in (_fp8_torch, _diffusers, _torchao, _torchvision, _xformers, _flash_attn_3,
                   _flavour_published, _driver_runs, _base_cuda, _base_python):
         check(spec, image_table)

@@ -20,15 +20,8 @@ from provision.steps import workspace
 from provision.verify import read_runs
 from tests.conftest import facts_of
 
-RUN_OUTPUT = """
-@@@provision:run-storage
-{"step_ms_mean": 200.0}
-@@@provision:run-off
-{"step_ms_mean": 180.0}
-@@@provision:compare
-{"cosine": 0.99}
-@@@provision:end
-"""
+RUN_OUTPUT = ('{"runs": {"storage": {"step_ms_mean": 200.0}, "off": {"step_ms_mean": 180.0}}, '
+              '"compare": {"cosine": 0.99}}\n')
 
 
 def test_a_whole_run_report_reads() -> None:
@@ -38,10 +31,11 @@ def test_a_whole_run_report_reads() -> None:
 
 
 @pytest.mark.parametrize(("output", "reason"), [
-    (RUN_OUTPUT[:RUN_OUTPUT.index("@@@provision:end")], "ended early"),
-    (RUN_OUTPUT.replace("@@@provision:compare\n", "@@@provision:other\n"), "no compare section"),
-    (RUN_OUTPUT.replace('{"step_ms_mean": 180.0}', '{"step_ms_mean": 18'), "not JSON"),
-    ("", "ended early"),
+    (RUN_OUTPUT[:RUN_OUTPUT.index(', "compare"')], "not JSON"),
+    (RUN_OUTPUT.replace('"compare"', '"other"'), "no compare in the report"),
+    ('{"runs": [], "compare": {"cosine": 0.99}}\n', "no runs in the report"),
+    ("[1, 2]\n", "no runs in the report"),
+    ("", "no report"),
 ])
 def test_a_cut_or_garbled_run_report_is_one_clear_error(output: str, reason: str) -> None:
     with pytest.raises(RemoteCommandFailed, match=reason) as caught:

@@ -29,7 +29,7 @@ from provision.progress import Board, Line, read_line
 from provision.sandbox import new_key_pair
 from provision.target import Target
 from provision.verify import VerifyReport
-from tests.conftest import require
+from tests.conftest import facts_of, require
 
 
 @pytest.mark.parametrize(("line", "said"), [
@@ -175,9 +175,13 @@ def test_verify_json_stays_parseable_while_progress_runs(tmp_path: Path,
     monkeypatch.setattr(cli, "err", Console(file=stderr, force_terminal=True, width=200))
     monkeypatch.setattr(cli.Settings, "connect",
                         lambda self, host, inv: LocalConnection(Target(host, "h", "me", 22)))
+    # The host's read stands in too (a synthesized host's facts): this test is about the output.
+    monkeypatch.setattr(cli, "gather_facts",
+                        lambda conn, inv: facts_of("ubuntu-24.04-h100.synthesized"))
     during: list[str] = []
 
-    def slow_verify(conn, inventory, member, *, model, fp8, out, progress) -> VerifyReport:
+    def slow_verify(conn, inventory, member, facts, image, *, model, fp8, out,
+                    progress) -> VerifyReport:
         progress.status("building provision/sd35-fp8:stand-in")
         for line in ("Step 1/2 : FROM debian", "Step 2/2 : RUN pip install torch",
                      "Downloading torch (906.4 MB)"):

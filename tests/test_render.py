@@ -239,7 +239,7 @@ def test_dockerfile_fails_early_and_builds_without_buildkit(image: dict[str, str
         assert "--no-index --find-links /wheelhouse" in dockerfile
         assert "COPY wheelhouse/ /wheelhouse/" in dockerfile
     else:
-        assert f"--index-url {spec.index_url()} " in dockerfile
+        assert f"--index-url {spec.torch_index} " in dockerfile
     pins = [ln for ln in files[".devcontainer/requirements.txt"].splitlines()
             if ln and not ln.startswith("#")]
     assert tuple(pins) == spec.pins()
@@ -268,10 +268,11 @@ def test_defaults_are_the_measured_set() -> None:
     spec = resolve_image({})
     assert (spec.torch, spec.diffusers, spec.transformers, spec.torchao, spec.accelerate) == (
         "2.11.0", "0.40.0", "5.17.0", "0.17.0", "1.15.0")
-    assert spec.index_url() == "https://download.pytorch.org/whl/cu130"
+    assert spec.torch_index == "https://download.pytorch.org/whl/cu130"
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.torch = "2.0.1"  # type: ignore[misc]
-    table = [f.name for f in dataclasses.fields(ImageSpec) if f.name != "driver"]
+    decided = ("driver", "torch_root")  # for a host, not from [image]
+    table = [f.name for f in dataclasses.fields(ImageSpec) if f.name not in decided]
     assert table == list(DEFAULT_IMAGE)
 
 
