@@ -137,9 +137,10 @@ def run_script(inventory: Inventory, member: Member, facts: HostFacts, files: di
         # The FP8 run compiles (what dq, the Run configuration and the service do), on a CPU
         # too: the image must hold what Inductor needs (a C/C++ compiler, Python's headers).
         compile_flag = " --compile" if mode == fp8 else ""
-        # Its log streams back as it grows (stderr: progress, the denoising steps).
+        # Its stderr (progress, the denoising steps) goes to the log, which streams back as
+        # it grows (`follow_log`); its stdout is not wanted.
         generate = (f"{docker} python {INFERENCE} {args} --fp8 {mode}{compile_flag} "
-                    f"--output {mode}.png --metrics {mode}.json 2>&1 >/dev/null")
+                    f"--output {mode}.png --metrics {mode}.json >/dev/null")
         script += (follow_log(generate, f"{work}/{mode}.log", to_stderr=True).rstrip()
                    + f" || {{ tail -n 5 {work}/{mode}.log >&2; exit 4; }}\n")
     return script + f"{docker} python -c {shlex.quote(REPORT)} {fp8}\n"

@@ -21,10 +21,12 @@ from unittest.mock import patch
 import jinja2
 import pytest
 
-from provision import doctor, gpus
+from provision import doctor, gpus, verify
 from provision.contract import host_gpu_args
 from provision.engine import apply_script
-from provision.inventory import AptKey, Inventory, parse_inventory
+from provision.image import build_script, host_image, image_tag
+from provision.inventory import AptKey, Inventory, load_inventory, parse_inventory
+from provision.render import render_for_host
 from provision.steps import StepBlocked, StepSkipped, keepalive, service
 from provision.steps.order import STEPS
 from provision.templating import templates_dir
@@ -160,4 +162,24 @@ def test_scripts_built_in_python_pass(shellcheck: str, host: str, tmp_path: Path
         gpu_args = host_gpu_args(facts, "all", rootless=inventory.defaults.rootless)
         scripts[f"{name}.doctor.sh"] = doctor.probe_script(
             inventory, inventory.members, "provision/sd35-fp8:0123456789ab", gpu_args)
+    assert findings(shellcheck, scripts, tmp_path, RUN_AS_MEMBER) == []
+
+
+@pytest.mark.parametrize("rootless", [False, True], ids=["rootful", "rootless"])
+def test_verify_scripts_pass(shellcheck: str, rootless: bool, tmp_path: Path) -> None:
+    """What `provision verify` runs: the image build and the two generations with their
+    report, on the facts recorded on a converged sandbox (member alice)."""
+    inventory = load_inventory(FIXTURES / "facts" / "debian-12-sandbox.toml")
+    inventory = dataclasses.replace(inventory, defaults=dataclasses.replace(
+        inventory.defaults, docker_mode="rootless" if rootless else "rootful"))
+    facts = facts_of("debian-12-sandbox-converged")
+    alice = inventory.member("alice")
+    image = host_image(facts, inventory)
+    files = render_for_host(inventory, alice, facts, image, host_alias="sandbox", target=None)
+    place = verify.place_of(facts, inventory, alice)
+    tag = image_tag(files)
+    scripts = {"build.sh": place.script(build_script(files, tag, image, place.root)),
+               "run.sh": place.script(verify.run_script(
+                   inventory, alice, facts, files, tag, "storage", dict(verify.CPU_DEFAULTS),
+                   place))}
     assert findings(shellcheck, scripts, tmp_path, RUN_AS_MEMBER) == []
